@@ -1,0 +1,306 @@
+"""The model configuration: one object, built on megatron-core's ``TransformerConfig``.
+
+``SD3Config`` adds the MMDiT fields (patching, text and pooled widths, qk-norm, MMDiT-X dual
+attention, ``context_pre_only`` last block) and the seed's loss fields (``text_recon_gamma``,
+``text_recon_target_layer``, ``pseudo_huber_c``) to megatron-core's transformer config, so the
+parallel layers, schedules and DDP read the same object the model does.
+
+``PRESETS`` holds the layouts: ``tiny`` (CPU demo and tests), ``sd3_light`` (the origin's model:
+the first 15 joint blocks of SD3.5-medium, keeping the last block's text stream) and the full
+``sd3_medium`` / ``sd35_medium`` / ``sd35_large`` layouts used for weight conversion.
+
+``model_config_from_toml`` reads the ``[model]`` section of a TOML preset; every key is checked
+(unknown keys with a close-match hint, types, ranges) before any model is built.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix."""
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, as SD3's feed-forward ("gelu-approximate")."""
+    return F.gelu(x, approximate="tanh")
+
+
+@dataclass
+class SD3Config(TransformerConfig):
+    """megatron-core ``TransformerConfig`` plus the MMDiT and text-reconstruction fields."""
+
+    in_channels: int = 16
+    """Latent channels (SD3's VAE: 16)."""
+    patch_size: int = 2
+    sample_size: int = 128
+    """Latent side the sin-cos table is normalised to (diffusers' ``sample_size``)."""
+    pos_embed_max_size: int = 192
+    """Side of the position table in patches; latents up to ``pos_embed_max_size * patch_size``."""
+    joint_attention_dim: int = 4096
+    """Width of the text-encoder tokens fed to ``context_embedder``."""
+    pooled_projection_dim: int = 2048
+    text_seq_len: int = 333
+    """Text tokens per sample in the data (77 CLIP + 256 T5 for SD3)."""
+    qk_norm: bool = False
+    """RMSNorm on queries and keys of both streams (SD3.5)."""
+    dual_attention_layers: tuple = ()
+    """0-based block indices with MMDiT-X's second, image-only attention (SD3.5-medium: 0..12)."""
+    context_pre_only_last: bool = False
+    """The last block drops the text stream (full SD3 layouts); sd3_light keeps it."""
+    zero_init_adaln: bool = True
+    """adaLN-Zero: zero the modulation and output-head weights at initialisation (DiT)."""
+    text_recon_gamma: float = 0.0
+    """Weight of the text-feature reconstruction loss; 0 turns it off (no extra tensor anywhere)."""
+    text_recon_target_layer: int = 0
+    """0: text tokens after ``context_embedder``; k >= 1: text output of joint block k (1-based)."""
+    pseudo_huber_c: Optional[float] = None
+    """Denoise loss ``sqrt(d^2 + c^2) - c`` when set, MSE otherwise."""
+    text_pad_multiple: int = 1
+    """Pad the text stream to a multiple of this many tokens (16 for FP8 GEMMs); pads are kept out
+    of attention and of the text-reconstruction loss."""
+    init_seed: int = 1234
+    """Seed of the layout-independent initialisation (each block from (seed, layer number))."""
+
+    def __post_init__(self):
+        self.dual_attention_layers = tuple(int(i) for i in self.dual_attention_layers)
+        super().__post_init__()
+
+    # -- derived sizes -------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    @property
+    def text_recon(self) -> bool:
+        return self.text_recon_gamma > 0
+
+    @property
+    def padded_text_len(self) -> int:
+        m = max(1, self.text_pad_multiple)
+        return int(math.ceil(self.text_seq_len / m) * m)
+
+    def num_image_tokens(self, latent_h: int, latent_w: int) -> int:
+        return (latent_h // self.patch_size) * (latent_w // self.patch_size)
+
+    def block_keeps_text(self, layer_number: int) -> bool:
+        """Whether joint block ``layer_number`` (1-based) outputs a text stream."""
+        return not (self.context_pre_only_last and layer_number == self.num_layers)
+
+
+# Architecture presets. Values are the arguments of ``SD3Config`` (plus megatron's names).
+_SD35_MEDIUM = dict(
+    num_layers=24, hidden_size=1536, num_attention_heads=24, sample_size=128,
+    pos_embed_max_size=384, qk_norm=True, dual_attention_layers=tuple(range(13)),
+    context_pre_only_last=True,
+)
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-sized: exercises qk-norm and dual attention; 8x8 latents, 16 text tokens of width 32.
+    "tiny": dict(
+        num_layers=4, hidden_size=64, num_attention_heads=4, in_channels=16, patch_size=2,
+        sample_size=8, pos_embed_max_size=16, joint_attention_dim=32, pooled_projection_dim=32,
+        text_seq_len=16, qk_norm=True, dual_attention_layers=(0, 1), context_pre_only_last=False,
+    ),
+    # The origin's model: first 15 blocks of SD3.5-medium, the 15th keeps its text stream.
+    "sd3_light": {**_SD35_MEDIUM, "num_layers": 15, "context_pre_only_last": False},
+    "sd3_medium": dict(
+        num_layers=24, hidden_size=1536, num_attention_heads=24, sample_size=128,
+        pos_embed_max_size=192, qk_norm=False, dual_attention_layers=(), context_pre_only_last=True,
+    ),
+    "sd35_medium": dict(_SD35_MEDIUM),
+    "sd35_large": dict(
+        num_layers=38, hidden_size=2432, num_attention_heads=38, sample_size=128,
+        pos_embed_max_size=192, qk_norm=True, dual_attention_layers=(), context_pre_only_last=True,
+    ),
+}
+
+# The keys a TOML ``[model]`` section may hold, with their types. ``preset`` picks the base.
+MODEL_KEYS: dict[str, type | tuple] = {
+    "preset": str,
+    "num_layers": int,
+    "hidden_size": int,
+    "num_attention_heads": int,
+    "ffn_hidden_size": int,
+    "in_channels": int,
+    "patch_size": int,
+    "sample_size": int,
+    "pos_embed_max_size": int,
+    "joint_attention_dim": int,
+    "pooled_projection_dim": int,
+    "text_seq_len": int,
+    "qk_norm": bool,
+    "dual_attention_layers": list,
+    "context_pre_only_last": bool,
+    "zero_init_adaln": bool,
+    "text_recon_gamma": (int, float),
+    "text_recon_target_layer": int,
+    "pseudo_huber_c": (int, float),
+    "init_seed": int,
+}
+_POSITIVE = {
+    "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "in_channels",
+    "patch_size", "sample_size", "pos_embed_max_size", "joint_attention_dim",
+    "pooled_projection_dim", "text_seq_len",
+}
+
+
+def _suggest(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_model_fields(fields: dict[str, Any], where: str = "[model]") -> dict[str, Any]:
+    """Check keys, types and ranges of model fields; returns a normalised copy."""
+    out = {}
+    for key, value in fields.items():
+        if key not in MODEL_KEYS:
+            raise ConfigError(
+                f"{where}: unknown key '{key}'{_suggest(key, MODEL_KEYS)}; "
+                f"valid keys: {', '.join(sorted(MODEL_KEYS))}"
+            )
+        want = MODEL_KEYS[key]
+        if want is bool:
+            ok = isinstance(value, bool)
+        else:  # TOML booleans are not numbers here
+            ok = isinstance(value, want) and not isinstance(value, bool)
+        if not ok:
+            tname = "/".join(t.__name__ for t in want) if isinstance(want, tuple) else want.__name__
+            raise ConfigError(f"{where}: '{key}' must be {tname}, got {type(value).__name__} {value!r}")
+        if key in _POSITIVE and value <= 0:
+            raise ConfigError(f"{where}: '{key}' must be > 0, got {value}")
+        if key == "preset" and value not in PRESETS:
+            raise ConfigError(f"{where}: unknown preset '{value}'{_suggest(value, PRESETS)}; "
+                              f"choose one of {', '.join(PRESETS)}")
+        if key == "text_recon_gamma" and value < 0:
+            raise ConfigError(f"{where}: 'text_recon_gamma' must be >= 0 (0 turns it off), got {value}")
+        if key == "text_recon_target_layer" and value < 0:
+            raise ConfigError(f"{where}: 'text_recon_target_layer' must be >= 0, got {value}")
+        if key == "pseudo_huber_c" and value <= 0:
+            raise ConfigError(f"{where}: 'pseudo_huber_c' must be > 0 (omit it for MSE), got {value}")
+        if key == "dual_attention_layers":
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+                raise ConfigError(f"{where}: 'dual_attention_layers' must be a list of block indices >= 0")
+            value = tuple(value)
+        out[key] = float(value) if key in ("text_recon_gamma", "pseudo_huber_c") else value
+    return out
+
+
+def check_model_consistency(f: dict[str, Any]) -> None:
+    """Cross-field rules, said before any model is built (DESIGN.md §2)."""
+    n, hidden, heads = f["num_layers"], f["hidden_size"], f["num_attention_heads"]
+    if hidden % heads:
+        raise ConfigError(f"[model]: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    if (hidden // heads) % 2:
+        raise ConfigError(f"[model]: head dim {hidden // heads} must be even")
+    if hidden % 4:
+        raise ConfigError(f"[model]: hidden_size {hidden} must be a multiple of 4 (2D sin-cos table)")
+    bad = [i for i in f.get("dual_attention_layers", ()) if i >= n]
+    if bad:
+        raise ConfigError(f"[model]: dual_attention_layers {bad} out of range for num_layers={n} "
+                          f"(indices are 0-based)")
+    if f.get("sample_size", 128) % f.get("patch_size", 2):
+        raise ConfigError("[model]: sample_size must be a multiple of patch_size")
+    gamma = f.get("text_recon_gamma", 0.0)
+    k = f.get("text_recon_target_layer", 0)
+    if gamma > 0:
+        if f.get("context_pre_only_last", False):
+            raise ConfigError(
+                "[model]: text_recon_gamma > 0 needs a last block with a text stream, but "
+                "context_pre_only_last = true; set it false (as sd3_light does) or text_recon_gamma = 0")
+        if k >= n:
+            raise ConfigError(
+                f"[model]: text_recon_target_layer = {k} gives no meaningful target with num_layers = {n} "
+                f"(block {n} is the last block itself); choose 0..{n - 1}")
+
+
+def model_fields(preset: str = "tiny", **overrides) -> dict[str, Any]:
+    """Preset fields with overrides applied and checked."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}'{_suggest(preset, PRESETS)}; "
+                          f"choose one of {', '.join(PRESETS)}")
+    fields = dict(PRESETS[preset])
+    fields.update(check_model_fields(overrides, where="model override"))
+    check_model_consistency(fields)
+    return fields
+
+
+def make_config(preset: str = "tiny", *, parallel: Optional[dict] = None, **overrides) -> SD3Config:
+    """Build an ``SD3Config`` from a preset, model overrides and megatron parallel/precision fields.
+
+    ``parallel`` takes ``TransformerConfig`` fields that are not model architecture
+    (``tensor_model_parallel_size``, ``pipeline_model_parallel_size``, ``bf16``,
+    ``params_dtype``, ``num_layers_in_first_pipeline_stage``, ...).
+    """
+    fields = model_fields(preset, **overrides)
+    fields.pop("preset", None)
+    p = dict(parallel or {})
+    params_dtype = p.pop("params_dtype", torch.float32)
+    return SD3Config(
+        **fields,
+        # SD3 block conventions, as megatron-core names them.
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=False,
+        activation_func=gelu_tanh,
+        normalization="RMSNorm",  # only the qk-norm reads it; block norms are affine-free LN
+        layernorm_epsilon=1e-6,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=True,  # full master weight then TP split: same weights at any TP
+        params_dtype=params_dtype,
+        pipeline_dtype=p.pop("pipeline_dtype", params_dtype),
+        calculate_per_token_loss=True,
+        **p,
+    )
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def model_config_from_toml(path: str | Path) -> dict[str, Any]:
+    """The checked ``[model]`` fields of a TOML file (preset applied)."""
+    data = load_toml(path)
+    section = data.get("model", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [model] must be a table")
+    fields = check_model_fields(section, where=f"{path} [model]")
+    preset = fields.pop("preset", "tiny")
+    return {"preset": preset, **fields}
+
+
+def config_to_dict(cfg: SD3Config) -> dict[str, Any]:
+    """The model fields of a config, for saving beside checkpoints and for conversion."""
+    keys = [k for k in MODEL_KEYS if k != "preset"]
+    out = {k: getattr(cfg, k) for k in keys}
+    out["dual_attention_layers"] = list(out["dual_attention_layers"])
+    return out
+
+
+__all__ = [
+    "ConfigError", "SD3Config", "PRESETS", "MODEL_KEYS", "make_config", "model_fields",
+    "check_model_fields", "check_model_consistency", "load_toml", "model_config_from_toml",
+    "config_to_dict", "gelu_tanh",
+]

@@ -1,0 +1,215 @@
+"""Distributed bootstrap: torch.distributed + megatron-core parallel_state + RNG seeding.
+
+- ``initialize_distributed(tp, pp, vpp=None, seed=1234, backend=None)``: reads the torchrun
+  environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); without
+  it, makes a one-process group on a free local TCP port. Picks nccl + CUDA when CUDA is available,
+  otherwise gloo + :mod:`megatron_sd3.cpu_mode`. Then ``parallel_state.initialize_model_parallel``
+  and seeding (megatron's ``model_parallel_cuda_manual_seed`` on GPU, its CPU equivalent on CPU).
+- ``destroy_distributed()``: undo it (tests run several layouts in one process).
+- ``check_parallel_layout(...)``: the layout rules, checked before any work starts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistInfo",
+    "initialize_distributed",
+    "destroy_distributed",
+    "check_parallel_layout",
+    "set_seed",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    vpp: Optional[int]
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    backend: str
+    device: torch.device
+    cpu_mode: bool
+
+
+def check_parallel_layout(
+    world_size: int,
+    tp: int,
+    pp: int,
+    num_layers: int,
+    num_heads: int,
+    hidden: int,
+    global_batch: int,
+    micro_batch: int,
+) -> int:
+    """Check the parallel layout up front; return the data-parallel size.
+
+    Raises ValueError with a one-line message that names the problem and the fix.
+    Uneven splits of layers over pipeline stages are allowed (15 layers on 2 stages).
+    """
+    for name, value in (("world size", world_size), ("tensor parallel size", tp),
+                        ("pipeline parallel size", pp), ("num_layers", num_layers),
+                        ("num_heads", num_heads), ("hidden size", hidden),
+                        ("global batch", global_batch), ("micro batch", micro_batch)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor parallel x pipeline parallel "
+            f"= {tp} x {pp} = {tp * pp}; choose tp*pp dividing the number of processes"
+        )
+    if num_heads % tp != 0:
+        raise ValueError(
+            f"num_heads {num_heads} is not divisible by tensor parallel size {tp}; "
+            f"use a tensor parallel size that divides {num_heads}"
+        )
+    if hidden % tp != 0:
+        raise ValueError(
+            f"hidden size {hidden} is not divisible by tensor parallel size {tp}; "
+            f"use a tensor parallel size that divides {hidden}"
+        )
+    if pp > num_layers:
+        raise ValueError(
+            f"pipeline parallel size {pp} is larger than num_layers {num_layers}: every stage "
+            f"needs at least one layer; use pipeline parallel size <= {num_layers}"
+        )
+    dp = world_size // (tp * pp)
+    if global_batch % (micro_batch * dp) != 0:
+        raise ValueError(
+            f"global batch {global_batch} is not divisible by micro batch x data parallel = "
+            f"{micro_batch} x {dp} = {micro_batch * dp}; make global batch a multiple of "
+            f"{micro_batch * dp}"
+        )
+    return dp
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy, torch and the megatron tensor-parallel RNG tracker.
+
+    Same as Megatron-LM's ``_set_random_seed`` except that no pipeline-rank offset is added: the
+    model seeds its initialisation per global layer and the data draws per sample, and the
+    default generator must not depend on the layout (DESIGN.md section 8).
+    Needs parallel_state to be initialised (the tracker seeds from the TP/EP rank).
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    else:
+        from megatron_sd3 import cpu_mode
+
+        cpu_mode.cpu_model_parallel_manual_seed(seed)
+
+
+def initialize_distributed(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: Optional[int] = None,
+    seed: int = 1234,
+    backend: Optional[str] = None,
+    timeout_minutes: int = 10,
+    **model_parallel_kwargs,
+) -> DistInfo:
+    """Initialise torch.distributed, megatron parallel_state and the RNGs; return a DistInfo.
+
+    backend: None picks nccl when CUDA is available, gloo otherwise. gloo without CUDA turns on
+    :func:`megatron_sd3.cpu_mode.enable_cpu_mode`. Extra keyword arguments go to
+    ``parallel_state.initialize_model_parallel``. If torch.distributed is already initialised
+    (e.g. by the caller), that group is used as is.
+    """
+    from megatron.core import parallel_state
+
+    cuda = torch.cuda.is_available()
+    if backend is None:
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise RuntimeError("backend 'nccl' needs CUDA, which is not available; use gloo")
+    cpu_mode = not cuda
+    if cpu_mode:
+        from megatron_sd3 import cpu_mode as _cpu_mode
+
+        _cpu_mode.enable_cpu_mode()
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=backend, init_method="env://", timeout=timeout,
+                                    rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]))
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+
+    world_size = dist.get_world_size()
+    if world_size % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor parallel x pipeline parallel "
+            f"= {tp} x {pp} = {tp * pp}; choose tp*pp dividing the number of processes"
+        )
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        distributed_timeout_minutes=timeout_minutes,
+        **model_parallel_kwargs,
+    )
+    set_seed(seed)
+
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        local_rank=local_rank,
+        tp=tp,
+        pp=pp,
+        dp=parallel_state.get_data_parallel_world_size(),
+        vpp=vpp,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        backend=backend,
+        device=device,
+        cpu_mode=cpu_mode,
+    )
+
+
+def destroy_distributed() -> None:
+    """Tear down parallel_state and the default process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

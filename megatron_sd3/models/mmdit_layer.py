@@ -1,0 +1,212 @@
+"""The MMDiT joint block as megatron-core modules built from a ``ModuleSpec``.
+
+One block (image stream ``x``, text stream ``c``, conditioning ``y = t_emb + pooled_emb``):
+
+    adaLN-Zero per stream: shift/scale/gate chunks from ``Linear(SiLU(y))``
+    qkv per stream (column-parallel, heads split over TP), optional RMS qk-norm per stream,
+    ONE attention over the concatenated sequence [x | c],
+    output projection per stream (row-parallel), gated residual,
+    [MMDiT-X: a second, image-only attention with its own adaLN chunks]
+    GELU(tanh) MLP per stream (megatron-core ``MLP``), gated residual.
+
+Which submodule types are used (megatron-core local layers or Transformer Engine layers) is the
+spec's business (``mmdit_layer_specs.py``); what a block computes depends only on the config and
+its global 1-based ``layer_number`` (dual attention, ``context_pre_only``).
+
+Layout is megatron's ``[seq, batch, hidden]`` throughout; tensors of shape ``[batch, hidden]``
+(``y`` and the adaLN chunks) broadcast over the sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.utils import divide
+
+from megatron_sd3.config import SD3Config
+
+
+class SDPACoreAttention(MegatronModule):
+    """Core attention on torch's ``scaled_dot_product_attention`` (runs on CPU and GPU).
+
+    Same call contract as megatron-core's ``DotProductAttention`` / ``TEDotProductAttention``:
+    ``query/key/value [s, b, heads_local, head_dim]`` -> ``[s, b, heads_local * head_dim]``.
+    ``attention_mask`` follows megatron's convention (``True`` = masked out), broadcastable to
+    ``[b, 1, s_q, s_k]``; megatron-core's local ``DotProductAttention`` needs a CUDA buffer.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type=AttnMaskType.no_mask,
+                 attention_type="self", **kwargs):
+        super().__init__(config=config)
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, **kwargs):
+        s, b, n, d = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
+        keep = None if attention_mask is None else ~attention_mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.0)
+        return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
+
+
+@dataclass
+class JointAttentionSubmodules:
+    linear_qkv: Union[ModuleSpec, type] = None
+    linear_proj: Union[ModuleSpec, type] = None
+    core_attention: Union[ModuleSpec, type] = None
+    q_layernorm: Union[ModuleSpec, type, None] = None
+    k_layernorm: Union[ModuleSpec, type, None] = None
+
+
+class JointAttention(MegatronModule):
+    """Attention over the concatenation of an image stream and (optionally) a text stream.
+
+    Each stream has its own fused qkv projection (rows ordered ``[head, (q, k, v), head_dim]`` so
+    a contiguous TP split hands each rank whole heads), its own qk-norms and its own output
+    projection. ``with_context=False`` is plain self-attention (MMDiT-X's second attention);
+    ``context_output=False`` has no text output projection (``context_pre_only``). The text
+    part of the attention output is returned unprojected; ``project_context`` projects it, so a
+    block that does not need its text output never runs that GEMM.
+    """
+
+    def __init__(self, config: SD3Config, submodules: JointAttentionSubmodules, layer_number: int,
+                 with_context: bool = True, context_output: bool = True):
+        super().__init__(config=config)
+        h = config.hidden_size
+        self.head_dim = config.kv_channels
+        self.heads_local = divide(config.num_attention_heads, config.tensor_model_parallel_size)
+        self.with_context, self.context_output = with_context, with_context and context_output
+        lin = dict(config=config, init_method=config.init_method, bias=True,
+                   skip_bias_add=False, is_expert=False)
+        # Plain attributes (megatron's names; "context_" for the text stream) rather than a
+        # ModuleDict, so each TP layer contributes its own sharded_state_dict.
+        for pre in ["", "context_"] if with_context else [""]:
+            setattr(self, pre + "linear_qkv", build_module(
+                submodules.linear_qkv, h, 3 * h, gather_output=False, tp_comm_buffer_name="qkv", **lin))
+            if config.qk_norm:
+                for name in ("q_layernorm", "k_layernorm"):
+                    setattr(self, pre + name, build_module(
+                        getattr(submodules, name), config=config, hidden_size=self.head_dim,
+                        eps=config.layernorm_epsilon))
+            if pre == "" or self.context_output:
+                setattr(self, pre + "linear_proj", build_module(
+                    submodules.linear_proj, h, h, input_is_parallel=True, tp_comm_buffer_name="proj",
+                    **{**lin, "init_method": config.output_layer_init_method}))
+        self.core_attention = build_module(
+            submodules.core_attention, config=config, layer_number=layer_number,
+            attn_mask_type=AttnMaskType.padding, attention_type="self")
+
+    def _qkv(self, pre: str, hidden: torch.Tensor):
+        out, _ = getattr(self, pre + "linear_qkv")(hidden)
+        s, b = out.shape[:2]
+        q, k, v = out.view(s, b, self.heads_local, 3, self.head_dim).unbind(dim=3)
+        if self.config.qk_norm:
+            q = getattr(self, pre + "q_layernorm")(q)
+            k = getattr(self, pre + "k_layernorm")(k)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None):
+        q, k, v = self._qkv("", x)
+        n_img = x.shape[0]
+        if self.with_context:
+            qc, kc, vc = self._qkv("context_", c)
+            q, k, v = (torch.cat(pair, dim=0) for pair in ((q, qc), (k, kc), (v, vc)))
+        out = self.core_attention(q, k, v, attention_mask=attention_mask,
+                                  attn_mask_type=AttnMaskType.padding if attention_mask is not None
+                                  else AttnMaskType.no_mask)
+        x_out, _ = self.linear_proj(out[:n_img])
+        return x_out, out[n_img:]
+
+    def project_context(self, c_attn: torch.Tensor) -> torch.Tensor:
+        return self.context_linear_proj(c_attn)[0]
+
+
+@dataclass
+class MMDiTLayerSubmodules:
+    joint_attention: Union[ModuleSpec, type] = None
+    dual_attention: Union[ModuleSpec, type] = None
+    mlp: Union[ModuleSpec, type] = None
+
+
+def _modulate(t, shift, scale):
+    return F.layer_norm(t, (t.shape[-1],), eps=1e-6) * (1 + scale[None]) + shift[None]
+
+
+class MMDiTLayer(MegatronModule):
+    """One joint block. ``layer_number`` is global and 1-based (as megatron's TransformerLayer).
+
+    ``text_output=False`` skips the text stream after attention (its output projection, MLP and
+    residual): used for ``context_pre_only`` blocks and, in sd3_light with gamma = 0, for the
+    last block, whose text output nothing reads.
+    """
+
+    def __init__(self, config: SD3Config, submodules: MMDiTLayerSubmodules, layer_number: int,
+                 text_output: bool = True):
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        h = config.hidden_size
+        self.context_pre_only = not config.block_keeps_text(layer_number)
+        keeps_text = not self.context_pre_only
+        self.text_output = text_output and keeps_text
+        self.use_dual_attention = (layer_number - 1) in config.dual_attention_layers
+        # adaLN modulation stays outside FP8 and TP (as NeMo's DiT): small, replicated.
+        self.adaln = nn.Linear(h, (9 if self.use_dual_attention else 6) * h)
+        # context_pre_only: diffusers' AdaLayerNormContinuous (scale, shift) only.
+        self.context_adaln = nn.Linear(h, (2 if self.context_pre_only else 6) * h)
+        if config.zero_init_adaln:
+            for lin in (self.adaln, self.context_adaln):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+        self.attention = build_module(submodules.joint_attention, config=config,
+                                      layer_number=layer_number, with_context=True,
+                                      context_output=keeps_text)
+        if self.use_dual_attention:
+            self.attention2 = build_module(submodules.dual_attention, config=config,
+                                           layer_number=layer_number, with_context=False)
+        self.mlp = build_module(submodules.mlp, config=config)
+        if keeps_text:
+            self.context_mlp = build_module(submodules.mlp, config=config)
+        if keeps_text and not self.text_output:
+            # Kept for checkpoints and conversion, but nothing reads their output: frozen, so
+            # DDP buckets never wait for a gradient and the optimizer never decays them.
+            for p in [*self.context_mlp.parameters(), *self.attention.context_linear_proj.parameters()]:
+                p.requires_grad_(False)
+
+    @staticmethod
+    def _mlp(mlp, t):
+        out, bias = mlp(t)
+        return out if bias is None else out + bias
+
+    def forward(self, x, c, y, attention_mask=None):
+        """x [S_img, B, h], c [S_txt, B, h], y [B, h] -> (x, c or None)."""
+        sy = F.silu(y)
+        mod = self.adaln(sy).chunk(9 if self.use_dual_attention else 6, dim=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
+        cmod = self.context_adaln(sy)
+        if self.context_pre_only:
+            c_scale, c_shift = cmod.chunk(2, dim=-1)
+            c_in = _modulate(c, c_shift, c_scale)
+        else:
+            c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod.chunk(6, dim=-1)
+            c_in = _modulate(c, c_shift_msa, c_scale_msa)
+
+        x_norm = F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+        x_attn, c_attn = self.attention(x_norm * (1 + scale_msa[None]) + shift_msa[None], c_in,
+                                        attention_mask=attention_mask)
+        x = x + gate_msa[None] * x_attn
+        if self.use_dual_attention:
+            shift2, scale2, gate2 = mod[6:]
+            x2, _ = self.attention2(x_norm * (1 + scale2[None]) + shift2[None])
+            x = x + gate2[None] * x2
+        x = x + gate_mlp[None] * self._mlp(self.mlp, _modulate(x, shift_mlp, scale_mlp))
+
+        if not self.text_output:
+            return x, None
+        c = c + c_gate_msa[None] * self.attention.project_context(c_attn)
+        c = c + c_gate_mlp[None] * self._mlp(self.context_mlp, _modulate(c, c_shift_mlp, c_scale_mlp))
+        return x, c

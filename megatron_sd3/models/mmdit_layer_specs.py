@@ -1,0 +1,104 @@
+"""Layer specs of the MMDiT joint block: one spec, two fillings.
+
+The spec names roles (column/row-parallel linear, qk-norm, core attention); a megatron-core
+``BackendSpecProvider`` fills them:
+
+* ``local``: megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear``, torch RMSNorm and
+  a torch SDPA core attention (runs on CPU; megatron's local ``DotProductAttention`` needs CUDA).
+  With FP8 on (``fp8=True``), the linears are the torchao-backed FP8 versions of the same layers.
+* ``transformer_engine``: ``TEColumnParallelLinear`` / ``TERowParallelLinear`` /
+  ``TEDotProductAttention`` / ``TENorm``. The adaLN modulation sits between norm and linear, so
+  the fused LayerNorm-linear does not apply.
+"""
+from __future__ import annotations
+
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+from megatron_sd3.models.mmdit_layer import (
+    JointAttention,
+    JointAttentionSubmodules,
+    MMDiTLayer,
+    MMDiTLayerSubmodules,
+    SDPACoreAttention,
+)
+
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+
+
+class SD3LocalSpecProvider(LocalSpecProvider):
+    """megatron-core's local filling with a CPU-capable core attention and torch norms."""
+
+    def __init__(self, fp8: bool = False):
+        self.fp8 = fp8
+
+    def column_parallel_linear(self) -> type:
+        if self.fp8:
+            from megatron_sd3.fp8 import Float8ColumnParallelLinear
+
+            return Float8ColumnParallelLinear
+        return super().column_parallel_linear()
+
+    def row_parallel_linear(self) -> type:
+        if self.fp8:
+            from megatron_sd3.fp8 import Float8RowParallelLinear
+
+            return Float8RowParallelLinear
+        return super().row_parallel_linear()
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        return WrappedTorchNorm
+
+    def core_attention(self) -> type:
+        return SDPACoreAttention
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def get_spec_provider(transformer_impl: str = "local", fp8: bool = False) -> BackendSpecProvider:
+    if transformer_impl == "local":
+        return SD3LocalSpecProvider(fp8=fp8)
+    if transformer_impl == "transformer_engine":
+        if not transformer_engine_available():
+            raise RuntimeError(
+                "--transformer-impl transformer_engine needs NVIDIA Transformer Engine, which is not "
+                "installed; install it (pip install transformer_engine[pytorch]) or use "
+                "--transformer-impl local")
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        return TESpecProvider()
+    raise ValueError(f"unknown transformer_impl '{transformer_impl}'; choose one of {TRANSFORMER_IMPLS}")
+
+
+def get_mmdit_layer_spec(transformer_impl: str = "local", qk_norm: bool = True,
+                         fp8: bool = False) -> ModuleSpec:
+    """The joint block's ``ModuleSpec`` for a backend."""
+    backend = get_spec_provider(transformer_impl, fp8=fp8)
+    norm = backend.layer_norm(rms_norm=True, for_qk=True) if qk_norm else None
+    attention = JointAttentionSubmodules(
+        linear_qkv=backend.column_parallel_linear(),
+        linear_proj=backend.row_parallel_linear(),
+        core_attention=backend.core_attention(),
+        q_layernorm=norm,
+        k_layernorm=norm,
+    )
+    return ModuleSpec(
+        module=MMDiTLayer,
+        submodules=MMDiTLayerSubmodules(
+            joint_attention=ModuleSpec(module=JointAttention, submodules=attention),
+            dual_attention=ModuleSpec(module=JointAttention, submodules=attention),
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=backend.column_parallel_linear(),
+                                         linear_fc2=backend.row_parallel_linear()),
+            ),
+        ),
+    )

@@ -1,0 +1,65 @@
+"""The one tensor that travels between pipeline stages (DESIGN.md §3, "activation packing").
+
+Megatron-core's schedules send one ``[seq, micro_batch, hidden]`` tensor of a declared shape per
+microbatch. Everything a later stage needs travels in it, in this order along ``seq``:
+
+    [ image tokens (S_img) | text tokens (S_txt) | recon target (S_txt, only when gamma > 0) | y (1) ]
+
+``y`` (timestep + pooled conditioning) is one extra token so that its gradient flows back to the
+first stage's embedders; the reconstruction target is detached where it is captured, so no
+gradient flows into it. With gamma = 0 the target slot does not exist: not one byte more than the
+plain model. This module is the only place that knows the layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class ActivationLayout:
+    n_img: int
+    """Image tokens (latent patches)."""
+    n_txt: int
+    """Text tokens as they travel (padded length when the text stream is padded)."""
+    carry_target: bool
+    """Whether the text-reconstruction target travels (gamma > 0)."""
+
+    @property
+    def seq_len(self) -> int:
+        """The sequence length megatron is told (``config.seq_length`` / tensor_shape[0])."""
+        return self.n_img + self.n_txt * (2 if self.carry_target else 1) + 1
+
+    def tensor_shape(self, micro_batch: int, hidden: int) -> tuple[int, int, int]:
+        return (self.seq_len, micro_batch, hidden)
+
+    def bytes_per_message(self, micro_batch: int, hidden: int, dtype: torch.dtype) -> int:
+        return self.seq_len * micro_batch * hidden * torch.tensor([], dtype=dtype).element_size()
+
+    def pack(self, x: torch.Tensor, c: torch.Tensor, target: Optional[torch.Tensor],
+             y: torch.Tensor) -> torch.Tensor:
+        """x [S_img,B,h], c [S_txt,B,h], target [S_txt,B,h] or None, y [B,h] -> [seq,B,h]."""
+        parts = [x, c]
+        if self.carry_target:
+            if target is None:  # the target block is on a later stage: an empty slot until then
+                target = torch.zeros_like(c)
+            parts.append(target.detach())
+        parts.append(y.unsqueeze(0))
+        out = torch.cat(parts, dim=0)
+        assert out.shape[0] == self.seq_len, (out.shape, self)
+        return out
+
+    def unpack(self, t: torch.Tensor):
+        """[seq,B,h] -> (x, c, target or None, y)."""
+        if t.shape[0] != self.seq_len:
+            raise ValueError(f"pipeline activation has {t.shape[0]} tokens, layout expects {self.seq_len} "
+                             f"({self}); all stages must agree on image size, text length and gamma")
+        i, j = self.n_img, self.n_img + self.n_txt
+        x, c = t[:i], t[i:j]
+        target = None
+        if self.carry_target:
+            target = t[j: j + self.n_txt].detach()
+            j += self.n_txt
+        return x, c, target, t[j]

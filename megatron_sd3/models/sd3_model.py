@@ -1,0 +1,158 @@
+"""The SD3 MMDiT as a megatron-core module, one pipeline stage of it per rank.
+
+* ``pre_process`` (first stage): patch/timestep/pooled/text embeddings.
+* the joint blocks of this stage, each knowing its global 1-based ``layer_number``
+  (megatron-core's ``get_transformer_layer_offset`` / ``get_num_layers_to_build``, so uneven
+  splits come from ``num_layers_in_first/last_pipeline_stage`` or ``pipeline_model_parallel_layout``).
+* ``post_process`` (last stage): adaLN-continuous norm, projection, unpatchify.
+
+Between stages the activations travel packed (``packing.ActivationLayout``). The
+text-reconstruction target (DESIGN.md §2) is captured on whichever stage holds it: the
+embedded text for target layer 0, the text output of block k otherwise, detached.
+
+Initialisation is layout-independent: every block is built under an RNG seeded from
+(``init_seed``, layer number), the embeddings from (``init_seed``, 0) and the head from
+(``init_seed``, num_layers + 1); with ``use_cpu_initialization`` megatron builds each full master
+weight and splits it over TP. So every TP/PP/DP layout starts from the same weights.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.transformer.utils import sharded_state_dict_default
+
+from megatron_sd3.config import SD3Config
+from megatron_sd3.models.embeddings import SD3Embeddings, SD3OutputHead
+from megatron_sd3.models.mmdit_layer_specs import get_mmdit_layer_spec
+from megatron_sd3.models.packing import ActivationLayout
+
+
+@contextlib.contextmanager
+def seeded(seed: int, stream: int):
+    """Fork the global RNG, seeded from (seed, stream): layout-independent initialisation."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed * 1_000_003 + stream) % (2**63))
+        yield
+
+
+class SD3Model(MegatronModule):
+    """One pipeline stage of the SD3 MMDiT (all of it when pre_process and post_process)."""
+
+    def __init__(self, config: SD3Config, layer_spec: Optional[ModuleSpec] = None,
+                 pre_process: bool = True, post_process: bool = True,
+                 vp_stage: Optional[int] = None, transformer_impl: str = "local", fp8: bool = False):
+        super().__init__(config=config)
+        self.config: SD3Config = config
+        self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
+        if layer_spec is None:
+            layer_spec = get_mmdit_layer_spec(transformer_impl, qk_norm=config.qk_norm, fp8=fp8)
+        self.layer_offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+        num_local = get_num_layers_to_build(config, vp_stage=vp_stage)
+        blocks = []
+        for i in range(num_local):
+            n = self.layer_offset + i + 1
+            with seeded(config.init_seed, n):
+                blocks.append(build_module(layer_spec, config=config, layer_number=n,
+                                           text_output=self.block_text_needed(n)))
+        self.blocks = torch.nn.ModuleList(blocks)
+        if pre_process:
+            with seeded(config.init_seed, 0):
+                self.embeddings = SD3Embeddings(config)
+        if post_process:
+            with seeded(config.init_seed, config.num_layers + 1):
+                self.head = SD3OutputHead(config)
+        self.input_tensor = None
+
+    # -- layout --------------------------------------------------------------------------------
+    def block_text_needed(self, layer_number: int) -> bool:
+        """Does anything read the text output of block ``layer_number``?"""
+        if layer_number < self.config.num_layers:
+            return True
+        return self.config.text_recon  # the last block's text feeds only the recon loss
+
+    def layout(self, latent_hw) -> ActivationLayout:
+        cfg = self.config
+        return ActivationLayout(n_img=cfg.num_image_tokens(*latent_hw), n_txt=cfg.padded_text_len,
+                                carry_target=cfg.text_recon)
+
+    def attention_mask(self, n_img: int, device) -> Optional[torch.Tensor]:
+        """Key-padding mask (True = masked) for padded text tokens; None without padding."""
+        cfg = self.config
+        if cfg.padded_text_len == cfg.text_seq_len:
+            return None
+        mask = torch.zeros(1, 1, 1, n_img + cfg.padded_text_len, dtype=torch.bool, device=device)
+        mask[..., n_img + cfg.text_seq_len:] = True
+        return mask
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Megatron's schedules hand the previous stage's output here (a list of one tensor)."""
+        if isinstance(input_tensor, (list, tuple)):
+            assert len(input_tensor) == 1, "SD3Model takes one packed input tensor"
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, hidden_states: Optional[torch.Tensor] = None,
+                encoder_hidden_states: Optional[torch.Tensor] = None,
+                pooled_projections: Optional[torch.Tensor] = None,
+                timestep: Optional[torch.Tensor] = None,
+                latent_hw: Optional[tuple[int, int]] = None):
+        """diffusers' argument names: noisy latents ``[B,C,H,W]``, text tokens ``[B,T,4096]``,
+        pooled ``[B,2048]``, timesteps ``[B]`` (0..1000). Later stages take their input from
+        ``set_input_tensor`` and need only ``latent_hw`` (the last stage, to unpatchify).
+
+        Returns, on the last stage: the velocity ``[B,C,H,W]`` when gamma = 0, else
+        ``(velocity, final_text_tokens [B,T,h], target_tokens [B,T,h])`` (unpadded, the target
+        detached); on other stages the packed activation ``[seq, B, h]``.
+        """
+        cfg = self.config
+        if latent_hw is None:
+            if hidden_states is None:
+                raise ValueError("stages after the first need latent_hw=(H, W)")
+            latent_hw = tuple(hidden_states.shape[-2:])
+        layout = self.layout(latent_hw)
+        target = None
+        if self.pre_process:
+            if encoder_hidden_states.shape[1] != cfg.text_seq_len:
+                raise ValueError(f"text has {encoder_hidden_states.shape[1]} tokens, the model was "
+                                 f"configured with text_seq_len={cfg.text_seq_len}")
+            x, c, y = self.embeddings(hidden_states, encoder_hidden_states, pooled_projections, timestep)
+            if layout.n_txt > cfg.text_seq_len:
+                c = torch.cat([c, c.new_zeros(layout.n_txt - cfg.text_seq_len, *c.shape[1:])], dim=0)
+            if cfg.text_recon and cfg.text_recon_target_layer == 0:
+                target = c.detach()
+        else:
+            x, c, target, y = layout.unpack(self.input_tensor)
+
+        mask = self.attention_mask(layout.n_img, x.device)
+        for block in self.blocks:
+            x, c = block(x, c, y, attention_mask=mask)
+            if cfg.text_recon and block.layer_number == cfg.text_recon_target_layer:
+                target = c.detach()
+
+        if not self.post_process:
+            return layout.pack(x, c, target, y)
+        velocity = self.head(x, y, latent_hw)
+        if not cfg.text_recon:
+            return velocity
+        n = cfg.text_seq_len
+        return velocity, c[:n].transpose(0, 1), target[:n].transpose(0, 1)
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Blocks keyed by their global index, so a checkpoint reloads under any PP split."""
+        out = {}
+        for name, module in self.named_children():
+            if name == "blocks":
+                for block in self.blocks:
+                    out.update(sharded_state_dict_default(
+                        block, f"{prefix}blocks.{block.layer_number - 1}.", sharded_offsets, metadata))
+            else:
+                out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+        return out

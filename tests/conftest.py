@@ -1,0 +1,16 @@
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+
+
+@pytest.fixture
+def single_process():
+    """A one-process gloo group with megatron parallel_state (TP = PP = 1)."""
+    from megatron_sd3.convert import ensure_single_process_parallel_state
+
+    ensure_single_process_parallel_state()
+    yield

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from megatron_sd3.config import make_config
+from megatron_sd3.models.mmdit_layer_specs import get_mmdit_layer_spec, transformer_engine_available
+from megatron_sd3.models.sd3_model import SD3Model
+
+
+def _batch(cfg, b=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(b, cfg.in_channels, 8, 6, generator=g),
+                encoder_hidden_states=torch.randn(b, cfg.text_seq_len, cfg.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(b, cfg.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([100.0, 900.0][:b]))
+
+
+def _model(**kw):
+    parallel = kw.pop("parallel", {})
+    return SD3Model(make_config("tiny", zero_init_adaln=False, parallel=parallel, **kw))
+
+
+def test_gamma_zero_returns_velocity_only(single_process):
+    m = _model()
+    out = m(**_batch(m.config))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 16, 8, 6)
+    # the last block's unused text output is neither computed nor trained
+    last = m.blocks[-1]
+    assert not last.text_output
+    assert not any(p.requires_grad for p in last.context_mlp.parameters())
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_text_recon_outputs_and_target_capture(single_process, k):
+    plain = _model()
+    m = _model(text_recon_gamma=0.5, text_recon_target_layer=k)
+    batch = _batch(m.config)
+    vel, final, target = m(**batch)
+    assert torch.equal(vel, plain(**batch)), "gamma must not change the velocity"
+    assert final.shape == target.shape == (2, 16, 64)
+    assert final.requires_grad and not target.requires_grad
+    # the target is what block k outputs (or the embedded text for k = 0)
+    with torch.no_grad():
+        x, c, y = m.embeddings(batch["hidden_states"], batch["encoder_hidden_states"],
+                               batch["pooled_projections"], batch["timestep"])
+        for blk in m.blocks[:k]:
+            x, c = blk(x, c, y)
+    assert torch.allclose(target, c.transpose(0, 1))
+
+
+def test_same_weights_whatever_is_built(single_process):
+    a, b = _model(), _model(text_recon_gamma=0.5)
+    sa, sb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = SD3Model(make_config("tiny", zero_init_adaln=False, init_seed=7))
+    assert not torch.equal(dict(c.named_parameters())["blocks.0.attention.linear_qkv.weight"], sa["blocks.0.attention.linear_qkv.weight"])
+
+
+def test_text_padding_changes_nothing(single_process):
+    m = _model(text_recon_gamma=0.5, text_recon_target_layer=1)
+    padded = _model(text_recon_gamma=0.5, text_recon_target_layer=1, parallel={"text_pad_multiple": 24})
+    assert padded.config.padded_text_len == 24
+    batch = _batch(m.config)
+    for a, b in zip(m(**batch), padded(**batch)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_state_dict_keys_are_global(single_process):
+    m = _model()
+    keys = set(m.sharded_state_dict().keys())
+    assert "blocks.3.attention.linear_qkv.weight" in keys and "head.proj_out.weight" in keys
+
+
+@pytest.mark.skipif(transformer_engine_available(), reason="Transformer Engine is installed")
+def test_transformer_engine_without_te_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="needs NVIDIA Transformer Engine"):
+        get_mmdit_layer_spec("transformer_engine")
+
+
+@pytest.mark.skipif(not transformer_engine_available(), reason="needs Transformer Engine")
+def test_transformer_engine_spec_builds(single_process):
+    spec = get_mmdit_layer_spec("transformer_engine")
+    SD3Model(make_config("tiny"), layer_spec=spec)
