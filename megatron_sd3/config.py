@@ -252,6 +252,9 @@ def make_config(preset: str = "tiny", *, parallel: Optional[dict] = None, **over
         gated_linear_unit=False,
         activation_func=gelu_tanh,
         normalization="RMSNorm",  # only the qk-norm reads it; block norms are affine-free LN
+        # qk-norm weights are shared by all heads, and each TP rank sees only its heads: this
+        # makes megatron's finalize_model_grads sum their gradients over TP.
+        qk_layernorm=bool(fields.get("qk_norm", False)),
         layernorm_epsilon=1e-6,
         hidden_dropout=0.0,
         attention_dropout=0.0,

@@ -14,3 +14,7 @@ def single_process():
 
     ensure_single_process_parallel_state()
     yield
+
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/_ranks.py and friends

@@ -25,7 +25,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-from megatron.core.transformer.utils import sharded_state_dict_default
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+from megatron.core.enums import ModelType
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
 
 from megatron_sd3.config import SD3Config
 from megatron_sd3.models.embeddings import SD3Embeddings, SD3OutputHead
@@ -49,6 +51,8 @@ class SD3Model(MegatronModule):
                  vp_stage: Optional[int] = None, transformer_impl: str = "local", fp8: bool = False):
         super().__init__(config=config)
         self.config: SD3Config = config
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
+        self.share_embeddings_and_output_weights = False  # nothing tied between first and last stage
         self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
         if layer_spec is None:
             layer_spec = get_mmdit_layer_spec(transformer_impl, qk_norm=config.qk_norm, fp8=fp8)
@@ -146,13 +150,17 @@ class SD3Model(MegatronModule):
 
     # -- checkpointing -------------------------------------------------------------------------
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        """Blocks keyed by their global index, so a checkpoint reloads under any PP split."""
+        """Checkpoint keys of blocks use their *global* index, so a checkpoint reloads under any
+        PP split; the dict keys stay local, as ``load_state_dict`` wants them (what megatron's
+        TransformerBlock does)."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
         out = {}
         for name, module in self.named_children():
-            if name == "blocks":
-                for block in self.blocks:
-                    out.update(sharded_state_dict_default(
-                        block, f"{prefix}blocks.{block.layer_number - 1}.", sharded_offsets, metadata))
-            else:
+            if name != "blocks":
                 out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+        for i, block in enumerate(self.blocks):
+            local = f"{prefix}blocks.{i}."
+            block_sd = sharded_state_dict_default(block, local, sharded_offsets, metadata)
+            replace_prefix_for_sharding(block_sd, local, f"{prefix}blocks.{block.layer_number - 1}.")
+            out.update(block_sd)
         return out

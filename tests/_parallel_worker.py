@@ -1,0 +1,90 @@
+"""torchrun worker for tests/test_parallel.py: a few optimizer steps of the tiny preset.
+
+Writes, from every rank, ``OUT/rank{R}.pt`` with the losses of each step (all ranks agree) and this
+rank's parameters as full (TP-gathered) tensors keyed by global name, and records the bytes of
+every pipeline p2p message it sends.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--pipeline-layers", default=None)
+    ap.add_argument("--num-layers", type=int, default=4)
+    ap.add_argument("--gamma", type=float, default=0.0)
+    ap.add_argument("--target", type=int, default=0)
+    ap.add_argument("--mask", action="store_true")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--gbs", type=int, default=8)
+    ap.add_argument("--mbs", type=int, default=2)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    from megatron_sd3.config import make_config
+    from megatron_sd3.convert import gather_full_state_dict
+    from megatron_sd3.data.mock import MockDataset
+    from megatron_sd3.distributed import initialize_distributed
+    from megatron_sd3.training.parallel_layout import pipeline_config_fields
+    from megatron_sd3.training.step import TrainStep, build_model, build_optimizer, wrap_ddp
+
+    info = initialize_distributed(a.tp, a.pp, seed=1234)
+    given = [int(v) for v in a.pipeline_layers.split(",")] if a.pipeline_layers else None
+    cfg = make_config("tiny", num_layers=a.num_layers, zero_init_adaln=False, text_recon_gamma=a.gamma,
+                      text_recon_target_layer=a.target,
+                      parallel=dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
+                                    **pipeline_config_fields(a.num_layers, a.pp, given)))
+    chunks = build_model(cfg)
+    ddp = wrap_ddp(cfg, chunks)
+    opt = build_optimizer(cfg, ddp, OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01,
+                                                     clip_grad=1.0, params_dtype=torch.float32))
+    step = TrainStep(cfg, ddp, opt, global_batch_size=a.gbs, micro_batch_size=a.mbs, seed=42)
+
+    sent = []
+    orig = p2p_communication.P2PCommunicator._communicate
+
+    def recording(self, *args, tensor_send_next=None, **kw):
+        if tensor_send_next is not None:
+            sent.append((tuple(tensor_send_next.shape), tensor_send_next.numel() * tensor_send_next.element_size()))
+        return orig(self, *args, tensor_send_next=tensor_send_next, **kw)
+
+    p2p_communication.P2PCommunicator._communicate = recording
+
+    ds = MockDataset(1000, latent_size=(8, 6), in_channels=16, text_len=16, text_dim=32, pooled_dim=32,
+                     with_mask=a.mask, seed=5)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    per_rank = a.gbs // dp
+    losses = []
+    for it in range(a.steps):
+        consumed = it * a.gbs
+        mbs = None
+        if step.first or step.last:
+            mbs = []
+            for m in range(per_rank // a.mbs):
+                idx = [consumed + dp_rank * per_rank + m * a.mbs + j for j in range(a.mbs)]
+                samples = [ds[i] for i in idx]
+                mbs.append({k: torch.stack([s[k] for s in samples]) for k in samples[0]})
+        res = step(mbs, consumed)
+        assert not res.skipped
+        losses.append(res.losses)
+    params = {}
+    for c in chunks:
+        params.update(gather_full_state_dict(c))
+    torch.save({"losses": losses, "params": params, "sent": sent,
+                "tp_rank": ps.get_tensor_model_parallel_rank()},
+               os.path.join(a.out, f"rank{info.rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()

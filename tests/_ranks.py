@@ -1,0 +1,38 @@
+"""Start N local ranks of a worker script (the env torchrun would set), wait with a timeout."""
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(script: str, nproc: int, args: list[str], timeout: float = 240, env: dict | None = None):
+    port = str(free_port())
+    procs, logs = [], []
+    for r in range(nproc):
+        e = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+                 **(env or {}))
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    failed = []
+    try:
+        for r, p in enumerate(procs):
+            out, _ = p.communicate(timeout=timeout)
+            logs.append(out)
+            if p.returncode != 0:
+                failed.append(r)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if failed:
+        raise AssertionError(f"ranks {failed} of {script} failed:\n" + "\n".join(logs[r][-3000:] for r in failed))
+    return logs
