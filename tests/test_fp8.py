@@ -1,0 +1,358 @@
+"""FP8 building blocks (megatron_sd3/fp8.py) and the FLOP count (megatron_sd3/flops.py).
+
+The FP8 layers are megatron-core's tensor-parallel linears with their local GEMM run by torchao's
+float8 matmul. On CPU ``torch._scaled_mm`` has a kernel (torch 2.13), so everything here is real
+FP8 arithmetic, not an emulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _fp8_helpers as H  # noqa: E402
+
+pytest.importorskip("torchao")
+
+from megatron_sd3 import fp8 as F  # noqa: E402
+from megatron_sd3.fp8 import (  # noqa: E402
+    Float8ColumnParallelLinear,
+    Float8RowParallelLinear,
+    Fp8Settings,
+    fp8_context,
+    fp8_text_tokens,
+    pad_to_multiple,
+)
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def tp1():
+    """A 1-process gloo group with megatron parallel_state at TP=1."""
+    created = H.init_parallel(0, 1, H.free_port(), tp=1)
+    yield
+    if created:
+        H.teardown_parallel()
+
+
+@contextlib.contextmanager
+def count_scaled_mm():
+    """Count torch._scaled_mm calls (what torchao's Float8TrainingTensor mm dispatches to)."""
+    calls = []
+    orig = torch._scaled_mm
+
+    def wrapped(a, b, *args, **kwargs):
+        calls.append((a.dtype, b.dtype))
+        return orig(a, b, *args, **kwargs)
+
+    torch._scaled_mm = wrapped
+    try:
+        yield calls
+    finally:
+        torch._scaled_mm = orig
+
+
+def _inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 2, H.HIDDEN, generator=g).to(dtype)
+    gy = torch.randn(32, 2, H.HIDDEN, generator=g).to(dtype)
+    return x, gy
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings, switches, errors
+# ---------------------------------------------------------------------------------------------
+
+
+def test_settings_validation_and_delayed_needs_te():
+    assert Fp8Settings().format == "hybrid" and Fp8Settings().recipe == "tensorwise"
+    with pytest.raises(ValueError, match="fp8-format"):
+        Fp8Settings(format="e5m2")
+    with pytest.raises(ValueError, match="fp8-recipe"):
+        Fp8Settings(recipe="mxfp8")
+    with pytest.raises(ValueError, match="needs --transformer-impl transformer_engine"):
+        Fp8Settings(recipe="delayed").validate("local")
+    with pytest.raises(ValueError, match="needs --transformer-impl transformer_engine"):
+        with fp8_context(True, recipe="delayed"):
+            pass
+    Fp8Settings(format="e4m3").validate("local")
+    s = Fp8Settings(format="e4m3", recipe="tensorwise", amax_history_len=16)
+    assert Fp8Settings.from_config(type("C", (), s.transformer_config_kwargs())()) == s
+
+
+def test_torchao_config_formats():
+    from torchao.float8.config import ScalingGranularity, ScalingType
+
+    for fmt, gdt in (("e4m3", torch.float8_e4m3fn), ("hybrid", torch.float8_e5m2)):
+        c = Fp8Settings(format=fmt).float8_linear_config()
+        for cc in (c.cast_config_input, c.cast_config_weight, c.cast_config_grad_output):
+            assert cc.scaling_type is ScalingType.DYNAMIC
+            assert cc.scaling_granularity is ScalingGranularity.TENSORWISE
+        assert c.cast_config_input.target_dtype == torch.float8_e4m3fn
+        assert c.cast_config_weight.target_dtype == torch.float8_e4m3fn
+        assert c.cast_config_grad_output.target_dtype == gdt
+        assert c.cast_config_grad_output_for_grad_weight.target_dtype == gdt
+
+
+@pytest.mark.skipif(F.have_transformer_engine(), reason="Transformer Engine is installed")
+def test_transformer_engine_missing_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="needs NVIDIA Transformer Engine"):
+        F.require_transformer_engine()
+    with pytest.raises(RuntimeError, match="needs NVIDIA Transformer Engine"):
+        Fp8Settings().validate("transformer_engine")
+    cfg = type("C", (), {"fp8": "hybrid", "fp8_recipe": "delayed"})()
+    with pytest.raises(RuntimeError, match="needs NVIDIA Transformer Engine"):
+        F.te_fp8_context(cfg)
+    # FP8 off: megatron's own (null) context, no error
+    with F.te_fp8_context(type("C", (), {"fp8": None, "fp8_param": False})()):
+        pass
+
+
+def test_context_nesting_and_first_last_bf16():
+    assert not F.fp8_enabled()
+    with fp8_context(True, "e4m3") as s:
+        assert F.fp8_enabled() and s.format == "e4m3"
+        with fp8_context(False):
+            assert not F.fp8_enabled() and F.current_fp8_settings() is None
+        assert F.current_fp8_settings() == s
+    assert not F.fp8_enabled()
+
+    cfg = type(
+        "C",
+        (),
+        dict(
+            fp8="hybrid", fp8_recipe="tensorwise", fp8_amax_history_len=1,
+            fp8_amax_compute_algo="most_recent", first_last_layers_bf16=True,
+            num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1, num_layers=4,
+        ),
+    )()
+    seen = []
+    with fp8_context(True):  # an outer FP8 region: bf16 layers must still be bf16
+        for layer_no in range(4):
+            with F.get_fp8_context(cfg, "local", layer_no):
+                seen.append(F.fp8_enabled())
+    assert seen == [False, True, True, False]
+    with F.get_local_fp8_context(type("C", (), {"fp8": None})()):
+        assert not F.fp8_enabled()
+
+
+def test_spec_provider():
+    p = F.float8_local_spec_provider()
+    assert p.column_parallel_linear() is Float8ColumnParallelLinear
+    assert p.row_parallel_linear() is Float8RowParallelLinear
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    assert issubclass(Float8ColumnParallelLinear, ColumnParallelLinear)
+    assert issubclass(Float8RowParallelLinear, RowParallelLinear)
+
+
+def test_pad_to_multiple_and_text_rule():
+    assert pad_to_multiple(333) == 336
+    assert pad_to_multiple(336) == 336
+    assert pad_to_multiple(0) == 0
+    assert pad_to_multiple(77, 8) == 80
+    assert fp8_text_tokens(333, fp8=True) == 336
+    assert fp8_text_tokens(333, fp8=False) == 333
+    with pytest.raises(ValueError):
+        pad_to_multiple(5, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Single process (TP=1): FP8 ran, and is close to fp32
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fp8_off_is_exactly_megatron(tp1):
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    w = H.full_weights()
+    col, row = H.build_pair(w)
+    cfg = H.mp_config()
+    noop = lambda t: None  # noqa: E731
+    ref_col = ColumnParallelLinear(H.HIDDEN, H.FFN, config=cfg, init_method=noop, bias=True)
+    ref_row = RowParallelLinear(
+        H.FFN, H.HIDDEN, config=cfg, init_method=noop, bias=True, input_is_parallel=True,
+        skip_bias_add=False,
+    )
+    ref_col.load_state_dict(col.state_dict())
+    ref_row.load_state_dict(row.state_dict())
+    x, gy = _inputs()
+    with count_scaled_mm() as calls:
+        ours = H.run_pair(col, row, x, gy, None)
+    assert calls == []
+    ref = H.run_pair(ref_col, ref_row, x, gy, None)
+    for k in ours:
+        assert torch.equal(ours[k], ref[k]), k
+
+
+@pytest.mark.parametrize("fmt", ["hybrid", "e4m3"])
+@pytest.mark.parametrize("params_dtype", [torch.float32, torch.bfloat16])
+def test_fp8_pair_close_to_fp32(tp1, fmt, params_dtype):
+    w = H.full_weights()
+    x, gy = _inputs()
+    ref = H.run_pair(*H.build_pair(w, torch.float32), x, gy, None)
+    col, row = H.build_pair(w, params_dtype)
+    with count_scaled_mm() as calls:
+        out = H.run_pair(col, row, x.to(params_dtype), gy.to(params_dtype), Fp8Settings(fmt))
+    # 3 GEMMs (output, grad_input, grad_weight) per layer, all through torch._scaled_mm
+    assert len(calls) == 6
+    fp8_dtypes = {d for c in calls for d in c}
+    if fmt == "hybrid":
+        assert fp8_dtypes == {torch.float8_e4m3fn, torch.float8_e5m2}
+    else:
+        assert fp8_dtypes == {torch.float8_e4m3fn}
+    # close to fp32 (e4m3 has 3 mantissa bits, e5m2 2: a few % per GEMM) but not equal to it
+    tol = {"y": 0.08, "dx": 0.12, "dw1": 0.12, "db1": 0.12, "dw2": 0.12, "db2": 0.02}
+    for k, t in tol.items():
+        e = rel(out[k], ref[k])
+        assert e < t, (k, e)
+    assert rel(out["y"], ref["y"]) > 1e-3  # FP8 really ran
+    assert rel(out["dw1"], ref["dw1"]) > 1e-3
+
+
+def test_same_numbers_as_torchao_float8_linear(tp1):
+    """At TP=1 our layer computes exactly what torchao's own Float8Linear computes."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    w = H.full_weights()
+    col, _ = H.build_pair(w)
+    settings = Fp8Settings("hybrid")
+    lin = torch.nn.Linear(H.HIDDEN, H.FFN, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(w["w1"])
+        lin.bias.copy_(w["b1"])
+    ref_mod = Float8Linear.from_float(lin, config=settings.float8_linear_config())
+    x, _ = _inputs()
+    gy = torch.randn(32, 2, H.FFN, generator=torch.Generator().manual_seed(7))
+    outs = []
+    for mod in (col, ref_mod):
+        xi = x.clone().requires_grad_(True)
+        mod.zero_grad(set_to_none=True)
+        with fp8_context(True, settings=settings):
+            y = mod(xi)
+        y = y[0] if isinstance(y, tuple) else y
+        y.backward(gy)
+        outs.append((y.detach(), xi.grad, mod.weight.grad, mod.bias.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# TP=2 equals TP=1 (agreed amax), and differs without the all-reduce
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fmt", ["hybrid"])
+def test_tp2_equals_tp1_with_agreed_amax(tp1, tmp_path, fmt):
+    import torch.multiprocessing as mp
+
+    mp.spawn(H.tp_worker, args=(2, H.free_port(), str(tmp_path), fmt), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+
+    def assemble(res):
+        return {
+            "y": res[0]["y"], "dx": res[0]["dx"], "db2": res[0]["db2"],
+            "dw1": torch.cat([res[0]["dw1"], res[1]["dw1"]], 0),
+            "db1": torch.cat([res[0]["db1"], res[1]["db1"]], 0),
+            "dw2": torch.cat([res[0]["dw2"], res[1]["dw2"]], 1),
+        }
+
+    w = H.full_weights()
+    x, gy = _inputs()
+    col, row = H.build_pair(w)
+    tp1_fp8 = H.run_pair(col, row, x, gy, Fp8Settings(fmt))
+    tp1_hp = H.run_pair(col, row, x, gy, None)
+
+    # replicated outputs agree across the two TP ranks
+    for agree in (True, False):
+        assert torch.allclose(r0[agree]["y"], r1[agree]["y"], rtol=0, atol=1e-6)
+    hp = assemble({0: r0["hp"], 1: r1["hp"]})
+    agreed = assemble({0: r0[True], 1: r1[True]})
+    local = assemble({0: r0[False], 1: r1[False]})
+    for k in agreed:
+        assert rel(hp[k], tp1_hp[k]) < 1e-5, k  # sanity: the harness itself is exact
+        e_agreed = rel(agreed[k], tp1_fp8[k])
+        assert e_agreed < 1e-5, (k, e_agreed)  # same scales -> same FP8 bits, fp32 sum order
+    # without the amax all-reduce the split operands get per-shard scales: TP changes results
+    for k in ("y", "dx", "dw1", "dw2"):
+        assert rel(local[k], tp1_fp8[k]) > 1e-3, k
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny training loop: FP8 tracks fp32
+# ---------------------------------------------------------------------------------------------
+
+
+def _train(settings, steps=20):
+    torch.manual_seed(0)
+    w = H.full_weights(seed=3)
+    col, row = H.build_pair(w)
+    teacher = H.full_weights(seed=4)
+    g = torch.Generator().manual_seed(5)
+    params = [col.weight, col.bias, row.weight, row.bias]
+    opt = torch.optim.Adam(params, lr=2e-3)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(16, 4, H.HIDDEN, generator=g)
+        with torch.no_grad():
+            h = torch.nn.functional.gelu(x @ teacher["w1"].t() + teacher["b1"], approximate="tanh")
+            target = h @ teacher["w2"].t() + teacher["b2"]
+        ctx = fp8_context(True, settings=settings) if settings else fp8_context(False)
+        with ctx:
+            y = H.pair_forward(col, row, x)
+        loss = torch.nn.functional.mse_loss(y, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("fmt", ["hybrid", "e4m3"])
+def test_fp8_training_tracks_fp32(tp1, fmt):
+    ref = _train(None)
+    with count_scaled_mm() as calls:
+        ours = _train(Fp8Settings(fmt))
+    assert len(calls) == 6 * 20
+    assert ref[-1] < 0.5 * ref[0]  # it learns
+    errs = [abs(a - b) / b for a, b in zip(ours, ref)]
+    assert max(errs) < 0.02, errs
+    assert ours != ref
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP count (megatron_sd3/flops.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mmdit_flops_formula():
+    from megatron_sd3.flops import PEAK_TFLOPS, mfu, mmdit_flops_per_sample, peak_tflops
+
+    L, h, f, i, t = 2, 64, 256, 16, 8
+    s = i + t
+    per_layer = (
+        2 * (3 * h * h + h * h + 2 * h * f) * (i + t)  # qkv, out, MLP of both streams
+        + 2 * 2 * (6 * h * h)  # adaLN modulation, both streams, per sample
+        + 2 * 2 * s * s * h  # scores + values
+    )
+    assert mmdit_flops_per_sample(L, h, f, i, t) == L * per_layer
+    dual = 2 * (3 * h * h + h * h) * i + 2 * 2 * i * i * h + 2 * 3 * h * h  # + 3 more mod chunks
+    assert mmdit_flops_per_sample(L, h, f, i, t, dual_attention_layers=1) == L * per_layer + dual
+    assert mmdit_flops_per_sample(L, h, f, i, t, training=True) == 3 * L * per_layer
+    # SD3 at 1024 px (64x64 patches = 4096 img tokens, 333 text tokens): a 2B model, ~1e13 F/sample
+    fl = mmdit_flops_per_sample(24, 1536, 6144, 4096, 333)
+    assert 5e12 < fl < 5e13
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == PEAK_TFLOPS["H100"]["bf16"]
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "fp8") == 2 * PEAK_TFLOPS["H100"]["bf16"]
+    assert peak_tflops("cpu", "bf16") is None
+    assert math.isclose(mfu(989.0e12 / 2, "H100", "bf16"), 0.5, rel_tol=1e-3)
