@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=sd3_light
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --output=slurm-%x-%j.out
+#SBATCH --signal=B:TERM@120
+# (no --exclusive here so that CPU tests can share a node; on GPU nodes add --exclusive, --gpus-per-node=8)
+#
+# launch.sh: start pretrain_sd3.py with torchrun, on SLURM or on this machine.
+#
+#   sbatch launch.sh [pretrain args]               # batch job; sbatch -N 4 launch.sh ... for 4 nodes
+#   bash launch.sh [pretrain args]                 # inside salloc/sbatch: same as above;
+#                                                  # outside SLURM: torchrun on this machine
+#   NNODES=1 GPUS_PER_NODE=8 bash launch.sh --train-iters 1000 --save ckpt --load ckpt
+#
+# All arguments go to the entry script unchanged. Settings (environment, default):
+#   NNODES          nodes; SLURM_JOB_NUM_NODES (SLURM_NNODES) in an allocation, else 1
+#   GPUS_PER_NODE   ranks per node; SLURM_GPUS_ON_NODE, else the GPUs torch sees, else 2 CPU ranks
+#                   (the Python side picks gloo when there is no CUDA)
+#   MASTER_ADDR     rendezvous host; the first node of SLURM_JOB_NODELIST, else 127.0.0.1
+#   MASTER_PORT     rendezvous port; 20000 + SLURM_JOB_ID % 20000 in SLURM (jobs sharing a node
+#                   do not collide); outside SLURM a free port (torchrun --standalone)
+#   NODE_RANK       this node's rank outside SLURM (inside SLURM: SLURM_NODEID), default 0
+#   CONFIG          preset passed as --config; default configs/sd3_light_tiny.toml; empty: none
+#   PYTHON          interpreter; default <repo>/.venv/bin/python if present, else python3
+#   ENTRY           script torchrun runs; default <repo>/pretrain_sd3.py (tests put a stand-in here)
+#   EXTRA_ARGS      more arguments, word-split, placed before "$@"
+#   LAUNCH_SRUN     1: always go through srun, even for one node already in a batch job (below)
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun waits for ranks after SIGTERM before SIGKILL (30)
+#
+# How it starts the ranks:
+#   outside SLURM            exec torchrun --nproc-per-node=GPUS_PER_NODE on this machine.
+#   sbatch, one node         exec torchrun directly in the batch step (no srun): every way SLURM
+#                            signals the job (scancel, --full, --batch, time limit, preemption)
+#                            then reaches torchrun, which passes SIGTERM on to the ranks.
+#   several nodes / salloc   srun --ntasks-per-node=1 runs this script again on every node
+#                            (LAUNCH_STAGE=node), which execs torchrun with --node-rank=SLURM_NODEID
+#                            and MASTER_ADDR:MASTER_PORT as rendezvous (static, c10d store).
+#
+# Stopping a job so that it saves (pass --exit-signal-handler: the ranks save and exit 0 on SIGTERM):
+#   scancel --batch --signal=TERM JOBID   graceful in both modes (this script forwards it), job keeps
+#                                         running until the checkpoint is written. Recommended.
+#   scancel JOBID                         one node: graceful, but SLURM sends SIGKILL KillWait
+#                                         seconds later (30 s by default); several nodes: srun
+#                                         itself turns SIGTERM into SIGKILL, so use the line above.
+#   #SBATCH --signal=B:TERM@120           (set above) SIGTERM 120 s before the time limit, via the
+#                                         batch shell; raise it if a save takes longer.
+#   Never `scancel --full --signal=TERM` with several nodes: srun answers SIGTERM with SIGKILL.
+set -euo pipefail
+
+# ---- where the repository is (sbatch runs a copy of this file from the spool directory) ----------
+self=${BASH_SOURCE[0]}
+if [[ -z ${LAUNCH_ROOT:-} ]]; then
+    if [[ -n ${SLURM_JOB_ID:-} && $(basename "$self") == slurm_script ]]; then
+        cmd=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -1)
+        if [[ -n $cmd && -f $cmd ]]; then LAUNCH_ROOT=$(cd "$(dirname "$cmd")" && pwd)
+        else LAUNCH_ROOT=${SLURM_SUBMIT_DIR:-$PWD}; fi
+    else
+        LAUNCH_ROOT=$(cd "$(dirname "$self")" && pwd)
+    fi
+fi
+export LAUNCH_ROOT
+ROOT=$LAUNCH_ROOT
+
+if [[ -z ${PYTHON:-} ]]; then
+    if [[ -x $ROOT/.venv/bin/python ]]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
+fi
+ENTRY=${ENTRY:-$ROOT/pretrain_sd3.py}
+CONFIG=${CONFIG-$ROOT/configs/sd3_light_tiny.toml}
+EXTRA_ARGS=${EXTRA_ARGS:-}
+export PYTHON ENTRY CONFIG EXTRA_ARGS
+
+log() { echo "launch.sh: $*" >&2; }
+
+ranks_per_node() {
+    if [[ -n ${GPUS_PER_NODE:-} ]]; then echo "$GPUS_PER_NODE"; return; fi
+    local n=0
+    if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
+        n=$SLURM_GPUS_ON_NODE
+    elif command -v nvidia-smi >/dev/null 2>&1 || [[ -e /dev/nvidiactl || -e /dev/kfd ]]; then
+        # torch honours CUDA_VISIBLE_DEVICES; nvidia-smi does not.
+        n=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+    fi
+    if [[ ${n:-0} -gt 0 ]]; then echo "$n"; else echo 2; fi
+}
+
+# exec torchrun for one node: $1 = nnodes, $2 = node rank, then the entry's arguments.
+exec_torchrun() {
+    local nnodes=$1 node_rank=$2 nproc
+    shift 2
+    nproc=$(ranks_per_node)
+    local -a cmd=("$PYTHON" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc")
+    if [[ $nnodes -eq 1 && -z ${MASTER_PORT:-} ]]; then
+        cmd+=(--standalone)
+    else
+        cmd+=(--node-rank="$node_rank" --master-addr="${MASTER_ADDR:-127.0.0.1}"
+              --master-port="${MASTER_PORT:-29500}")
+    fi
+    cmd+=("$ENTRY")
+    [[ -n $CONFIG ]] && cmd+=(--config "$CONFIG")
+    # shellcheck disable=SC2206  # EXTRA_ARGS is meant to be word-split
+    [[ -n $EXTRA_ARGS ]] && cmd+=($EXTRA_ARGS)
+    cmd+=("$@")
+    log "node $node_rank/$nnodes on $(hostname): ${cmd[*]}"
+    exec "${cmd[@]}"
+}
+
+# ---- 1. outside SLURM ---------------------------------------------------------------------------
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+    exec_torchrun "${NNODES:-1}" "${NODE_RANK:-0}" "$@"
+fi
+
+# ---- inside a SLURM allocation ------------------------------------------------------------------
+NNODES=${NNODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}}
+if [[ -z ${MASTER_ADDR:-} ]]; then
+    MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-${SLURM_NODELIST:-localhost}}" | head -n 1)
+fi
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export NNODES MASTER_ADDR MASTER_PORT
+
+# ---- 2. one task of our own srun step (or of a user's `srun --ntasks-per-node=1 launch.sh`) ------
+if [[ ${LAUNCH_STAGE:-} == node || -n ${SLURM_STEP_ID:-} ]]; then
+    exec_torchrun "${SLURM_STEP_NUM_NODES:-$NNODES}" "${SLURM_NODEID:?SLURM_NODEID not set}" "$@"
+fi
+
+# ---- 3. batch shell on the (only) node: torchrun directly, so every signal reaches it ----------
+if [[ -n ${SLURMD_NODENAME:-} && $NNODES -eq 1 && ${LAUNCH_SRUN:-0} != 1 ]]; then
+    exec_torchrun 1 0 "$@"
+fi
+
+# ---- 4. several nodes (or salloc on a login node): one torchrun per node through srun ----------
+# srun answers SIGTERM with SIGKILL to its tasks, so the batch shell must never pass SIGTERM to
+# srun: it asks slurmctld to signal the job's steps instead (scancel without --full/--batch).
+srun_args=(--nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1
+           --export=ALL,LAUNCH_STAGE=node)
+[[ -n ${SLURM_CPUS_ON_NODE:-} ]] && srun_args+=(--cpus-per-task="$SLURM_CPUS_ON_NODE")
+log "srun ${srun_args[*]} on ${SLURM_JOB_NODELIST:-?}, rendezvous $MASTER_ADDR:$MASTER_PORT"
+srun "${srun_args[@]}" bash "$ROOT/launch.sh" "$@" &
+srun_pid=$!
+forward() {
+    log "got SIG$1: signalling the job's steps (job $SLURM_JOB_ID)"
+    scancel --signal="$1" "$SLURM_JOB_ID" || true
+}
+for sig in TERM INT USR1 USR2 HUP; do
+    # shellcheck disable=SC2064
+    trap "forward $sig" "$sig"
+done
+rc=0
+while true; do
+    set +e
+    wait "$srun_pid"
+    rc=$?
+    set -e
+    # wait returns >128 when a trapped signal interrupted it; srun is still running then.
+    kill -0 "$srun_pid" 2>/dev/null || break
+done
+exit "$rc"

@@ -1,0 +1,250 @@
+"""launch.sh under a real single-node SLURM (tools/slurm_local.sh) and outside SLURM.
+
+The SLURM tests need root and Debian's `slurmctld slurmd munge`; they start the local cluster
+themselves (and stop it again if they started it). Without SLURM they skip, except under CI=true,
+where a missing SLURM is a failure.
+
+The entry launched is a stand-in (tests/_launch_entry.py) that has the real entry's checkpoint
+and signal contract but no model. To run the same tests against the real trainer, set
+ENTRY = ROOT / "pretrain_sd3.py" and ENTRY_ARGS to what it needs (see the comments there).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch.sh"
+SLURM_LOCAL = ROOT / "tools" / "slurm_local.sh"
+
+# ---- the entry under test: switch these to run the real pretrain_sd3.py ----------------------
+ENTRY = ROOT / "tests" / "_launch_entry.py"
+STAND_IN = ENTRY.name == "_launch_entry.py"
+# Extra flags for every run. The stand-in paces its iterations (so a job is still running when it
+# is cancelled); the real entry needs synthetic data and a checkpoint every iteration.
+ENTRY_ARGS = (["--iter-time", "0.2"] if STAND_IN
+              else ["--mock-data", "--log-interval", "1", "--save-interval", "1"])
+# Preset passed through CONFIG= (launch.sh's default is configs/sd3_light_tiny.toml).
+CONFIG = "" if STAND_IN else str(ROOT / "configs" / "sd3_light_tiny.toml")
+# Megatron's pointer to the newest complete checkpoint in --save.
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+# Iterations of a job that is cancelled midway (never reached) and of a short job.
+LONG_ITERS = 100000
+SHORT_ITERS = 3
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def latest_iteration(save: Path):
+    f = save / LATEST_FILE
+    if not f.exists():
+        return None
+    text = f.read_text().strip()
+    return int(text) if text.isdigit() else None
+
+
+def events(save: Path):
+    f = save / "events.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
+
+
+def base_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    for k in ("NNODES", "GPUS_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "EXTRA_ARGS",
+              "LAUNCH_SRUN", "LAUNCH_STAGE", "LAUNCH_ROOT"):
+        env.pop(k, None)
+    env.update(ENTRY=str(ENTRY), CONFIG=CONFIG, PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def expected_world_size():
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+    except Exception:
+        n = 0
+    return n if n > 0 else 2
+
+
+def test_launch_sh_syntax_and_header():
+    subprocess.run(["bash", "-n", str(LAUNCH)], check=True)
+    head = LAUNCH.read_text().split("set -euo pipefail")[0]
+    for var in ("NNODES", "GPUS_PER_NODE", "MASTER_PORT", "CONFIG", "PYTHON", "ENTRY", "EXTRA_ARGS"):
+        assert var in head, f"{var} not documented in launch.sh's header"
+    for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --signal="):
+        assert line in head
+    assert "#SBATCH --exclusive" not in head
+
+
+@pytest.mark.timeout(120)
+def test_local_run_two_cpu_ranks(tmp_path):
+    """`bash launch.sh` outside SLURM: torchrun on this machine, 2 CPU ranks without a GPU."""
+    save = tmp_path / "ckpt"
+    env = base_env(EXTRA_ARGS=f"--save-interval {SHORT_ITERS}" if STAND_IN else "")
+    r = subprocess.run(["bash", str(LAUNCH), "--save", str(save), "--train-iters", str(SHORT_ITERS),
+                        *ENTRY_ARGS], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=110)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert latest_iteration(save) == SHORT_ITERS
+    assert "--standalone" in r.stderr
+    if STAND_IN:
+        starts = [e for e in events(save) if e["event"] == "start"]
+        assert sorted(e["rank"] for e in starts) == list(range(expected_world_size()))
+        assert all(e["world_size"] == expected_world_size() for e in starts)
+        assert all(e["slurm_job"] is None for e in starts)
+        # EXTRA_ARGS come before the caller's arguments.
+        argv = starts[0]["argv"]
+        assert argv.index("--save-interval") < argv.index("--save")
+
+
+# ---- SLURM ------------------------------------------------------------------------------------
+
+
+def _need(reason):
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch", "scancel", "squeue")
+               if shutil.which(b) is None]
+    if missing:
+        _need(f"SLURM not installed ({', '.join(missing)} missing): "
+              "apt-get install -y --no-install-recommends slurmctld slurmd munge")
+    if os.geteuid() != 0:
+        _need("the local SLURM cluster (tools/slurm_local.sh) must be started as root")
+    env = base_env()
+    conf = subprocess.run(["bash", str(SLURM_LOCAL), "env"], env=env, capture_output=True,
+                          text=True, check=True).stdout.split("=", 1)[1].strip()
+    already = subprocess.run(["bash", str(SLURM_LOCAL), "status"], env=env,
+                             capture_output=True).returncode == 0
+    if not already:
+        r = subprocess.run(["bash", str(SLURM_LOCAL), "start"], env=env, capture_output=True,
+                           text=True, timeout=120)
+        if r.returncode != 0:
+            pytest.fail(f"tools/slurm_local.sh start failed:\n{r.stdout}\n{r.stderr}")
+    yield conf
+    if not already:
+        subprocess.run(["bash", str(SLURM_LOCAL), "stop"], env=env, capture_output=True, timeout=60)
+
+
+def slurm_env(conf, **extra):
+    return base_env(SLURM_CONF=conf, **extra)
+
+
+def sbatch(conf, tmp_path, args, name, **extra):
+    out = tmp_path / f"{name}-%j.out"
+    r = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={out}",
+                        f"--chdir={tmp_path}", str(LAUNCH), *args, *ENTRY_ARGS],
+                       env=slurm_env(conf, **extra), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    return job, Path(str(out).replace("%j", job))
+
+
+def job_state(conf, job):
+    r = subprocess.run(["scontrol", "-o", "show", "job", job], env=slurm_env(conf),
+                       capture_output=True, text=True)
+    for field in r.stdout.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return "GONE"
+
+
+def wait_job(conf, job, timeout):
+    """Wait until squeue no longer lists the job (a cancelled job stays listed, COMPLETING, while
+    its processes still run), then return its final state."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=slurm_env(conf),
+                           capture_output=True, text=True)
+        if r.returncode == 0 and not r.stdout.strip():
+            return job_state(conf, job)
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=KILL", "--full", job], env=slurm_env(conf))
+    raise AssertionError(f"job {job} still {job_state(conf, job)} after {timeout}s")
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def log_of(path):
+    return path.read_text()[-4000:] if path.exists() else "(no job output)"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["direct", "srun"])
+def test_sbatch_job_completes_and_saves(slurm, tmp_path, mode):
+    """`sbatch launch.sh ...` runs to the end and leaves a checkpoint. `srun` forces the
+    multi-node path (one torchrun per node through srun) on our single node."""
+    save = tmp_path / "ckpt"
+    job, out = sbatch(slurm, tmp_path, ["--save", str(save), "--train-iters", str(SHORT_ITERS)],
+                      f"launch_{mode}", LAUNCH_SRUN=int(mode == "srun"))
+    state = wait_job(slurm, job, 100)
+    assert state == "COMPLETED", f"job {job}: {state}\n{log_of(out)}"
+    assert latest_iteration(save) == SHORT_ITERS, log_of(out)
+    log = out.read_text()
+    assert ("srun --nodes=1" in log) == (mode == "srun"), log
+    assert "--master-addr=localhost" in log and f"--master-port={20000 + int(job) % 20000}" in log
+    if STAND_IN:
+        starts = [e for e in events(save) if e["event"] == "start"]
+        assert {e["slurm_job"] for e in starts} == {job}
+        assert sorted(e["rank"] for e in starts) == list(range(expected_world_size()))
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("how", [[], ["--batch", "--signal=TERM"]], ids=["scancel", "scancel-batch-TERM"])
+def test_scancel_saves_and_second_job_resumes(slurm, tmp_path, how):
+    """A running job is cancelled (plain `scancel`, or the recommended
+    `scancel --batch --signal=TERM`): the ranks get SIGTERM, save, and a second job with --load
+    resumes from that checkpoint and finishes."""
+    save = tmp_path / "ckpt"
+    job, out = sbatch(slurm, tmp_path, ["--save", str(save), "--train-iters", str(LONG_ITERS),
+                                        "--exit-signal-handler"],
+                      "launch_cancel")
+    wait_for(lambda: (latest_iteration(save) or 0) >= 2 or job_state(slurm, job) not in
+             ("PENDING", "RUNNING", "CONFIGURING"), 90, "the first checkpoint")
+    assert job_state(slurm, job) == "RUNNING", log_of(out)
+    subprocess.run(["scancel", *how, job], env=slurm_env(slurm), check=True)
+    t0 = time.time()
+    state = wait_job(slurm, job, 60)
+    # Plain scancel: CANCELLED. --batch --signal=TERM: the job ends by itself once the ranks have
+    # saved; torchrun exits non-zero after a SIGTERM, so SLURM reports FAILED.
+    assert state in ("CANCELLED", "FAILED", "COMPLETED"), state
+    assert time.time() - t0 < 30, "ranks did not exit before SLURM's KillWait (SIGKILL)"
+    stopped_at = latest_iteration(save)
+    assert stopped_at is not None and stopped_at < LONG_ITERS, log_of(out)
+    if STAND_IN:
+        ev = events(save)
+        exits = [e for e in ev if e["event"] == "exit_signal"]
+        assert sorted(e["rank"] for e in exits) == list(range(expected_world_size())), log_of(out)
+        assert {e["iteration"] for e in exits} == {stopped_at}
+        assert not [e for e in ev if e["event"] == "done"]
+
+    target = stopped_at + SHORT_ITERS
+    job2, out2 = sbatch(slurm, tmp_path, ["--save", str(save), "--load", str(save),
+                                          "--train-iters", str(target), "--exit-signal-handler"],
+                        "launch_resume")
+    state2 = wait_job(slurm, job2, 100)
+    assert state2 == "COMPLETED", f"job {job2}: {state2}\n{log_of(out2)}"
+    assert latest_iteration(save) == target, log_of(out2)
+    if STAND_IN:
+        starts = [e for e in events(save) if e["event"] == "start" and e["slurm_job"] == job2]
+        assert starts and all(e["iteration"] == stopped_at for e in starts), starts
+        done = [e for e in events(save) if e["event"] == "done"]
+        assert {e["iteration"] for e in done} == {target}
