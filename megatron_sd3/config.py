@@ -244,6 +244,11 @@ def make_config(preset: str = "tiny", *, parallel: Optional[dict] = None, **over
     fields.pop("preset", None)
     p = dict(parallel or {})
     params_dtype = p.pop("params_dtype", torch.float32)
+    if p.get("fp8"):
+        # FP8 GEMMs want token counts in multiples of 16: pad the text stream (DESIGN.md §4).
+        p.setdefault("text_pad_multiple", 16)
+        # megatron's default recipe is "delayed" (TE only); the torchao backend is tensorwise.
+        p.setdefault("fp8_recipe", "tensorwise")
     return SD3Config(
         **fields,
         # SD3 block conventions, as megatron-core names them.

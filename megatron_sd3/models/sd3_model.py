@@ -48,14 +48,22 @@ class SD3Model(MegatronModule):
 
     def __init__(self, config: SD3Config, layer_spec: Optional[ModuleSpec] = None,
                  pre_process: bool = True, post_process: bool = True,
-                 vp_stage: Optional[int] = None, transformer_impl: str = "local", fp8: bool = False):
+                 vp_stage: Optional[int] = None, transformer_impl: str = "local"):
         super().__init__(config=config)
         self.config: SD3Config = config
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.share_embeddings_and_output_weights = False  # nothing tied between first and last stage
         self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
         if layer_spec is None:
-            layer_spec = get_mmdit_layer_spec(transformer_impl, qk_norm=config.qk_norm, fp8=fp8)
+            layer_spec = get_mmdit_layer_spec(transformer_impl, qk_norm=config.qk_norm,
+                                              fp8=bool(config.fp8))
+        self.transformer_impl = transformer_impl
+        if config.fp8:  # torchao (local) or TE: imported only when FP8 is asked for
+            from megatron_sd3.fp8 import get_fp8_context
+
+            self._fp8_context = lambda n: get_fp8_context(config, transformer_impl, n - 1)
+        else:
+            self._fp8_context = lambda n: contextlib.nullcontext()
         self.layer_offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
         num_local = get_num_layers_to_build(config, vp_stage=vp_stage)
         blocks = []
@@ -136,7 +144,9 @@ class SD3Model(MegatronModule):
 
         mask = self.attention_mask(layout.n_img, x.device)
         for block in self.blocks:
-            x, c = block(x, c, y, attention_mask=mask)
+            # FP8 GEMMs inside the blocks only (embedders, adaLN and head stay high precision).
+            with self._fp8_context(block.layer_number):
+                x, c = block(x, c, y, attention_mask=mask)
             if cfg.text_recon and block.layer_number == cfg.text_recon_target_layer:
                 target = c.detach()
 

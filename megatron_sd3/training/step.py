@@ -53,7 +53,7 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def build_model(cfg: SD3Config, transformer_impl: str = "local", fp8: bool = False) -> list[SD3Model]:
+def build_model(cfg: SD3Config, transformer_impl: str = "local") -> list[SD3Model]:
     """This rank's model chunks (one per virtual stage)."""
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
@@ -61,7 +61,7 @@ def build_model(cfg: SD3Config, transformer_impl: str = "local", fp8: bool = Fal
         stage = vp_stage if vpp else None
         m = SD3Model(cfg, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
                      post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-                     vp_stage=stage, transformer_impl=transformer_impl, fp8=fp8)
+                     vp_stage=stage, transformer_impl=transformer_impl)
         m.to(device())
         chunks.append(m)
     return chunks
