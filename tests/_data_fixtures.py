@@ -1,0 +1,89 @@
+"""Tiny random-initialised SD3 encoders, tokenizers and images on disk, for the data tests and the bench.
+
+The layout is diffusers' SD3 folder (``vae/``, ``text_encoder{,_2,_3}/``, ``tokenizer{,_2,_3}/``).
+Dimensions kept from the real models where they are part of the data contract: 16 latent channels,
+VAE scale factor 8 (4 blocks), CLIP projection dims 768 / 1280 (pooled 2048), T5 width 4096, CLIP length
+77. Everything else is tiny (hidden 32, 1-2 layers, a 60-token vocabulary) and random.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+WORDS = ["a", "the", "cat", "dog", "on", "mat", "red", "blue", "tree", "sky", "in", "of", "house", "small"]
+
+
+def build_tiny_sd3_encoders(root: str | Path, seed: int = 0) -> Path:
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import T5TokenizerFast
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=64,
+        shift_factor=0.0609, scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    vae.save_pretrained(root / "vae")
+
+    letters = string.ascii_lowercase
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for c in letters + ".,":
+        vocab[c] = len(vocab)
+    for c in letters + ".,":
+        vocab[c + "</w>"] = len(vocab)
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "t</w>"), ("o", "n</w>")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    for sub, proj in (("", 768), ("_2", 1280)):
+        cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, max_position_embeddings=77, projection_dim=proj,
+                             bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        CLIPTextModelWithProjection(cfg).save_pretrained(root / f"text_encoder{sub}")
+        tok = CLIPTokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>" if not sub else "!")
+        tok.model_max_length = 77
+        tok.save_pretrained(root / f"tokenizer{sub}")
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + c, -1.0) for c in letters] \
+        + [(c, -2.0) for c in letters] + [("\u2581", -1.5)] + [("\u2581" + w, -0.5) for w in WORDS if len(w) > 1]
+    t5tok = T5TokenizerFast(vocab=pieces, extra_ids=0)
+    t5tok.model_max_length = 512
+    t5tok.save_pretrained(root / "tokenizer_3")
+    t5cfg = T5Config(vocab_size=len(pieces), d_model=4096, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                     relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    T5EncoderModel(t5cfg).save_pretrained(root / "text_encoder_3")
+    return root
+
+
+def make_image_folder(root: str | Path, n: int = 12, corrupt: tuple[int, ...] = (5,), seed: int = 0,
+                      sizes=((64, 64), (96, 56), (56, 96)), masks: bool = False) -> Path:
+    """``n`` generated images (PNG/JPEG, several aspect ratios) with .txt captions; ``corrupt`` ones are garbage."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        ext = ".png" if i % 2 == 0 else ".jpg"
+        p = root / f"img{i:03d}{ext}"
+        if i in corrupt:
+            p.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image" if ext == ".png" else b"\xff\xd8\xff garbage")
+        else:
+            yy, xx = np.mgrid[0:h, 0:w]
+            base = np.stack([(xx * (i + 1)) % 256, (yy * 3 + i * 20) % 256, ((xx + yy) * 2) % 256], -1)
+            noise = rng.integers(0, 40, size=(h, w, 3))
+            Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).save(p)
+            if masks and i % 4 == 0:
+                m = np.zeros((h, w), np.uint8)
+                m[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255
+                Image.fromarray(m).save(root / f"img{i:03d}_mask.png")
+        words = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(3 + i % 5)]
+        (root / f"img{i:03d}.txt").write_text(" ".join(words) + ".\n")
+    return root
