@@ -1,0 +1,349 @@
+"""The pretraining loop behind ``pretrain_sd3.py`` (Megatron-LM's ``pretrain`` in small).
+
+setup (distributed, layout checks, config, model, DDP, optimizer, LR scheduler, EMA, data, resume)
+-> for each iteration: the iteration's microbatches -> ``TrainStep`` -> EMA -> log -> save / exit
+checks (interval, SIGTERM with ``--exit-signal-handler``, ``--exit-duration-in-mins``)
+-> final summary.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_sd3.arguments import effective_config
+from megatron_sd3.config import ConfigError, config_to_dict, make_config, model_fields
+from megatron_sd3.distributed import initialize_distributed
+from megatron_sd3.flops import mmdit_flops_per_sample
+from megatron_sd3.flow_matching import FlowMatchingConfig
+from megatron_sd3.training import checkpointing as ckpt
+from megatron_sd3.training.ema import EMA
+from megatron_sd3.training.parallel_layout import LayoutError, check_layout, pipeline_config_fields, stage_layers
+from megatron_sd3.training.step import TrainStep, build_model, build_optimizer, unwrap, wrap_ddp
+
+
+class SignalHandler:
+    """SIGTERM (SLURM preemption, scancel) sets a flag; all ranks agree at the iteration's end."""
+
+    def __init__(self):
+        self.received = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def any_rank(self) -> bool:
+        t = torch.tensor([1.0 if self.received else 0.0], device=_dev())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+
+def _dev():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _print0(*a):
+    if dist.get_rank() == 0:
+        print(*a, flush=True)
+
+
+def build_dataset(args, cfg):
+    if args.mock_data:
+        from megatron_sd3.data.mock import MockDataset
+
+        side = cfg.sample_size
+        hw = tuple(int(v) for v in args.mock_latent_size.lower().split("x")) if args.mock_latent_size else (side, side)
+        return MockDataset(args.mock_num_samples, latent_size=hw, in_channels=cfg.in_channels,
+                           text_len=cfg.text_seq_len, text_dim=cfg.joint_attention_dim,
+                           pooled_dim=cfg.pooled_projection_dim, with_mask=args.mock_with_mask, seed=args.seed)
+    from megatron_sd3.data.dataset import ShardedDataset
+
+    ds = ShardedDataset(args.data_path, verify="fast")
+    return ds
+
+
+def _check_data_matches_model(ds, cfg, args):
+    """The dataset's text/pooled widths must be the model's: said before training starts."""
+    sample = ds[0]
+    t, p, lat = sample["prompt_embeds"], sample["pooled_prompt_embeds"], sample["latents"]
+    problems = []
+    if tuple(t.shape) != (cfg.text_seq_len, cfg.joint_attention_dim):
+        problems.append(f"text tokens {tuple(t.shape)} vs model ({cfg.text_seq_len}, {cfg.joint_attention_dim})")
+    if p.shape[-1] != cfg.pooled_projection_dim:
+        problems.append(f"pooled width {p.shape[-1]} vs model {cfg.pooled_projection_dim}")
+    if lat.shape[0] != cfg.in_channels:
+        problems.append(f"latent channels {lat.shape[0]} vs model {cfg.in_channels}")
+    if problems:
+        raise ConfigError(f"data {args.data_path or 'mock'} does not fit the model: {'; '.join(problems)}; "
+                          f"use a [model] preset matching the data (text_seq_len, joint_attention_dim, ...)")
+
+
+def setup(args):
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    fields = dict(args.model)
+    preset = fields.pop("preset", "tiny")
+    mf = model_fields(preset, **fields)
+    # every layout rule is checked before any process group or model exists
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * max(1, world // (tp * pp))
+    dp = check_layout(world, tp, pp, mf["num_layers"], mf["num_attention_heads"], mf["hidden_size"],
+                      args.global_batch_size, args.micro_batch_size)
+    stage_layers(mf["num_layers"], pp, args.pipeline_layers)
+    info = initialize_distributed(tp, pp, seed=args.seed)
+    bf16 = bool(args.bf16 and torch.cuda.is_available())
+    if args.bf16 and not bf16:
+        _print0(" > --bf16 asked for without CUDA: this CPU run stays in fp32")
+    parallel = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                    **pipeline_config_fields(mf["num_layers"], pp, args.pipeline_layers))
+    if bf16:
+        parallel.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
+    if args.fp8_format:
+        from megatron_sd3.fp8 import Fp8Settings
+
+        Fp8Settings(format=args.fp8_format, recipe=args.fp8_recipe,
+                    amax_history_len=args.fp8_amax_history_len).validate(args.transformer_impl)
+        parallel.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe,
+                        fp8_amax_history_len=args.fp8_amax_history_len,
+                        first_last_layers_bf16=args.first_last_layers_bf16)
+    fields.update(init_seed=fields.get("init_seed", args.seed))
+    cfg = make_config(preset, parallel=parallel, **fields)
+    return info, cfg, dp
+
+
+def _model_flops_per_sample(cfg, latent_hw) -> float:
+    n_img = cfg.num_image_tokens(*latent_hw)
+    return mmdit_flops_per_sample(cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, n_img, cfg.text_seq_len,
+                                  dual_attention_layers=len(cfg.dual_attention_layers),
+                                  text_recon=cfg.text_recon, context_pre_only_last=cfg.context_pre_only_last,
+                                  training=True)
+
+
+class MetricsWriter:
+    def __init__(self, path: Optional[str], tb_dir: Optional[str]):
+        self.fh = None
+        self.tb = None
+        if dist.get_rank() != 0:
+            return
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(path, "a")
+        if tb_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except Exception:
+                print(" > --tensorboard-dir given but tensorboard is not installed; skipping it", flush=True)
+            else:
+                self.tb = SummaryWriter(tb_dir)
+
+    def write(self, rec: dict) -> None:
+        if self.fh:
+            self.fh.write(json.dumps(rec) + "\n")
+            self.fh.flush()
+        if self.tb:
+            for k, v in rec.items():
+                if k != "iteration" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                    self.tb.add_scalar(k, v, rec["iteration"])
+
+    def close(self):
+        if self.fh:
+            self.fh.close()
+        if self.tb:
+            self.tb.close()
+
+
+def _progress(it, total, loss, enabled):
+    if not enabled:
+        return
+    width = 30
+    done = int(width * it / total)
+    sys.stdout.write(f"\r[{'#' * done}{'.' * (width - done)}] {it}/{total} loss {loss:.4f} ")
+    sys.stdout.flush()
+    if it == total:
+        sys.stdout.write("\n")
+
+
+def pretrain(args) -> int:
+    """Run training; returns the process exit code."""
+    info, cfg, dp = setup(args)
+    run_config = effective_config(args)
+    run_config["model"] = config_to_dict(cfg)
+    _print0("------------------------ arguments ------------------------")
+    for k, v in sorted(run_config.items()):
+        _print0(f"  {k} {'.' * max(1, 40 - len(k))} {v}")
+    _print0(f"  world size {info.world_size} = TP {cfg.tensor_model_parallel_size} x PP "
+            f"{cfg.pipeline_model_parallel_size} x DP {dp}  ({info.backend}, "
+            f"{'CPU mode' if info.cpu_mode else info.device})")
+    _print0("-------------------- end of arguments ---------------------")
+
+    chunks = build_model(cfg, transformer_impl=args.transformer_impl)
+    if cfg.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(cfg, c) for c in chunks]
+    ddp = wrap_ddp(cfg, chunks, use_distributed_optimizer=args.use_distributed_optimizer,
+                   overlap_grad_reduce=args.overlap_grad_reduce)
+    opt_cfg = OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                              adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+                              clip_grad=args.clip_grad, bf16=cfg.bf16, params_dtype=cfg.params_dtype,
+                              use_distributed_optimizer=args.use_distributed_optimizer)
+    optimizer = build_optimizer(cfg, ddp, opt_cfg)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters or args.train_iters,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters, wd_incr_style="constant",
+        wsd_decay_steps=max(1, (args.lr_decay_iters or args.train_iters) // 10) if args.lr_decay_style == "WSD" else None,
+        lr_wsd_decay_style="linear" if args.lr_decay_style == "WSD" else None)
+    ema = EMA(unwrap(ddp[0]), args.ema_decay, args.ema_update_interval) if args.ema_decay > 0 else None
+
+    iteration, consumed, skipped_total = 0, 0, 0
+    load_dir = ckpt.resolve_load(args.load, args.save)
+    if load_dir is not None:
+        common = ckpt.load_checkpoint(load_dir, [unwrap(m) for m in ddp], optimizer, ema, scheduler,
+                                      model_config=config_to_dict(cfg), load_optim=not args.no_load_optim,
+                                      load_rng=not args.no_load_rng)
+        iteration, consumed = common["iteration"], common["consumed_samples"]
+        skipped_total = common.get("skipped_iters", 0)
+        _print0(f" > resumed from {load_dir} at iteration {iteration} ({consumed} samples consumed)")
+    elif args.load:
+        _print0(f" > no checkpoint in {args.load} yet: starting from scratch")
+
+    step = TrainStep(cfg, ddp, optimizer, global_batch_size=args.global_batch_size,
+                     micro_batch_size=args.micro_batch_size, seed=args.seed,
+                     flow=FlowMatchingConfig(weighting=args.timestep_sampling, logit_mean=args.logit_mean,
+                                             logit_std=args.logit_std, shift=args.timestep_shift,
+                                             text_dropout=args.text_dropout))
+    data_iter = None
+    if step.first or step.last:
+        from megatron_sd3.data.sampler import build_data_iterator
+
+        ds = build_dataset(args, cfg)
+        _check_data_matches_model(ds, cfg, args)
+        keys = None if step.first else ("latents", "mask")
+        data_iter = build_data_iterator(ds, args.global_batch_size, args.micro_batch_size,
+                                        ps.get_data_parallel_rank(), dp, args.seed, consumed_samples=consumed,
+                                        keys=keys)
+
+    start_iteration = iteration
+    handler = SignalHandler() if args.exit_signal_handler else None
+    metrics = MetricsWriter(args.metrics_file, args.tensorboard_dir)
+    progress = (not args.no_progress) and sys.stdout.isatty() and dist.get_rank() == 0
+    start = time.time()
+    first_loss = last_loss = None
+    in_a_row = 0
+    t_log, samples_log, flops_log = time.time(), 0, 0.0
+    exit_reason, code = "finished", 0
+
+    def save(it):
+        if args.save:
+            path = ckpt.save_checkpoint(args.save, it, [unwrap(m) for m in ddp], optimizer, ema, scheduler,
+                                        consumed_samples=consumed, skipped_iters=skipped_total,
+                                        model_config=config_to_dict(cfg), run_config=run_config)
+            _print0(f" > saved checkpoint {path}")
+
+    while iteration < args.train_iters:
+        mbs = [next(data_iter) for _ in range(step.num_microbatches)] if data_iter is not None else None
+        res = step(mbs, consumed)
+        iteration += 1
+        consumed += args.global_batch_size
+        if res.skipped:
+            skipped_total += 1
+            in_a_row += 1
+            if in_a_row >= args.max_skipped_iters:
+                _print0(f"error: {in_a_row} iterations in a row had a NaN/Inf loss (last at iteration {iteration}); "
+                        f"stopping. Lower --lr, raise --lr-warmup-iters or check the data.")
+                exit_reason, code = "diverged", 3
+                break
+        else:
+            in_a_row = 0
+            scheduler.step(increment=1)
+            if ema is not None:
+                ema.update(iteration)
+            first_loss = res.losses["loss"] if first_loss is None else first_loss
+            last_loss = res.losses["loss"]
+        samples_log += args.global_batch_size
+        flops_log += _model_flops_per_sample(cfg, res.latent_hw) * args.global_batch_size
+        _progress(iteration, args.train_iters, res.losses["loss"], progress)
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            dt = time.time() - t_log
+            n_iters = iteration % args.log_interval or args.log_interval
+            rec = {"iteration": iteration, "consumed_samples": consumed,
+                   "ms_per_iter": 1000 * dt / n_iters, "samples_per_sec": samples_log / dt,
+                   "tflops_per_gpu": flops_log / dt / info.world_size / 1e12,
+                   "lr": optimizer.param_groups[0]["lr"], **res.losses, "grad_norm": res.grad_norm,
+                   "skipped_iters": skipped_total}
+            metrics.write(rec)
+            if not progress:
+                _print0(f" iteration {iteration:8d}/{args.train_iters:8d} | consumed samples: {consumed:10d} | "
+                        f"elapsed time per iteration (ms): {rec['ms_per_iter']:.1f} | samples/s: "
+                        f"{rec['samples_per_sec']:.2f} | TFLOP/s/GPU: {rec['tflops_per_gpu']:.4f} | "
+                        f"learning rate: {rec['lr']:.6E} | loss: {rec['loss']:.6E} | denoise_loss: "
+                        f"{rec['denoise_loss']:.6E} | text_recon_loss: {rec['text_recon_loss']:.6E} | grad norm: "
+                        f"{(rec['grad_norm'] or float('nan')):.4f} | skipped iterations: {skipped_total} |")
+            t_log, samples_log, flops_log = time.time(), 0, 0.0
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            save(iteration)
+        if handler is not None and handler.any_rank():
+            _print0(f" > SIGTERM received: saving at iteration {iteration} and exiting")
+            if not (args.save_interval and iteration % args.save_interval == 0):
+                save(iteration)
+            exit_reason = "signal"
+            break
+        if args.exit_duration_in_mins:
+            t = torch.tensor([time.time() - start], device=_dev())
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if t.item() / 60 > args.exit_duration_in_mins:
+                _print0(f" > --exit-duration-in-mins {args.exit_duration_in_mins} reached: saving and exiting")
+                save(iteration)
+                exit_reason = "duration"
+                break
+    else:
+        if args.save and not (args.save_interval and iteration % args.save_interval == 0):
+            save(iteration)
+
+    if data_iter is not None:
+        data_iter.close()
+    metrics.close()
+    elapsed = time.time() - start
+    _print0("-------------------------- summary --------------------------")
+    _print0(f"  stopped: {exit_reason} at iteration {iteration}/{args.train_iters}")
+    if first_loss is not None:
+        _print0(f"  loss: {first_loss:.4f} (first) -> {last_loss:.4f} (last)")
+    run_samples = (iteration - start_iteration) * args.global_batch_size
+    _print0(f"  samples/s: {run_samples / max(elapsed, 1e-9):.2f} ({run_samples} samples in {elapsed:.1f} s)")
+    _print0(f"  skipped iterations: {skipped_total}")
+    if args.save:
+        latest = ckpt.read_latest(args.save)
+        _print0(f"  checkpoint: {ckpt.iter_dir(args.save, latest) if latest is not None else 'none'}")
+    _print0("-------------------------------------------------------------")
+    return code
+
+
+def main(argv=None) -> int:
+    from megatron_sd3.arguments import parse_args
+
+    args = parse_args(argv)
+    try:
+        code = pretrain(args)
+    except (ConfigError, LayoutError, ckpt.CheckpointError) as e:
+        print(f"pretrain_sd3.py: error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    finally:
+        from megatron_sd3.distributed import destroy_distributed
+
+        destroy_distributed()
+    return code
