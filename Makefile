@@ -17,8 +17,11 @@ $(STAMP): requirements.txt pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The main job on the built-in default: tiny preset, synthetic data, PP=2 over 2 local CPU ranks
+# (all GPUs when there are some), text reconstruction on, through launch.sh like a cluster run.
 demo: $(STAMP)
-	$(PY) -m megatron_sd3.demo
+	CONFIG=configs/sd3_light_tiny.toml bash launch.sh --pipeline-model-parallel-size 2 \
+	    --save runs/demo/checkpoints --metrics-file runs/demo/metrics.jsonl
 
 bench: $(STAMP)
 	$(PY) tools/bench_model.py

@@ -4,9 +4,9 @@ The SLURM tests need root and Debian's `slurmctld slurmd munge`; they start the 
 themselves (and stop it again if they started it). Without SLURM they skip, except under CI=true,
 where a missing SLURM is a failure.
 
-The entry launched is a stand-in (tests/_launch_entry.py) that has the real entry's checkpoint
-and signal contract but no model. To run the same tests against the real trainer, set
-ENTRY = ROOT / "pretrain_sd3.py" and ENTRY_ARGS to what it needs (see the comments there).
+The entry launched is the real pretrain_sd3.py (tiny preset, synthetic data). A stand-in with the
+same checkpoint and signal contract (tests/_launch_entry.py) can be put in ENTRY to test the
+launcher alone.
 """
 
 import json
@@ -23,12 +23,12 @@ LAUNCH = ROOT / "launch.sh"
 SLURM_LOCAL = ROOT / "tools" / "slurm_local.sh"
 
 # ---- the entry under test: switch these to run the real pretrain_sd3.py ----------------------
-ENTRY = ROOT / "tests" / "_launch_entry.py"
+ENTRY = ROOT / "pretrain_sd3.py"
 STAND_IN = ENTRY.name == "_launch_entry.py"
 # Extra flags for every run. The stand-in paces its iterations (so a job is still running when it
 # is cancelled); the real entry needs synthetic data and a checkpoint every iteration.
 ENTRY_ARGS = (["--iter-time", "0.2"] if STAND_IN
-              else ["--mock-data", "--log-interval", "1", "--save-interval", "1"])
+              else ["--mock-data", "--log-interval", "1", "--save-interval", "1", "--lr-warmup-iters", "1"])
 # Preset passed through CONFIG= (launch.sh's default is configs/sd3_light_tiny.toml).
 CONFIG = "" if STAND_IN else str(ROOT / "configs" / "sd3_light_tiny.toml")
 # Megatron's pointer to the newest complete checkpoint in --save.
