@@ -36,14 +36,26 @@ exists for the duration of one megatron call). The patches, all in ``_PATCHES`` 
 3. ``param.type() == 'torch.cuda.FloatTensor'`` style checks in
    ``DistributedOptimizer._build_model_and_main_param_groups``,
    ``Float16OptimizerWithFloat16Params.__init__`` and ``clip_grad_by_total_norm_fp32``: those
-   calls are wrapped so that, for their duration and on the calling thread only, a CPU tensor's
-   ``.type()`` (no arguments) reports the ``torch.cuda.*`` name. ``Tensor.type`` is restored
-   as soon as the call returns.
+   calls are wrapped so that, while they run, a CPU tensor's ``.type()`` (no arguments) reports
+   the ``torch.cuda.*`` name on the calling thread (other threads see the normal name).
+   ``Tensor.type`` is put back as soon as the outermost wrapped call returns.
+4. The distributed optimizer on torch's AdamW (megatron's fallback without TE/apex, which is
+   always the case on CPU; only patched when ``distrib_optimizer.HAVE_APEX_OR_TE`` is False):
+   * ``DistributedOptimizer.sharded_state_dict(..., is_loading=True)`` on a fresh optimizer
+     first allocates zero Adam state with ``step`` 0 (``state_dict()`` otherwise asserts on the
+     missing per-param ``step``); the checkpoint overwrites it.
+   * ``DistributedOptimizer.load_state_dict`` afterwards gives each param its own ``step``
+     tensor (megatron assigns one shared tensor, which AdamW then increments once per param per
+     step: wrong bias correction after a resume).
 
-Not covered (not needed by the CPU paths we run; they fail loudly if reached): fp16 loss scaling
-state-dict loading (``grad_scaler`` ``.cuda()``), CUDA graphs, ``overlap_param_gather`` with
-several distributed-optimizer instances (CUDA streams), fully-parallel checkpoint *loading*
-(``exchange_utils`` ``.cuda()``), megatron FSDP, Transformer Engine.
+Tested on CPU (tests/test_cpu_mode.py): 1F1B with PP=2, TP=2, DP=2, DDP (with and without
+overlap_grad_reduce), FP32Optimizer, Float16OptimizerWithFloat16Params (bf16), the distributed
+optimizer, grad clipping, finalize_model_grads with per-token loss, dist_checkpointing save/load
+(``dp_reshardable``), the RNG tracker. Smoke-tested by hand: sequence parallelism and
+``use_cpu_initialization=False``. Not covered (they fail loudly if reached): fp16 loss-scaler
+state loading (``.cuda()``), CUDA graphs, several distributed-optimizer instances (CUDA streams),
+fully-parallel checkpoint loading (``exchange_utils`` ``.cuda()``), megatron FSDP, Transformer
+Engine, ``model_parallel_cuda_manual_seed(use_cudagraphable_rng=True)``.
 """
 
 from __future__ import annotations
@@ -64,44 +76,33 @@ _LOCK = threading.Lock()
 _REAL_TORCH = torch
 
 # Modules whose code allocates on CUDA / calls torch.cuda.* on the CPU paths we use. Each one gets
-# the `_CpuTorch` proxy as its module-global `torch`. Why each is listed:
+# the `_CpuTorch` proxy as its module-global `torch`. Why each is listed (the first ten are hit by
+# tests/test_cpu_mode.py; layers/mappings-for-SP were smoke-tested by hand):
 _CUDA_ALLOCATING_MODULES: Tuple[Tuple[str, str], ...] = (
     ("megatron.core.pipeline_parallel.schedules",
      'total_num_tokens = torch.zeros([], ..., device="cuda") in every schedule'),
     ("megatron.core.pipeline_parallel.p2p_communication",
      "shape and receive buffers on torch.cuda.current_device(); torch.cuda.synchronize()"),
     ("megatron.core.distributed.param_and_grad_buffer",
-     "DDP grad/param buffers on torch.cuda.current_device()"),
-    ("megatron.core.distributed.distributed_data_parallel",
-     "torch.cuda.current_device()/synchronize in buffer management"),
+     "DDP grad (and distributed-optimizer param) buffers on torch.cuda.current_device()"),
     ("megatron.core.optimizer.optimizer",
-     "found_inf / _scale / _scale_one / overflow-buf tensors on 'cuda'"),
+     "MixedPrecision/FP32 optimizers' found_inf / _scale / _scale_one tensors on 'cuda'"),
     ("megatron.core.optimizer.clip_grads",
-     "grad-norm and count-zeros accumulators on 'cuda'"),
-    ("megatron.core.optimizer.distrib_optimizer",
-     "optimizer-state shards allocated on torch.cuda.current_device() (checkpoint load)"),
-    ("megatron.core.optimizer.grad_scaler",
-     "loss-scale tensors on 'cuda' (fp16 only)"),
+     "grad-norm, clipping and count-zeros buffers on 'cuda'"),
     ("megatron.core.utils",
-     "local_multi_tensor_l2_norm returns a 'cuda' tensor; GlobalMemoryBuffer"),
+     "local_multi_tensor_l2_norm (the no-apex grad-norm kernel) returns a 'cuda' tensor"),
     ("megatron.core.tensor_parallel.random",
-     "RNG tracker uses torch.cuda.get_rng_state/manual_seed"),
-    ("megatron.core.tensor_parallel.layers",
-     "weights on current_device() when use_cpu_initialization=False; SP all-gather buffers"),
+     "RNG tracker: torch.cuda.get_rng_state / torch.cuda.manual_seed"),
     ("megatron.core.tensor_parallel.mappings",
-     "sequence-parallel gather/scatter buffers on current_device()"),
-    ("megatron.core.tensor_parallel.utils",
-     "split/gather helper buffers on current_device()"),
+     "TP all-gather (gather_output) and sequence-parallel buffers on current_device()"),
     ("megatron.core.dist_checkpointing.strategies.state_dict_saver",
-     "save-plan consistency all-reduces on 'cuda'"),
-    ("megatron.core.dist_checkpointing.strategies.async_utils",
-     "async-call liveness all-reduces on current_device(); synchronize; set_device"),
+     "save finalisation all-reduce on current_device()"),
     ("megatron.core.dist_checkpointing.strategies.filesystem_async",
-     "torch.cuda.synchronize() before D2H staging"),
-    ("megatron.core.dist_checkpointing.strategies.fully_parallel",
-     "torch.cuda.synchronize() in fully-parallel save"),
-    ("megatron.core.dist_checkpointing.tensor_aware_state_dict",
-     "torch.cuda.synchronize()"),
+     "torch.cuda.synchronize() before staging tensors for writing"),
+    ("megatron.core.tensor_parallel.layers",
+     "weights on current_device() when use_cpu_initialization=False; SP all-gather buffer"),
+    ("megatron.core.optimizer.distrib_optimizer",
+     "optimizer-state shards on current_device() in load_state_dict of a fresh optimizer"),
 )
 
 _FACTORIES = frozenset(
@@ -229,6 +230,9 @@ class _DropForkWarning(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
+_FORK_WARNING_FILTER = _DropForkWarning()
+
+
 # --- patch 3: CUDA type names for CPU tensors during specific megatron calls -------------------
 _TLS = threading.local()
 _ORIG_TENSOR_TYPE = torch.Tensor.type
@@ -266,6 +270,58 @@ def _with_cuda_type_names(fn: Callable) -> Callable:
                     torch.Tensor.type = _ORIG_TENSOR_TYPE
 
     wrapper.__cpu_mode_wrapped__ = fn  # type: ignore[attr-defined]
+    return wrapper
+
+
+# --- patch 4: the distributed optimizer on torch.optim.AdamW (megatron's fallback w/o TE/apex) ---
+def _with_torch_adam_state_for_load(sharded_state_dict: Callable) -> Callable:
+    """Allocate empty Adam state (step 0) before building a *loading* sharded state dict.
+
+    DistributedOptimizer.state_dict() reads the per-param "step" that only torch's AdamW keeps
+    and asserts there is exactly one value; a freshly built optimizer has no state at all. The
+    zeros allocated here are overwritten by the checkpoint (megatron's own
+    _init_optimizer_states_with_dummy_values would instead take a real step, which moves the
+    parameters when weight decay is on, and leaves step=1 behind).
+    """
+
+    @functools.wraps(sharded_state_dict)
+    def wrapper(self, model_sharded_state_dict=None, is_loading=False, *args, **kwargs):
+        adam = isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW))
+        if is_loading and adam and len(self.optimizer.state) == 0:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    state = self.optimizer.state[p]
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if model_sharded_state_dict is None:
+            model_sharded_state_dict = {}
+        return sharded_state_dict(self, model_sharded_state_dict, is_loading, *args, **kwargs)
+
+    return wrapper
+
+
+def _with_unshared_torch_adam_steps(load_state_dict: Callable) -> Callable:
+    """After DistributedOptimizer.load_state_dict, give every param its own 'step' tensor.
+
+    On the non-TE/apex path megatron assigns one `torch.tensor(step)` object to every param's
+    state; torch's AdamW increments `state["step"]` in place per param, so after one step the
+    count is step + n_params and bias correction is wrong (and the dp_reshardable param-state copy
+    then writes into that shared tensor). The value is the checkpoint's param-group step.
+    """
+
+    @functools.wraps(load_state_dict)
+    def wrapper(self, state_dict):
+        result = load_state_dict(self, state_dict)
+        groups = state_dict.get("optimizer", {}).get("param_groups", [])
+        steps = {float(g["step"]) for g in groups if "step" in g}
+        if len(steps) == 1:
+            step = steps.pop()
+            for state in self.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = torch.tensor(step, dtype=torch.float32)
+        return result
+
     return wrapper
 
 
@@ -310,7 +366,8 @@ def enable_cpu_mode() -> None:
                "CUDA generator states -> CPU default generator")
         _patch(mrandom, "_set_cuda_rng_state", _set_cpu_rng_state,
                "_lazy_call never runs without CUDA -> set CPU default generator now")
-        logging.getLogger(mrandom.__name__).addFilter(_DropForkWarning())
+        if _FORK_WARNING_FILTER not in logging.getLogger(mrandom.__name__).filters:
+            logging.getLogger(mrandom.__name__).addFilter(_FORK_WARNING_FILTER)
 
         # 3. 'torch.cuda.*Tensor' type-name checks.
         from megatron.core.optimizer import clip_grads as mclip
@@ -320,7 +377,7 @@ def enable_cpu_mode() -> None:
         dist_cls = mdistopt.DistributedOptimizer
         build = dist_cls.__dict__["_build_model_and_main_param_groups"]
         _patch(dist_cls, "_build_model_and_main_param_groups",
-               staticmethod(_with_cuda_type_names(build.__func__)),
+               type(build)(_with_cuda_type_names(build.__func__)),  # keep class/staticmethod
                "param.type() in ['torch.cuda.HalfTensor', ...] / == 'torch.cuda.FloatTensor'")
         f16_cls = mopt.Float16OptimizerWithFloat16Params
         _patch(f16_cls, "__init__", _with_cuda_type_names(f16_cls.__dict__["__init__"]),
@@ -329,6 +386,15 @@ def enable_cpu_mode() -> None:
         for mod in (mclip, mopt):
             _patch(mod, "clip_grad_by_total_norm_fp32", clip_cpu,
                    "assert param.grad.type() == 'torch.cuda.FloatTensor'")
+
+        # 4. Torch-optimizer fallback of the distributed optimizer (no TE/apex, always so on CPU).
+        if not getattr(mdistopt, "HAVE_APEX_OR_TE", True):
+            _patch(dist_cls, "sharded_state_dict",
+                   _with_torch_adam_state_for_load(dist_cls.__dict__["sharded_state_dict"]),
+                   "fresh torch AdamW has no per-param 'step': state_dict() asserts on load")
+            _patch(dist_cls, "load_state_dict",
+                   _with_unshared_torch_adam_steps(dist_cls.__dict__["load_state_dict"]),
+                   "load gives all params ONE shared 'step' tensor (AdamW bumps it per param)")
 
         _ENABLED = True
 

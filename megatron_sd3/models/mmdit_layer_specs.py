@@ -3,8 +3,10 @@
 The spec names roles (column/row-parallel linear, qk-norm, core attention); a megatron-core
 ``BackendSpecProvider`` fills them:
 
-* ``local``: megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear``, torch RMSNorm and
-  a torch SDPA core attention (runs on CPU; megatron's local ``DotProductAttention`` needs CUDA).
+* ``local``: megatron-core's ``ColumnParallelLinear`` / ``RowParallelLinear`` (with a plain
+  ``F.linear`` GEMM where no TP communication rides on it, see ``LocalColumnParallelLinear``),
+  torch RMSNorm and a torch SDPA core attention (runs on CPU; megatron's local
+  ``DotProductAttention`` needs CUDA).
   With FP8 on (``fp8=True``), the linears are the torchao-backed FP8 versions of the same layers.
 * ``transformer_engine``: ``TEColumnParallelLinear`` / ``TERowParallelLinear`` /
   ``TEDotProductAttention`` / ``TENorm``. The adaLN modulation sits between norm and linear, so
@@ -12,7 +14,9 @@ The spec names roles (column/row-parallel linear, qk-norm, core attention); a me
 """
 from __future__ import annotations
 
+import torch.nn.functional as F
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -28,6 +32,38 @@ from megatron_sd3.models.mmdit_layer import (
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 
 
+def _plain_linear_ok(allreduce_dgrad=False, sequence_parallel=False, gradient_accumulation_fusion=False,
+                     grad_output_buffer=None, **_) -> bool:
+    """True when megatron's linear autograd function would compute exactly ``F.linear``: no
+    dgrad all-reduce, no sequence-parallel gather, no fused main_grad accumulation, no deferred
+    wgrad. (TP communication outside the GEMM -- copy-to / reduce-from the TP region -- stays in
+    megatron's ``forward``.)"""
+    return not (allreduce_dgrad or sequence_parallel or gradient_accumulation_fusion
+                or grad_output_buffer is not None)
+
+
+class LocalColumnParallelLinear(ColumnParallelLinear):
+    """megatron-core's ``ColumnParallelLinear`` whose GEMM is ``F.linear`` (one fused addmm, and
+    autograd's own backward) whenever megatron's custom autograd function would do nothing more
+    (e.g. TP = 1). megatron's function runs matmul + a separate bias add forward and a Python
+    backward with extra copies: ~5% of a CPU training step at bench size (tools/bench_model.py).
+    Same math; results agree with megatron's to float rounding (addmm vs matmul + add)."""
+
+    def _forward_impl(self, input, weight, bias=None, **kwargs):
+        if _plain_linear_ok(**kwargs):
+            return F.linear(input, weight, bias)
+        return super()._forward_impl(input, weight, bias=bias, **kwargs)
+
+
+class LocalRowParallelLinear(RowParallelLinear):
+    """``RowParallelLinear`` with the same ``F.linear`` fast path (its TP all-reduce stays)."""
+
+    def _forward_impl(self, input, weight, bias=None, **kwargs):
+        if _plain_linear_ok(**kwargs):
+            return F.linear(input, weight, bias)
+        return super()._forward_impl(input, weight, bias=bias, **kwargs)
+
+
 class SD3LocalSpecProvider(LocalSpecProvider):
     """megatron-core's local filling with a CPU-capable core attention and torch norms."""
 
@@ -39,14 +75,14 @@ class SD3LocalSpecProvider(LocalSpecProvider):
             from megatron_sd3.fp8 import Float8ColumnParallelLinear
 
             return Float8ColumnParallelLinear
-        return super().column_parallel_linear()
+        return LocalColumnParallelLinear
 
     def row_parallel_linear(self) -> type:
         if self.fp8:
             from megatron_sd3.fp8 import Float8RowParallelLinear
 
             return Float8RowParallelLinear
-        return super().row_parallel_linear()
+        return LocalRowParallelLinear
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
         return WrappedTorchNorm

@@ -182,7 +182,8 @@ def load_checkpoint(ckpt: Path, model_chunks, optimizer, ema, scheduler, *, mode
         raise CheckpointError(f"--load {ckpt}: cannot read the checkpoint: {str(e).splitlines()[0][:300]}") from e
     model_chunks[0].load_state_dict(loaded["model"], strict=False)
     if load_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # the optimizer copies into views of (fp32) model weights
+            optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["scheduler"])
     if ema is not None and "ema" in loaded:
         ema.load_sharded(loaded["ema"])
