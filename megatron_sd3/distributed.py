@@ -6,7 +6,7 @@
   otherwise gloo + :mod:`megatron_sd3.cpu_mode`. Then ``parallel_state.initialize_model_parallel``
   and seeding (megatron's ``model_parallel_cuda_manual_seed`` on GPU, its CPU equivalent on CPU).
 - ``destroy_distributed()``: undo it (tests run several layouts in one process).
-- ``check_parallel_layout(...)``: the layout rules, checked before any work starts.
+- The layout rules themselves live in ``megatron_sd3.training.parallel_layout.check_layout``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ __all__ = [
     "DistInfo",
     "initialize_distributed",
     "destroy_distributed",
-    "check_parallel_layout",
     "set_seed",
 ]
 
@@ -46,57 +45,6 @@ class DistInfo:
     backend: str
     device: torch.device
     cpu_mode: bool
-
-
-def check_parallel_layout(
-    world_size: int,
-    tp: int,
-    pp: int,
-    num_layers: int,
-    num_heads: int,
-    hidden: int,
-    global_batch: int,
-    micro_batch: int,
-) -> int:
-    """Check the parallel layout up front; return the data-parallel size.
-
-    Raises ValueError with a one-line message that names the problem and the fix.
-    Uneven splits of layers over pipeline stages are allowed (15 layers on 2 stages).
-    """
-    for name, value in (("world size", world_size), ("tensor parallel size", tp),
-                        ("pipeline parallel size", pp), ("num_layers", num_layers),
-                        ("num_heads", num_heads), ("hidden size", hidden),
-                        ("global batch", global_batch), ("micro batch", micro_batch)):
-        if int(value) < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if world_size % (tp * pp) != 0:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tensor parallel x pipeline parallel "
-            f"= {tp} x {pp} = {tp * pp}; choose tp*pp dividing the number of processes"
-        )
-    if num_heads % tp != 0:
-        raise ValueError(
-            f"num_heads {num_heads} is not divisible by tensor parallel size {tp}; "
-            f"use a tensor parallel size that divides {num_heads}"
-        )
-    if hidden % tp != 0:
-        raise ValueError(
-            f"hidden size {hidden} is not divisible by tensor parallel size {tp}; "
-            f"use a tensor parallel size that divides {hidden}"
-        )
-    if pp > num_layers:
-        raise ValueError(
-            f"pipeline parallel size {pp} is larger than num_layers {num_layers}: every stage "
-            f"needs at least one layer; use pipeline parallel size <= {num_layers}"
-        )
-    dp = world_size // (tp * pp)
-    if global_batch % (micro_batch * dp) != 0:
-        raise ValueError(
-            f"global batch {global_batch} is not divisible by micro batch x data parallel = "
-            f"{micro_batch} x {dp} = {micro_batch * dp}; make global batch a multiple of "
-            f"{micro_batch * dp}"
-        )
-    return dp
 
 
 def _free_port() -> int:

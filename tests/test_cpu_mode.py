@@ -187,8 +187,7 @@ def test_initialize_distributed_single_process_seeds_like_megatron():
     from megatron_sd3.distributed import destroy_distributed, initialize_distributed
 
     was_enabled = cpu_mode.is_cpu_mode_enabled()
-    if torch.distributed.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
+    destroy_distributed()  # a group left by an earlier test in this process; later ones re-create theirs
     saved = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
     try:
         info = initialize_distributed(tp=1, pp=1, seed=42)
@@ -212,29 +211,37 @@ def test_initialize_distributed_single_process_seeds_like_megatron():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(world_size=6, tp=4, pp=1), r"world size 6 is not divisible by .* = 4"),
-        (dict(tp=5, world_size=10), r"num_heads 24 is not divisible by tensor parallel size 5"),
-        (dict(world_size=4, tp=4, num_heads=8, hidden=1538), r"hidden size 1538 is not divisible by .* 4"),
-        (dict(pp=16, world_size=16), r"pipeline parallel size 16 is larger than num_layers 15"),
+        (dict(world_size=6, tp=4, pp=1), r"world size 6 is not divisible by TP x PP = 4 x 1"),
+        (dict(tp=5, world_size=10), r"num_attention_heads 24 is not divisible by tensor-model-parallel-size 5"),
+        (dict(world_size=4, tp=4, num_heads=8, hidden=1538), r"hidden_size 1538 is not divisible by .* 4"),
+        (dict(pp=16, world_size=16), r"pipeline-model-parallel-size 16 > num_layers 15"),
         (dict(world_size=4, global_batch=6, micro_batch=1),
-         r"global batch 6 is not divisible by micro batch x data parallel = 1 x 4 = 4"),
+         r"global-batch-size 6 is not divisible by micro-batch-size x data-parallel size = 1 x 4"),
     ],
 )
-def test_check_parallel_layout_errors(kwargs, match):
-    from megatron_sd3.distributed import check_parallel_layout
+def test_check_layout_errors(kwargs, match):
+    from megatron_sd3.training.parallel_layout import LayoutError, check_layout
 
     args = dict(world_size=2, tp=1, pp=1, num_layers=15, num_heads=24, hidden=1536,
                 global_batch=8, micro_batch=2)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=match) as err:
-        check_parallel_layout(**args)
+    with pytest.raises(LayoutError, match=match) as err:
+        check_layout(**args)
     assert "\n" not in str(err.value)
 
 
 @pytest.mark.timeout(30)
-def test_check_parallel_layout_ok():
-    from megatron_sd3.distributed import check_parallel_layout
+def test_check_layout_ok_and_balanced_splits():
+    from megatron_sd3.training.parallel_layout import balanced_stage_layers, check_layout, stage_layers
 
     # the origin's layout: 15 layers on 2 stages (uneven), TP 2, DP 2
-    assert check_parallel_layout(8, 2, 2, 15, 24, 1536, 16, 2) == 2
-    assert check_parallel_layout(1, 1, 1, 15, 24, 1536, 4, 4) == 1
+    assert check_layout(8, 2, 2, 15, 24, 1536, 16, 2) == 2
+    assert check_layout(1, 1, 1, 15, 24, 1536, 4, 4) == 1
+    assert balanced_stage_layers(15, 2) == [8, 7]
+    assert balanced_stage_layers(15, 4) == [4, 4, 4, 3]
+    assert balanced_stage_layers(15, 15) == [1] * 15
+    assert sum(balanced_stage_layers(15, 6)) == 15
+    with pytest.raises(ValueError, match="equal middle stages"):
+        stage_layers(15, 4, [3, 5, 4, 3])
+    with pytest.raises(ValueError, match="sum to num_layers=15"):
+        stage_layers(15, 2, [8, 8])
