@@ -89,18 +89,39 @@ def _check_data_matches_model(ds, cfg, args):
                           f"use a [model] preset matching the data (text_seq_len, joint_attention_dim, ...)")
 
 
-def setup(args):
+def preflight(args):
+    """Every check that needs no process group: model fields, parallel layout, pipeline split,
+    FP8 backend, checkpoint to resume from, data manifest. Raises before any work starts."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     fields = dict(args.model)
     preset = fields.pop("preset", "tiny")
     mf = model_fields(preset, **fields)
-    # every layout rule is checked before any process group or model exists
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * max(1, world // (tp * pp))
     dp = check_layout(world, tp, pp, mf["num_layers"], mf["num_attention_heads"], mf["hidden_size"],
                       args.global_batch_size, args.micro_batch_size)
     stage_layers(mf["num_layers"], pp, args.pipeline_layers)
+    if args.fp8_format:
+        from megatron_sd3.fp8 import Fp8Settings
+
+        Fp8Settings(format=args.fp8_format, recipe=args.fp8_recipe,
+                    amax_history_len=args.fp8_amax_history_len).validate(args.transformer_impl)
+    elif args.transformer_impl == "transformer_engine":
+        from megatron_sd3.models.mmdit_layer_specs import get_spec_provider
+
+        get_spec_provider("transformer_engine")
+    if args.data_path:
+        from megatron_sd3.data.shards import load_manifest
+
+        load_manifest(args.data_path)
+    return {"preset": preset, "fields": fields, "model_fields": mf, "dp": dp,
+            "load_dir": ckpt.resolve_load(args.load, args.save)}
+
+
+def setup(args, plan):
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    preset, fields, mf, dp = plan["preset"], plan["fields"], plan["model_fields"], plan["dp"]
     info = initialize_distributed(tp, pp, seed=args.seed)
     bf16 = bool(args.bf16 and torch.cuda.is_available())
     if args.bf16 and not bf16:
@@ -110,10 +131,6 @@ def setup(args):
     if bf16:
         parallel.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
     if args.fp8_format:
-        from megatron_sd3.fp8 import Fp8Settings
-
-        Fp8Settings(format=args.fp8_format, recipe=args.fp8_recipe,
-                    amax_history_len=args.fp8_amax_history_len).validate(args.transformer_impl)
         parallel.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe,
                         fp8_amax_history_len=args.fp8_amax_history_len,
                         first_last_layers_bf16=args.first_last_layers_bf16)
@@ -174,9 +191,9 @@ def _progress(it, total, loss, enabled):
         sys.stdout.write("\n")
 
 
-def pretrain(args) -> int:
+def pretrain(args, plan) -> int:
     """Run training; returns the process exit code."""
-    info, cfg, dp = setup(args)
+    info, cfg, dp = setup(args, plan)
     run_config = effective_config(args)
     run_config["model"] = config_to_dict(cfg)
     _print0("------------------------ arguments ------------------------")
@@ -209,7 +226,7 @@ def pretrain(args) -> int:
     ema = EMA(unwrap(ddp[0]), args.ema_decay, args.ema_update_interval) if args.ema_decay > 0 else None
 
     iteration, consumed, skipped_total = 0, 0, 0
-    load_dir = ckpt.resolve_load(args.load, args.save)
+    load_dir = plan["load_dir"]
     if load_dir is not None:
         common = ckpt.load_checkpoint(load_dir, [unwrap(m) for m in ddp], optimizer, ema, scheduler,
                                       model_config=config_to_dict(cfg), load_optim=not args.no_load_optim,
@@ -335,15 +352,21 @@ def pretrain(args) -> int:
 
 def main(argv=None) -> int:
     from megatron_sd3.arguments import parse_args
+    from megatron_sd3.data.shards import ShardError
 
     args = parse_args(argv)
+    errors = (ConfigError, LayoutError, ckpt.CheckpointError, ShardError, RuntimeError)
     try:
-        code = pretrain(args)
-    except (ConfigError, LayoutError, ckpt.CheckpointError) as e:
+        plan = preflight(args)
+    except errors as e:
         print(f"pretrain_sd3.py: error: {e}", file=sys.stderr, flush=True)
-        code = 2
+        return 2
+    try:
+        return pretrain(args, plan)
+    except (ConfigError, ckpt.CheckpointError, ShardError) as e:
+        print(f"pretrain_sd3.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
     finally:
         from megatron_sd3.distributed import destroy_distributed
 
         destroy_distributed()
-    return code
