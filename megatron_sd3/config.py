@@ -138,7 +138,7 @@ MODEL_KEYS: dict[str, type | tuple] = {
     "pooled_projection_dim": int,
     "text_seq_len": int,
     "qk_norm": bool,
-    "dual_attention_layers": list,
+    "dual_attention_layers": (list, tuple),
     "context_pre_only_last": bool,
     "zero_init_adaln": bool,
     "text_recon_gamma": (int, float),

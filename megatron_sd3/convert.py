@@ -24,7 +24,8 @@ from megatron_sd3.config import PRESETS, make_config, model_fields
 
 # -- configs -----------------------------------------------------------------------------------
 def model_overrides_from_diffusers(dcfg: dict, num_layers: Optional[int] = None) -> dict[str, Any]:
-    """Our model fields from a diffusers ``SD3Transformer2DModel`` config dict."""
+    """Our model fields from a diffusers ``SD3Transformer2DModel`` config dict (text length: SD3's
+    333 tokens unless overridden)."""
     base_layers = int(dcfg["num_layers"])
     n = base_layers if num_layers is None else int(num_layers)
     if not 1 <= n <= base_layers:
@@ -48,6 +49,7 @@ def model_overrides_from_diffusers(dcfg: dict, num_layers: Optional[int] = None)
         # diffusers' last block always drops the text stream; a truncated model keeps it.
         context_pre_only_last=n == base_layers,
         zero_init_adaln=False,
+        text_seq_len=333,
     )
 
 

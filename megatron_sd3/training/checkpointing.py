@@ -98,6 +98,7 @@ def _state_dict(model_chunks, optimizer, ema, common: dict, rng, *, loading: boo
 
 def save_checkpoint(root: str | Path, iteration: int, model_chunks, optimizer, ema, scheduler, *,
                     consumed_samples: int, skipped_iters: int, model_config: dict, run_config: dict) -> Path:
+    """A complete training checkpoint (``optimizer=None``: weights only, e.g. converted weights)."""
     root = Path(root)
     final, tmp = iter_dir(root, iteration), Path(str(iter_dir(root, iteration)) + ".tmp")
     rank0 = dist.get_rank() == 0
@@ -107,16 +108,20 @@ def save_checkpoint(root: str | Path, iteration: int, model_chunks, optimizer, e
             shutil.rmtree(tmp)  # leftovers of an interrupted save of the same iteration
         tmp.mkdir()
     dist.barrier()
+    weights_only = optimizer is None
     common = {"iteration": iteration, "consumed_samples": consumed_samples, "skipped_iters": skipped_iters,
-              "scheduler": scheduler.state_dict(), "model_config": model_config, "layout": _layout()}
-    state = _state_dict(model_chunks, optimizer, ema, common, _rng_state(), loading=False, with_optim=True)
+              "scheduler": None if weights_only else scheduler.state_dict(), "model_config": model_config,
+              "layout": _layout(), "weights_only": weights_only, "has_ema": ema is not None}
+    state = _state_dict(model_chunks, optimizer, ema, common, None if weights_only else _rng_state(),
+                        loading=False, with_optim=not weights_only)
     dist_checkpointing.save(state, str(tmp), content_metadata=METADATA)
     dist.barrier()
     if rank0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        (root / "effective_config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True))
+        if run_config:
+            (root / "effective_config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True))
         tmp_latest = root / (LATEST + ".tmp")
         tmp_latest.write_text(str(iteration))
         os.replace(tmp_latest, root / LATEST)  # the pointer moves only after a complete write
@@ -168,25 +173,34 @@ def load_checkpoint(ckpt: Path, model_chunks, optimizer, ema, scheduler, *, mode
     """Restore in place; returns the common state (iteration, consumed samples, ...)."""
     common = load_common(ckpt)
     check_model_config(common["model_config"], model_config, ckpt)
+    if common.get("weights_only"):  # converted weights: start training from them at iteration 0
+        load_optim = load_rng = False
     same_layout = tuple(common.get("layout", ())) == _layout()
     use_rng = load_rng and same_layout
     if load_rng and not same_layout and dist.get_rank() == 0:
         print(f" > checkpoint layout (pp, tp, dp) {tuple(common['layout'])} differs from this run's "
               f"{_layout()}: model and optimizer are resharded, RNG states are not restored", flush=True)
-    template = _state_dict(model_chunks, optimizer, ema, common, _rng_state() if use_rng else None,
-                           loading=True, with_optim=load_optim)
+    has_ema = ema is not None and common.get("has_ema", False)
+    template = _state_dict(model_chunks, optimizer, ema if has_ema else None, common,
+                           _rng_state() if use_rng else None, loading=True, with_optim=load_optim)
     template.pop("common")
     try:
         loaded = dist_checkpointing.load(template, str(ckpt), strict="assume_ok_unexpected")
     except Exception as e:  # a one-line reason instead of a wall of megatron internals
         raise CheckpointError(f"--load {ckpt}: cannot read the checkpoint: {str(e).splitlines()[0][:300]}") from e
-    model_chunks[0].load_state_dict(loaded["model"], strict=False)
+    missing, unexpected = model_chunks[0].load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise CheckpointError(f"--load {ckpt}: weights missing for {missing[:3]} (and {max(0, len(missing) - 3)} more)")
     if load_optim:
         with torch.no_grad():  # the optimizer copies into views of (fp32) model weights
             optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["scheduler"])
-    if ema is not None and "ema" in loaded:
-        ema.load_sharded(loaded["ema"])
+    if ema is not None:
+        if has_ema:
+            ema.load_sharded(loaded["ema"])
+        else:  # weights-only checkpoint: the average starts from the loaded weights
+            ema.reset()
     if use_rng:
         _set_rng_state(loaded["rng_state"])
     return common

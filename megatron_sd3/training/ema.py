@@ -18,6 +18,12 @@ class EMA:
         self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
 
     @torch.no_grad()
+    def reset(self) -> None:
+        """Restart the average from the model's current weights."""
+        for n, p in self.model.named_parameters():
+            self.shadow[n].copy_(p.detach().float())
+
+    @torch.no_grad()
     def update(self, iteration: int) -> None:
         if iteration % self.interval:
             return
