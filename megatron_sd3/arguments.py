@@ -19,6 +19,7 @@ from megatron_sd3.config import MODEL_KEYS, ConfigError, check_model_fields, loa
 # section -> flags it may hold (everything except [model], which config.py owns)
 SECTIONS: dict[str, list[str]] = {
     "parallel": ["tensor_model_parallel_size", "pipeline_model_parallel_size", "pipeline_layers",
+                 "num_virtual_stages_per_pipeline_rank",
                  "use_distributed_optimizer", "overlap_grad_reduce"],
     "training": ["micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr", "lr_warmup_iters",
                  "lr_decay_iters", "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
@@ -59,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-layers", type=str, default=None,
                    help="blocks per pipeline stage, e.g. 8,7 (default: balanced)")
-    g.add_argument("--use-distributed-optimizer", action="store_true", help="megatron's distributed optimizer (GPU)")
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                   help="interleaved 1F1B: model chunks per pipeline rank (equal blocks per stage)")
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="megatron's distributed optimizer")
     g.add_argument("--overlap-grad-reduce", action="store_true")
 
     t = p.add_argument_group("training")

@@ -18,6 +18,7 @@ def main():
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--pipeline-layers", default=None)
+    ap.add_argument("--vpp", type=int, default=None, help="virtual stages per pipeline rank (interleaved 1F1B)")
     ap.add_argument("--num-layers", type=int, default=4)
     ap.add_argument("--gamma", type=float, default=0.0)
     ap.add_argument("--target", type=int, default=0)
@@ -39,12 +40,13 @@ def main():
     from megatron_sd3.training.parallel_layout import pipeline_config_fields
     from megatron_sd3.training.step import TrainStep, build_model, build_optimizer, wrap_ddp
 
-    info = initialize_distributed(a.tp, a.pp, seed=1234)
+    info = initialize_distributed(a.tp, a.pp, vpp=a.vpp, seed=1234)
+    vpp = dict(virtual_pipeline_model_parallel_size=a.vpp, overlap_p2p_comm=True, batch_p2p_comm=False) if a.vpp else {}
     given = [int(v) for v in a.pipeline_layers.split(",")] if a.pipeline_layers else None
     cfg = make_config("tiny", num_layers=a.num_layers, zero_init_adaln=False, text_recon_gamma=a.gamma,
                       text_recon_target_layer=a.target,
                       parallel=dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                                    **pipeline_config_fields(a.num_layers, a.pp, given)))
+                                    **pipeline_config_fields(a.num_layers, a.pp, given), **vpp))
     chunks = build_model(cfg)
     ddp = wrap_ddp(cfg, chunks)
     opt = build_optimizer(cfg, ddp, OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01,

@@ -97,3 +97,9 @@ def test_pp2_recon_target_on_second_stage(root):
 def test_pp2_recon_target_zero(root):
     ranks = _compare(root, 2, ["--pp", "2", *RECON_0], RECON_0)
     assert ranks[0]["losses"][0]["text_recon_loss"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_pp2_interleaved_virtual_stages(root):
+    """PP=2 x 2 virtual stages (one block per model chunk): megatron's interleaved 1F1B."""
+    _compare(root, 2, ["--pp", "2", "--vpp", "2", *RECON_LATE], RECON_LATE)

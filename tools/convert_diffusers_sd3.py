@@ -77,11 +77,11 @@ def to_diffusers(a) -> int:
     model = SD3Model(cfg)
     if a.ema and not common.get("has_ema"):
         raise SystemExit(f"convert: error: {d} has no EMA weights; drop --ema")
-    ema = EMA(model, 0.0) if a.ema else None
+    ema = EMA([model], 0.0) if a.ema else None
     ckpt.load_checkpoint(d, [model], None, ema, None, model_config=common["model_config"],
                          load_optim=False, load_rng=False)
     if ema is not None:
-        ema.copy_to(model)
+        ema.copy_to([model])
     out = SD3Transformer2DModel(**diffusers_config(cfg))
     out.load_state_dict(sd3_to_diffusers_state_dict(model), strict=True)
     out.save_pretrained(a.output)

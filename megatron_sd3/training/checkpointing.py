@@ -83,14 +83,21 @@ def _rng_sharded(state) -> ShardedObject:
                          replica_id=ps.get_data_parallel_rank())
 
 
+def _chunk_key(i: int, n: int, name: str) -> str:
+    return name if n == 1 else f"{name}{i}"  # Megatron-LM: "model" or "model0", "model1", ...
+
+
 def _state_dict(model_chunks, optimizer, ema, common: dict, rng, *, loading: bool, with_optim: bool):
-    assert len(model_chunks) == 1, "checkpointing supports one model chunk per rank"
-    model_sd = model_chunks[0].sharded_state_dict(metadata=dict(METADATA))
-    state: dict[str, Any] = {"model": model_sd, "common": common}
+    n = len(model_chunks)
+    model_sds = [c.sharded_state_dict(metadata=dict(METADATA)) for c in model_chunks]
+    state: dict[str, Any] = {_chunk_key(i, n, "model"): sd for i, sd in enumerate(model_sds)}
     if with_optim:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=METADATA)
+        models = model_sds[0] if n == 1 else dict(state)  # Megatron-LM passes {"model0": ..., ...}
+        state["optimizer"] = optimizer.sharded_state_dict(models, is_loading=loading, metadata=METADATA)
     if ema is not None:
-        state["ema"] = ema.sharded_state_dict(model_sd)
+        for i, sd in enumerate(model_sds):
+            state[_chunk_key(i, n, "ema")] = ema.sharded_state_dict(sd, chunk=i)
+    state["common"] = common
     if rng is not None:
         state["rng_state"] = _rng_sharded(rng)
     return state
@@ -188,17 +195,21 @@ def load_checkpoint(ckpt: Path, model_chunks, optimizer, ema, scheduler, *, mode
         loaded = dist_checkpointing.load(template, str(ckpt), strict="assume_ok_unexpected")
     except Exception as e:  # a one-line reason instead of a wall of megatron internals
         raise CheckpointError(f"--load {ckpt}: cannot read the checkpoint: {str(e).splitlines()[0][:300]}") from e
-    missing, unexpected = model_chunks[0].load_state_dict(loaded["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing:
-        raise CheckpointError(f"--load {ckpt}: weights missing for {missing[:3]} (and {max(0, len(missing) - 3)} more)")
+    n = len(model_chunks)
+    for i, chunk in enumerate(model_chunks):
+        missing, _ = chunk.load_state_dict(loaded[_chunk_key(i, n, "model")], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing:
+            raise CheckpointError(f"--load {ckpt}: weights missing for {missing[:3]} "
+                                  f"(and {max(0, len(missing) - 3)} more)")
     if load_optim:
         with torch.no_grad():  # the optimizer copies into views of (fp32) model weights
             optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["scheduler"])
     if ema is not None:
         if has_ema:
-            ema.load_sharded(loaded["ema"])
+            for i in range(n):
+                ema.load_sharded(loaded[_chunk_key(i, n, "ema")], chunk=i)
         else:  # weights-only checkpoint: the average starts from the loaded weights
             ema.reset()
     if use_rng:

@@ -101,7 +101,18 @@ def preflight(args):
         args.global_batch_size = args.micro_batch_size * max(1, world // (tp * pp))
     dp = check_layout(world, tp, pp, mf["num_layers"], mf["num_attention_heads"], mf["hidden_size"],
                       args.global_batch_size, args.micro_batch_size)
-    stage_layers(mf["num_layers"], pp, args.pipeline_layers)
+    layers = stage_layers(mf["num_layers"], pp, args.pipeline_layers)
+    vpp = args.num_virtual_stages_per_pipeline_rank
+    if vpp is not None:
+        if vpp < 2 or pp < 2:
+            raise LayoutError("--num-virtual-stages-per-pipeline-rank needs a value >= 2 and "
+                              "--pipeline-model-parallel-size >= 2")
+        if len(set(layers)) > 1 or layers[0] % vpp:
+            raise LayoutError(f"interleaving needs the same number of blocks on every stage, divisible by "
+                              f"{vpp} virtual stages; {mf['num_layers']} blocks on {pp} stages give {layers}")
+        if (args.global_batch_size // (args.micro_batch_size * dp)) % pp:
+            raise LayoutError(f"the interleaved schedule needs the number of microbatches per iteration to "
+                              f"be a multiple of --pipeline-model-parallel-size {pp}")
     if args.fp8_format:
         from megatron_sd3.fp8 import Fp8Settings
 
@@ -122,12 +133,15 @@ def preflight(args):
 def setup(args, plan):
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     preset, fields, mf, dp = plan["preset"], plan["fields"], plan["model_fields"], plan["dp"]
-    info = initialize_distributed(tp, pp, seed=args.seed)
+    vpp = args.num_virtual_stages_per_pipeline_rank
+    info = initialize_distributed(tp, pp, vpp=vpp, seed=args.seed)
     bf16 = bool(args.bf16 and torch.cuda.is_available())
     if args.bf16 and not bf16:
         _print0(" > --bf16 asked for without CUDA: this CPU run stays in fp32")
     parallel = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                     **pipeline_config_fields(mf["num_layers"], pp, args.pipeline_layers))
+    if vpp:  # interleaved 1F1B; batched p2p would mix up same-shaped messages (Megatron-LM's default)
+        parallel.update(virtual_pipeline_model_parallel_size=vpp, overlap_p2p_comm=True, batch_p2p_comm=False)
     if bf16:
         parallel.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
     if args.fp8_format:
@@ -223,7 +237,7 @@ def pretrain(args, plan) -> int:
         wd_incr_steps=args.train_iters, wd_incr_style="constant",
         wsd_decay_steps=max(1, (args.lr_decay_iters or args.train_iters) // 10) if args.lr_decay_style == "WSD" else None,
         lr_wsd_decay_style="linear" if args.lr_decay_style == "WSD" else None)
-    ema = EMA(unwrap(ddp[0]), args.ema_decay, args.ema_update_interval) if args.ema_decay > 0 else None
+    ema = EMA([unwrap(m) for m in ddp], args.ema_decay, args.ema_update_interval) if args.ema_decay > 0 else None
 
     iteration, consumed, skipped_total = 0, 0, 0
     load_dir = plan["load_dir"]
