@@ -22,9 +22,11 @@ chunks on the image stream (9 instead of 6):
 stream then has no output projection and no MLP, and only 2 modulation chunks:
 ``- 2*(h^2 + 2hf)*T - 2*4h^2``. sd3_light keeps the text stream in its last block (default).
 
-``text_recon`` (the text reconstruction loss) adds no GEMM: the target is a detached activation
-that the forward computes anyway and the loss is an elementwise MSE, so the FLOP count (and so
-MFU) is the same with it on and off; only samples/s can tell the two apart.
+``text_recon`` (the text reconstruction loss): the loss itself is an elementwise MSE on a
+detached activation, but it is the only reader of the last block's text output. With it off
+(and a last block that keeps its text stream, as sd3_light) the model skips that block's text
+output projection and MLP, ``- 2*(h^2 + 2hf)*T``; with it on they run. So recon on costs
+exactly those GEMMs (about 1/(2 * num_layers) of the blocks' token GEMMs).
 
 ``include_io`` adds the embedders and the output head (small next to the blocks at 1024 px):
 patch embedding ``2*I*(p^2*C)*h``, context embedder ``2*T*txt_width*h``, timestep and pooled
@@ -96,7 +98,8 @@ def mmdit_flops_per_sample(
     total += dual_attention_layers * (2 * (4 * h * h) * i + 2 * 2 * i * i * h + 2 * 3 * h * h)
     if context_pre_only_last and num_layers > 0:
         total -= 2 * (h * h + 2 * h * f) * t + 2 * 4 * h * h
-    del text_recon  # no GEMM: elementwise loss on tensors the forward computes anyway
+    elif not text_recon and num_layers > 0:
+        total -= 2 * (h * h + 2 * h * f) * t  # nothing reads the last block's text output
     if include_io:
         total += mmdit_io_flops_per_sample(h, i, t, **io_kwargs)
     return 3 * total if training else total

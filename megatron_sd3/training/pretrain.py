@@ -30,7 +30,7 @@ from megatron_sd3.flow_matching import FlowMatchingConfig
 from megatron_sd3.training import checkpointing as ckpt
 from megatron_sd3.training.ema import EMA
 from megatron_sd3.training.parallel_layout import LayoutError, check_layout, pipeline_config_fields, stage_layers
-from megatron_sd3.training.step import TrainStep, build_model, build_optimizer, unwrap, wrap_ddp
+from megatron_sd3.training.step import TrainStep, build_model, build_optimizer, unwrap, wrap_ddp, wrap_float16
 
 
 class SignalHandler:
@@ -218,11 +218,7 @@ def pretrain(args, plan) -> int:
             f"{'CPU mode' if info.cpu_mode else info.device})")
     _print0("-------------------- end of arguments ---------------------")
 
-    chunks = build_model(cfg, transformer_impl=args.transformer_impl)
-    if cfg.bf16:
-        from megatron.core.transformer.module import Float16Module
-
-        chunks = [Float16Module(cfg, c) for c in chunks]
+    chunks = wrap_float16(cfg, build_model(cfg, transformer_impl=args.transformer_impl))
     ddp = wrap_ddp(cfg, chunks, use_distributed_optimizer=args.use_distributed_optimizer,
                    overlap_grad_reduce=args.overlap_grad_reduce)
     opt_cfg = OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,

@@ -67,6 +67,16 @@ def build_model(cfg: SD3Config, transformer_impl: str = "local") -> list[SD3Mode
     return chunks
 
 
+def wrap_float16(cfg: SD3Config, chunks: list):
+    """bf16: megatron's ``Float16Module`` (outputs back to fp32 on the last stage for the loss).
+    ``TrainStep`` hands the first stage its inputs already in the parameter dtype, timesteps in fp32."""
+    if not cfg.bf16:
+        return chunks
+    from megatron.core.transformer.module import Float16Module
+
+    return [Float16Module(cfg, c) for c in chunks]
+
+
 def wrap_ddp(cfg: SD3Config, chunks: list[SD3Model], use_distributed_optimizer: bool = False,
              overlap_grad_reduce: bool = False) -> list[DistributedDataParallel]:
     ddp_config = DistributedDataParallelConfig(
@@ -176,8 +186,9 @@ class TrainStep:
         if inner.pre_process:
             text, pooled = drop_text(mb["prompt_embeds"].to(dev).float(),
                                      mb["pooled_prompt_embeds"].to(dev).float(), flow.keep_text)
-            kwargs.update(hidden_states=flow.noisy, encoder_hidden_states=text,
-                          pooled_projections=pooled, timestep=flow.timestep)
+            dt = self.cfg.params_dtype  # timesteps stay fp32 (1000 t is coarse in bf16)
+            kwargs.update(hidden_states=flow.noisy.to(dt), encoder_hidden_states=text.to(dt),
+                          pooled_projections=pooled.to(dt), timestep=flow.timestep)
         output = model(**kwargs)
         if not inner.post_process:
             return output, None

@@ -1,0 +1,184 @@
+"""FP8 training of the whole model through the real training path (issue 6, "Correctness on CPU").
+
+The tiny preset (4 joint blocks, hidden 64) is trained on CPU with megatron-core's schedules,
+DDP and optimizer (``TrainStep``), FP8 GEMMs from the local backend (torchao float8 inside
+megatron's parallel linears), by ``tests/_fp8_train_worker.py`` in 1 or 2 gloo processes.
+Text is 13 tokens per sample, so FP8 mode pads the text stream to 16 (pads masked out of
+attention and of the text-recon loss) while the fp32 reference runs unpadded.
+
+Bounds (measured on the 2-core CPU machine, 2026-11):
+
+* FP8 (hybrid, fp32 params) vs fp32, 20 steps: |loss_fp8 - loss_fp32| / loss_fp32 <= 2 %
+  ("a few percent", issue 6) at every step; measured max 9.6e-5.
+* FP8 TP=2 vs FP8 on one rank (agreed amax, so identical scales; only the row-parallel
+  all-reduce's summation order differs, which can flip an FP8 rounding): losses rel <= 1e-5
+  (measured 8e-7), grad norms rel <= 1e-4 (1.5e-6), all parameters after 3 steps
+  ||dp|| / ||p|| <= 2e-3 (5.6e-4) and every tensor <= 2e-2 (7.1e-3, a text-stream fc2 whose
+  tiny Adam-normalised grads amplify rounding flips); for scale, FP8 vs fp32 after the same
+  3 steps is 1.5e-2 overall and 0.20 for the worst tensor.
+* FP8 PP=2 vs FP8 on one rank (e4m3, bf16 params, gamma > 0 with the target on the first stage,
+  so the padded target travels in the pipeline message): losses and parameters identical up to
+  fp summation order (<= 1e-6; measured: bit-identical).
+* gamma > 0 in FP8 (e4m3, bf16 params): text_recon_loss > 0 and finite at every step, total loss
+  within 2 % of fp32 (measured 5.0e-4), the last block's text stream (used only by the recon
+  loss) is trained.
+* bf16 padded vs unpadded text, same weights: relative difference <= 2e-3 (below the 5.6e-3
+  bf16-vs-fp32 gap of the same model; measured: bit-identical on CPU).
+
+``--fp8-recipe delayed`` with the local backend being a clear error is tested in test_fp8.py
+(``test_settings_validation_and_delayed_needs_te``).
+"""
+import functools
+import math
+import os
+
+import pytest
+import torch
+
+from _ranks import run_ranks
+
+WORKER = "tests/_fp8_train_worker.py"
+TRACK_STEPS = 20
+CMP_STEPS = 3  # TP / PP comparisons
+RECON_STEPS = 6
+
+# (nproc, args): the four worker runs; the single-rank ones also give the TP / PP references.
+FP8_1 = (1, ("--fp8", "hybrid", "--ref", "fp32", "--steps", str(TRACK_STEPS), "--snapshot-at", str(CMP_STEPS)))
+FP8_TP2 = (2, ("--fp8", "hybrid", "--tp", "2", "--steps", str(CMP_STEPS)))
+RECON = ("--fp8", "e4m3", "--bf16", "--gamma", "0.5", "--target", "1")
+RECON_1 = (1, (*RECON, "--ref", "fp32", "--steps", str(RECON_STEPS), "--snapshot-at", str(CMP_STEPS)))
+RECON_PP2 = (2, (*RECON, "--pp", "2", "--steps", str(CMP_STEPS)))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("fp8_training"))
+
+
+@functools.lru_cache(maxsize=None)
+def _run(nproc: int, args: tuple, tmp_root: str):
+    out = os.path.join(tmp_root, f"n{nproc}_" + "_".join(a.strip("-") for a in args))
+    os.makedirs(out, exist_ok=True)
+    run_ranks(WORKER, nproc, [*args, "--out", out], timeout=240)
+    ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(nproc)]
+    params = {}
+    for r in ranks:
+        for k, v in r["params"].items():
+            params.setdefault(k, v)  # TP ranks hold identical gathered copies
+    return ranks, params
+
+
+def _rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def _tensor_rel(a, b):
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+def _global_rel(p, ref):
+    num = sum(float((p[k] - ref[k]).pow(2).sum()) for k in ref)
+    den = sum(float(ref[k].pow(2).sum()) for k in ref)
+    return math.sqrt(num / den)
+
+
+def _compare_parallel(root, run, ref_run, loss_tol, norm_tol, global_tol, tensor_tol):
+    ranks, params = _run(*run, root)
+    (ref,), ref_params = _run(*ref_run, root)
+    for r in ranks:
+        assert r["scaled_mm_calls"] > 0, "no FP8 GEMM ran"
+        for got, want in zip(r["losses"], ref["losses"][:CMP_STEPS], strict=False):
+            for k in ("loss", "denoise_loss", "text_recon_loss"):
+                assert _rel(got[k], want[k]) <= loss_tol, (k, got, want)
+    norms = [n for n in ranks[-1]["grad_norms"]]
+    for got, want in zip(norms, ref["grad_norms"][:CMP_STEPS]):
+        assert _rel(got, want) <= norm_tol, (norms, ref["grad_norms"])
+    assert params.keys() == ref_params.keys()
+    assert _global_rel(params, ref_params) <= global_tol
+    worst = max((_tensor_rel(params[k], ref_params[k]), k) for k in ref_params)
+    assert worst[0] <= tensor_tol, worst
+    return ranks, ref
+
+
+@pytest.mark.timeout(240)
+def test_fp8_training_tracks_fp32(root):
+    (r,), _ = _run(*FP8_1, root)
+    fp8 = [x["loss"] for x in r["losses"]]
+    fp32 = [x["loss"] for x in r["ref_losses"]]
+    assert len(fp8) == len(fp32) == TRACK_STEPS
+    # FP8 linears: 4 blocks x 2 streams x (qkv, proj, fc1, fc2) + 2 dual-attention blocks x
+    # (qkv, proj) = 36, minus the last block's unused text proj/fc1/fc2 (gamma = 0) = 33; each
+    # runs 3 GEMMs (forward, grad-input, grad-weight) per microbatch (4 per step).
+    assert r["scaled_mm_calls"] == 33 * 3 * 4 * TRACK_STEPS
+    assert all(math.isfinite(v) for v in fp8)
+    assert fp8 != fp32, "FP8 gave bit-identical losses: it did not run"
+    errs = [_rel(a, b) for a, b in zip(fp8, fp32)]
+    assert max(errs) <= 0.02, errs
+    assert sum(fp8[-5:]) < sum(fp8[:5])  # it learns
+
+
+@pytest.mark.timeout(240)
+def test_fp8_tp2_tracks_one_rank(root):
+    _compare_parallel(root, FP8_TP2, FP8_1, loss_tol=1e-5, norm_tol=1e-4, global_tol=2e-3,
+                      tensor_tol=2e-2)
+
+
+@pytest.mark.timeout(240)
+def test_fp8_with_text_recon(root):
+    (r,), _ = _run(*RECON_1, root)
+    assert r["scaled_mm_calls"] > 0
+    recon = [x["text_recon_loss"] for x in r["losses"]]
+    assert all(math.isfinite(v) and v > 0 for v in recon), recon
+    for a, b in zip(r["losses"], r["ref_losses"]):
+        assert math.isfinite(a["loss"]) and _rel(a["loss"], b["loss"]) <= 0.02, (a, b)
+        # same order of magnitude as fp32 (the recon loss is ~1e-5 here, so no tighter)
+        assert 0.5 <= a["text_recon_loss"] / b["text_recon_loss"] <= 2.0, (a, b)
+    # the last block's text stream feeds only the recon loss: it must be trained in FP8
+    assert "blocks.3.context_mlp.linear_fc2.weight" in r["moved"]
+
+
+@pytest.mark.timeout(240)
+def test_fp8_pp2_tracks_one_rank(root):
+    ranks, _ = _compare_parallel(root, RECON_PP2, RECON_1, loss_tol=1e-6, norm_tol=1e-6,
+                                 global_tol=1e-6, tensor_tol=1e-6)
+    assert ranks[0]["losses"][0]["text_recon_loss"] > 0
+
+
+def test_bf16_text_padding_changes_nothing(single_process):
+    """bf16 model (as Float16Module makes it) with text padded 13 -> 16 vs unpadded, same weights."""
+    from megatron_sd3.config import make_config
+    from megatron_sd3.models.sd3_model import SD3Model
+
+    def build(pad, bf16=True):
+        par = {"bf16": True, "params_dtype": torch.bfloat16} if bf16 else {}
+        if pad:
+            par["text_pad_multiple"] = pad
+        cfg = make_config("tiny", zero_init_adaln=False, text_seq_len=13, text_recon_gamma=0.5,
+                          text_recon_target_layer=1, parallel=par)
+        m = SD3Model(cfg)
+        return m.bfloat16() if bf16 else m
+
+    plain, padded = build(None), build(16)
+    assert padded.config.padded_text_len == 16 and plain.config.padded_text_len == 13
+    g = torch.Generator().manual_seed(0)
+    batch = dict(hidden_states=torch.randn(2, 16, 8, 6, generator=g),
+                 encoder_hidden_states=torch.randn(2, 13, 32, generator=g),
+                 pooled_projections=torch.randn(2, 32, generator=g),
+                 timestep=torch.tensor([100.0, 900.0]))
+    b16 = {k: v.to(torch.bfloat16) for k, v in batch.items()}
+    outs = []
+    for m in (plain, padded):
+        out = m(**b16)
+        assert all(o.dtype == torch.bfloat16 for o in out)
+        (out[0].float().square().mean() + out[1].float().square().mean()).backward()
+        outs.append(out)
+    for a, b in zip(*outs):
+        assert a.shape == b.shape
+        assert _tensor_rel(a.float(), b.float()) <= 2e-3
+    gp, gq = dict(plain.named_parameters()), dict(padded.named_parameters())
+    for k, p in gp.items():
+        if p.grad is not None:
+            assert _tensor_rel(p.grad.float(), gq[k].grad.float()) <= 2e-3, k
+    # the tolerance is below the bf16 rounding of this model (bf16 vs fp32 on the same weights)
+    ref = build(None, bf16=False)(**batch)
+    assert _tensor_rel(outs[0][0].float(), ref[0]) > 2e-3
