@@ -23,8 +23,11 @@ demo: $(STAMP)
 	CONFIG=configs/sd3_light_tiny.toml bash launch.sh --pipeline-model-parallel-size 2 \
 	    --save runs/demo/checkpoints --metrics-file runs/demo/metrics.jsonl
 
+# CPU-sized on this machine; on a GPU, tools/gpu_check.sh runs the sd3_light throughput table.
 bench: $(STAMP)
 	$(PY) tools/bench_model.py
+	$(PY) tools/bench_throughput.py
+	$(PY) tools/bench_data.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
