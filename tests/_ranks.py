@@ -36,3 +36,19 @@ def run_ranks(script: str, nproc: int, args: list[str], timeout: float = 240, en
     if failed:
         raise AssertionError(f"ranks {failed} of {script} failed:\n" + "\n".join(logs[r][-3000:] for r in failed))
     return logs
+
+
+def run_training_worker(script: str, nproc: int, args: list[str], root: str, timeout: float = 300):
+    """Run a training worker that saves ``rank{R}.pt`` ({"params": {global name: full tensor}, ...})
+    into a folder named after its arguments; returns (per-rank dicts, merged full parameters)."""
+    import torch
+
+    out = os.path.join(root, f"n{nproc}_" + "_".join(a.strip("-") for a in args))
+    os.makedirs(out, exist_ok=True)
+    run_ranks(script, nproc, [*args, "--out", out], timeout=timeout)
+    ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(nproc)]
+    params = {}
+    for r in ranks:
+        for k, v in r.get("params", {}).items():
+            params.setdefault(k, v)  # TP ranks hold identical gathered copies
+    return ranks, params

@@ -30,12 +30,11 @@ Bounds (measured on the 2-core CPU machine, 2026-11):
 """
 import functools
 import math
-import os
 
 import pytest
 import torch
 
-from _ranks import run_ranks
+from _ranks import run_training_worker
 
 WORKER = "tests/_fp8_train_worker.py"
 TRACK_STEPS = 20
@@ -57,15 +56,7 @@ def root(tmp_path_factory):
 
 @functools.lru_cache(maxsize=None)
 def _run(nproc: int, args: tuple, tmp_root: str):
-    out = os.path.join(tmp_root, f"n{nproc}_" + "_".join(a.strip("-") for a in args))
-    os.makedirs(out, exist_ok=True)
-    run_ranks(WORKER, nproc, [*args, "--out", out], timeout=240)
-    ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(nproc)]
-    params = {}
-    for r in ranks:
-        for k, v in r["params"].items():
-            params.setdefault(k, v)  # TP ranks hold identical gathered copies
-    return ranks, params
+    return run_training_worker(WORKER, nproc, list(args), tmp_root, timeout=240)
 
 
 def _rel(a, b):

@@ -4,12 +4,10 @@ Each case trains the tiny preset (4 joint blocks) for a few optimizer steps on t
 batch with megatron-core's schedules, DDP and optimizer, then compares with one process.
 """
 import functools
-import os
 
 import pytest
-import torch
 
-from _ranks import run_ranks
+from _ranks import run_training_worker
 
 WORKER = "tests/_parallel_worker.py"
 STEPS = "2"
@@ -17,15 +15,7 @@ STEPS = "2"
 
 @functools.lru_cache(maxsize=None)
 def _run(nproc: int, args: tuple, tmp_root: str):
-    out = os.path.join(tmp_root, f"n{nproc}_" + "_".join(a.strip("-") for a in args))
-    os.makedirs(out, exist_ok=True)
-    run_ranks(WORKER, nproc, [*args, "--steps", STEPS, "--out", out], timeout=300)
-    ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(nproc)]
-    params = {}
-    for r in ranks:
-        for k, v in r["params"].items():
-            params.setdefault(k, v)  # TP ranks hold identical gathered copies
-    return ranks, params
+    return run_training_worker(WORKER, nproc, [*args, "--steps", STEPS], tmp_root, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +30,8 @@ def _rel(a, b):
 
 def _compare(root, nproc, args, ref_args):
     ranks, params = _run(nproc, tuple(args), root)
-    _, ref_params = _run(1, tuple(ref_args), root)
-    ref_losses = torch.load(os.path.join(root, "n1_" + "_".join(a.strip("-") for a in ref_args), "rank0.pt"))["losses"]
+    ref_ranks, ref_params = _run(1, tuple(ref_args), root)
+    ref_losses = ref_ranks[0]["losses"]
     for r in ranks:
         for got, want in zip(r["losses"], ref_losses):
             for k in ("loss", "denoise_loss", "text_recon_loss"):
