@@ -9,18 +9,19 @@
 # exists). Everything it writes goes to $OUT (default runs/gpu_check/): gpu_check.log (progress
 # with timestamps), one log per step, fp8_gpu.json, fp8_train/, bench.json, bench_compiled.json.
 #
-# Steps (GPU), each under `timeout` so the whole script stays inside --budget (default 330 s):
+# Steps (GPU), each under `timeout` so the whole script stays inside --budget (default 330 s),
+# in order of value (a cut keeps the most important results):
 #   1. environment + imports
-#   2. tests/_fp8_gpu_check.py --no-compile: FP8 vs bf16 vs fp32 on one MMDiT MLP at SD3 sizes
-#      (hidden 1536, 336 text tokens), the 333-token case, eager MLP timing
+#   2. tools/bench_throughput.py, eager: sd3_light (15 blocks) at 1024 px (micro batch 4) and
+#      256 px (micro batch 32), bf16 vs FP8 (torchao; TE too if installed), text recon off/on
 #   3. FP8 vs bf16 loss tracking on SD3-sized blocks: tests/_fp8_train_worker.py with the
 #      sd3_light widths (2 joint blocks, hidden 1536, 24 heads, 333 text tokens of width 4096 ->
 #      padded to 336), 256 px, text recon on (gamma 0.5, target 1), bf16 params, 10 steps of the
 #      real training path; passes when the loss gap stays <= 5 % at every step
-#   4. tools/bench_throughput.py, eager: sd3_light (15 blocks) at 1024 px (micro batch 4) and
-#      256 px (micro batch 32), bf16 vs FP8 (torchao; TE too if installed), text recon off/on
-#   5. unless --no-compile and if >= 100 s remain: the same at 1024 px, recon off, FP8 then
+#   4. unless --no-compile and if >= 100 s remain: the bench at 1024 px, recon off, FP8 then
 #      bf16, with the joint blocks torch.compile'd (compile time excluded from ms/iter)
+#   5. if >= 40 s remain: tests/_fp8_gpu_check.py --no-compile (FP8 vs bf16 vs fp32 on one MMDiT
+#      MLP at SD3 sizes, the 333-token case, eager MLP timing)
 # Without CUDA (a development machine) it runs the same chain on the tiny preset on CPU, so the
 # script itself is tested; --dry-run only prints the commands of the GPU plan.
 set -uo pipefail
@@ -129,28 +130,27 @@ fi
 
 # --- 2-5. the checks -----------------------------------------------------------------------
 if [ "$CUDA" = 1 ]; then
-  step fp8_layer_check $(( $(left) < 75 ? $(left) : 75 )) \
-    "$PY" tests/_fp8_gpu_check.py --no-compile --out "$OUT"
-  mkdir -p "$OUT/fp8_train"
-  step fp8_train_tracking $(( $(left) < 90 ? $(left) : 90 )) \
-    "$PY" tests/_fp8_train_worker.py --preset sd3_light --num-layers 2 --latent 32 --text-len 333 \
-      --fp8 hybrid --bf16 --ref bf16 --gamma 0.5 --target 1 --steps 10 --gbs 8 --mbs 4 --lr 3e-4 \
-      --no-params --out "$OUT/fp8_train"
-  BENCH_LIMIT=$(( $(left) - (COMPILE ? 100 : 5) ))
-  [ $BENCH_LIMIT -gt 200 ] && BENCH_LIMIT=200
+  # Order by value: the throughput table first (its JSON is rewritten after every row, so a cut
+  # keeps what was measured), then FP8-vs-bf16 training on SD3-sized blocks, then the rest.
+  BENCH_LIMIT=$(( $(left) - 70 ))
+  [ $BENCH_LIMIT -gt 190 ] && BENCH_LIMIT=190
   step bench "$BENCH_LIMIT" \
     "$PY" tools/bench_throughput.py --preset sd3_light --resolution 1024 256 --micro-batch-size 4 32 \
       --warmup 3 --iters 5 --variants bf16 fp8-local fp8-te --recon off on \
       --time-budget $((BENCH_LIMIT - 25)) --json "$OUT/bench.json"
-  if [ "$COMPILE" = 1 ]; then
-    if [ "$(left)" -ge 100 ]; then
-      step bench_compiled $(( $(left) - 5 )) \
-        "$PY" tools/bench_throughput.py --preset sd3_light --resolution 1024 --micro-batch-size 4 \
-          --warmup 3 --iters 5 --variants fp8-local bf16 --recon off --compile on \
-          --time-budget $(( $(left) - 40 )) --json "$OUT/bench_compiled.json"
-    else
-      log "SKIP bench_compiled: $(left)s left (< 100 s)"
-    fi
+  mkdir -p "$OUT/fp8_train"
+  step fp8_train_tracking $(( $(left) - 5 < 65 ? $(left) - 5 : 65 )) \
+    "$PY" tests/_fp8_train_worker.py --preset sd3_light --num-layers 2 --latent 32 --text-len 333 \
+      --fp8 hybrid --bf16 --ref bf16 --gamma 0.5 --target 1 --steps 10 --gbs 8 --mbs 4 --lr 3e-4 \
+      --no-params --out "$OUT/fp8_train"
+  if [ "$COMPILE" = 1 ] && [ "$(left)" -ge 100 ]; then
+    step bench_compiled $(( $(left) - 5 )) \
+      "$PY" tools/bench_throughput.py --preset sd3_light --resolution 1024 --micro-batch-size 4 \
+        --warmup 3 --iters 5 --variants fp8-local bf16 --recon off --compile on \
+        --time-budget $(( $(left) - 40 )) --json "$OUT/bench_compiled.json"
+  fi
+  if [ "$(left)" -ge 40 ]; then
+    step fp8_layer_check $(( $(left) - 5 )) "$PY" tests/_fp8_gpu_check.py --no-compile --out "$OUT"
   fi
 else
   log "no CUDA: CPU version on the tiny preset (tests the script; numbers mean nothing)"
