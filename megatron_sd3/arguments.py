@@ -241,7 +241,9 @@ def validate(args) -> None:
 
 def effective_config(args) -> dict[str, Any]:
     """The run's configuration as printed at start and saved beside the checkpoints."""
-    out = {k: v for k, v in vars(args).items() if k not in ("model",)}
+    model_flags = {"preset", "text_recon_gamma", "text_recon_target_layer", "pseudo_huber_c", "num_layers",
+                   "hidden_size", "num_attention_heads"}  # their effective values are under "model"
+    out = {k: v for k, v in vars(args).items() if k != "model" and k not in model_flags}
     out["model"] = dict(args.model)
     return json.loads(json.dumps(out, default=list))
 

@@ -269,21 +269,9 @@ def require_torchao() -> None:
         )
 
 
-def have_transformer_engine() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # ImportError, or a broken install raising at import
-        return False
-    return True
-
-
-def require_transformer_engine() -> None:
-    """One clear line when TE is asked for but absent."""
-    if not have_transformer_engine():
-        raise RuntimeError(
-            "--transformer-impl transformer_engine needs NVIDIA Transformer Engine, which is not "
-            "installed (import transformer_engine.pytorch failed); use --transformer-impl local"
-        )
+# One availability check for the whole package (the spec provider's).
+from megatron_sd3.models.mmdit_layer_specs import require_transformer_engine  # noqa: E402
+from megatron_sd3.models.mmdit_layer_specs import transformer_engine_available as have_transformer_engine  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------

@@ -345,10 +345,13 @@ def test_mmdit_flops_formula():
         + 2 * 2 * (6 * h * h)  # adaLN modulation, both streams, per sample
         + 2 * 2 * s * s * h  # scores + values
     )
-    assert mmdit_flops_per_sample(L, h, f, i, t) == L * per_layer
+    assert mmdit_flops_per_sample(L, h, f, i, t, text_recon=True) == L * per_layer
+    # without text recon nothing reads the last block's text output: its out proj + MLP are skipped
+    unused = 2 * (h * h + 2 * h * f) * t
+    assert mmdit_flops_per_sample(L, h, f, i, t) == L * per_layer - unused
     dual = 2 * (3 * h * h + h * h) * i + 2 * 2 * i * i * h + 2 * 3 * h * h  # + 3 more mod chunks
-    assert mmdit_flops_per_sample(L, h, f, i, t, dual_attention_layers=1) == L * per_layer + dual
-    assert mmdit_flops_per_sample(L, h, f, i, t, training=True) == 3 * L * per_layer
+    assert mmdit_flops_per_sample(L, h, f, i, t, 1, True) == L * per_layer + dual
+    assert mmdit_flops_per_sample(L, h, f, i, t, text_recon=True, training=True) == 3 * L * per_layer
     # SD3 at 1024 px (64x64 patches = 4096 img tokens, 333 text tokens): a 2B model, ~1e13 F/sample
     fl = mmdit_flops_per_sample(24, 1536, 6144, 4096, 333)
     assert 5e12 < fl < 5e13

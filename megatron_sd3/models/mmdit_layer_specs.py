@@ -93,21 +93,26 @@ class SD3LocalSpecProvider(LocalSpecProvider):
 
 def transformer_engine_available() -> bool:
     try:
-        import transformer_engine  # noqa: F401
-    except Exception:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising at import
         return False
     return True
+
+
+def require_transformer_engine() -> None:
+    """One clear line when TE is asked for but absent."""
+    if not transformer_engine_available():
+        raise RuntimeError(
+            "--transformer-impl transformer_engine needs NVIDIA Transformer Engine, which is not "
+            "installed; install it (pip install transformer_engine[pytorch]) or use "
+            "--transformer-impl local")
 
 
 def get_spec_provider(transformer_impl: str = "local", fp8: bool = False) -> BackendSpecProvider:
     if transformer_impl == "local":
         return SD3LocalSpecProvider(fp8=fp8)
     if transformer_impl == "transformer_engine":
-        if not transformer_engine_available():
-            raise RuntimeError(
-                "--transformer-impl transformer_engine needs NVIDIA Transformer Engine, which is not "
-                "installed; install it (pip install transformer_engine[pytorch]) or use "
-                "--transformer-impl local")
+        require_transformer_engine()
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
         return TESpecProvider()

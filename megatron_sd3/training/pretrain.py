@@ -30,7 +30,8 @@ from megatron_sd3.flow_matching import FlowMatchingConfig
 from megatron_sd3.training import checkpointing as ckpt
 from megatron_sd3.training.ema import EMA
 from megatron_sd3.training.parallel_layout import LayoutError, check_layout, pipeline_config_fields, stage_layers
-from megatron_sd3.training.step import TrainStep, build_model, build_optimizer, unwrap, wrap_ddp, wrap_float16
+from megatron_sd3.training.step import (
+    TrainStep, build_model, build_optimizer, microbatch_stream, unwrap, wrap_ddp, wrap_float16)
 
 
 class SignalHandler:
@@ -281,7 +282,7 @@ def pretrain(args, plan) -> int:
             _print0(f" > saved checkpoint {path}")
 
     while iteration < args.train_iters:
-        mbs = [next(data_iter) for _ in range(step.num_microbatches)] if data_iter is not None else None
+        mbs = microbatch_stream(data_iter, step.num_microbatches) if data_iter is not None else None
         res = step(mbs, consumed)
         iteration += 1
         consumed += args.global_batch_size
