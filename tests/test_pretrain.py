@@ -46,6 +46,10 @@ def test_resume_equals_uninterrupted_and_reshards(tmp_path):
     assert "differs from this run's" in logs[0]
     for it in (5, 6):
         assert abs(single[it]["loss"] - full[it]["loss"]) <= 1e-5 * abs(full[it]["loss"])
+    # ... on TP=2 (weights and optimizer state split differently) ...
+    tp2, _ = _train(tmp, "tp2", 2, ["--tensor-model-parallel-size", "2", "--train-iters", "6", "--load", ck])
+    for it in (5, 6):
+        assert abs(tp2[it]["loss"] - full[it]["loss"]) <= 1e-5 * abs(full[it]["loss"])
     # ... and on PP=2 with 2 interleaved virtual stages per rank (model chunks "model0", "model1")
     inter, _ = _train(tmp, "vpp", 2, [*pp2, "--num-virtual-stages-per-pipeline-rank", "2",
                                       "--train-iters", "6", "--load", ck])

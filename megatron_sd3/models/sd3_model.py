@@ -21,6 +21,7 @@ import contextlib
 from typing import Optional
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
@@ -164,10 +165,14 @@ class SD3Model(MegatronModule):
         PP split; the dict keys stay local, as ``load_state_dict`` wants them (what megatron's
         TransformerBlock does)."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
+        # embeddings and head are plain torch modules, replicated over TP: megatron needs the TP
+        # group to give each TP rank its own replica id (else all ranks claim the main replica)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
         out = {}
         for name, module in self.named_children():
             if name != "blocks":
-                out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+                out.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                      tp_group=tp_group))
         for i, block in enumerate(self.blocks):
             local = f"{prefix}blocks.{i}."
             block_sd = sharded_state_dict_default(block, local, sharded_offsets, metadata)
