@@ -167,3 +167,15 @@ def test_damaged_and_mismatched_checkpoints(tmp_path):
     (ck / "latest_checkpointed_iteration.txt").write_text("7")
     r = _run1(["--config", "configs/sd3_light_tiny.toml", *short, "--train-iters", "8", "--load", str(ck)])
     assert r.returncode == 2 and "iter_0000007/ is missing" in r.stderr
+
+
+@pytest.mark.timeout(400)
+def test_distributed_optimizer_resume_dp2(tmp_path):
+    """DP=2 with megatron's distributed optimizer (sharded Adam state): resume equals uninterrupted."""
+    tmp, dist_opt = str(tmp_path), ["--use-distributed-optimizer", "--mock-with-mask"]
+    full, _ = _train(tmp, "full", 2, [*dist_opt, "--train-iters", "6"])
+    ck = os.path.join(tmp, "ck")
+    _train(tmp, "first", 2, [*dist_opt, "--train-iters", "4", "--save", ck])
+    resumed, _ = _train(tmp, "resumed", 2, [*dist_opt, "--train-iters", "6", "--load", ck])
+    for it in (5, 6):
+        assert resumed[it]["loss"] == full[it]["loss"], (it, resumed[it], full[it])
