@@ -81,3 +81,16 @@ def test_transformer_engine_without_te_is_a_clear_error():
 def test_transformer_engine_spec_builds(single_process):
     spec = get_mmdit_layer_spec("transformer_engine")
     SD3Model(make_config("tiny"), layer_spec=spec)
+
+
+def test_pipeline_message_sizes_for_sd3_light_at_1024px():
+    """(S_img + S_txt + [S_txt if gamma > 0] + 1) x micro_batch x hidden x dtype size."""
+    from megatron_sd3.models.packing import ActivationLayout
+
+    cfg = make_config("sd3_light")
+    n_img = cfg.num_image_tokens(128, 128)  # 1024 px -> 128x128 latent -> 64x64 patches
+    off = ActivationLayout(n_img, cfg.padded_text_len, carry_target=False)
+    on = ActivationLayout(n_img, cfg.padded_text_len, carry_target=True)
+    assert (n_img, off.seq_len, on.seq_len) == (4096, 4430, 4763)
+    assert off.bytes_per_message(1, cfg.hidden_size, torch.bfloat16) == 4430 * 1536 * 2 == 13_608_960
+    assert on.bytes_per_message(1, cfg.hidden_size, torch.bfloat16) == 14_631_936

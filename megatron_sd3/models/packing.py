@@ -32,9 +32,6 @@ class ActivationLayout:
         """The sequence length megatron is told (``config.seq_length`` / tensor_shape[0])."""
         return self.n_img + self.n_txt * (2 if self.carry_target else 1) + 1
 
-    def tensor_shape(self, micro_batch: int, hidden: int) -> tuple[int, int, int]:
-        return (self.seq_len, micro_batch, hidden)
-
     def bytes_per_message(self, micro_batch: int, hidden: int, dtype: torch.dtype) -> int:
         return self.seq_len * micro_batch * hidden * torch.tensor([], dtype=dtype).element_size()
 
