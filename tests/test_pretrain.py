@@ -179,3 +179,14 @@ def test_distributed_optimizer_resume_dp2(tmp_path):
     resumed, _ = _train(tmp, "resumed", 2, [*dist_opt, "--train-iters", "6", "--load", ck])
     for it in (5, 6):
         assert resumed[it]["loss"] == full[it]["loss"], (it, resumed[it], full[it])
+
+
+@pytest.mark.timeout(200)
+def test_nan_losses_are_skipped_then_stop_the_run():
+    """An absurd learning rate blows the weights up: NaN iterations are skipped and counted, and
+    --max-skipped-iters in a row stops the run with a clear message and a non-zero exit."""
+    r = _run1(["--config", "configs/sd3_light_tiny.toml", "--lr", "1e30", "--lr-warmup-iters", "0",
+               "--train-iters", "10", "--max-skipped-iters", "3", "--log-interval", "1", "--no-progress"])
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "3 iterations in a row had a NaN/Inf loss" in r.stdout
+    assert "skipped iterations: 3" in r.stdout and "stopped: diverged at iteration 4/10" in r.stdout
