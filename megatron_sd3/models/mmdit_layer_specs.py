@@ -47,7 +47,15 @@ class LocalColumnParallelLinear(ColumnParallelLinear):
     autograd's own backward) whenever megatron's custom autograd function would do nothing more
     (e.g. TP = 1). megatron's function runs matmul + a separate bias add forward and a Python
     backward with extra copies: ~5% of a CPU training step at bench size (tools/bench_model.py).
-    Same math; results agree with megatron's to float rounding (addmm vs matmul + add)."""
+    Same math; results agree with megatron's to float rounding (addmm vs matmul + add).
+
+    ``skip_bias_add`` (which megatron's ``MLP`` always asks for, to fuse the bias into its
+    activation) is honoured by adding the bias inside the GEMM and returning ``None`` as the
+    bias, which ``MLP`` reads as "already added": the bias of a column-parallel layer is local
+    to the rank, so where it is added does not change the math."""
+
+    def __init__(self, *args, skip_bias_add: bool = False, **kwargs):
+        super().__init__(*args, skip_bias_add=False, **kwargs)
 
     def _forward_impl(self, input, weight, bias=None, **kwargs):
         if _plain_linear_ok(**kwargs):
@@ -56,7 +64,16 @@ class LocalColumnParallelLinear(ColumnParallelLinear):
 
 
 class LocalRowParallelLinear(RowParallelLinear):
-    """``RowParallelLinear`` with the same ``F.linear`` fast path (its TP all-reduce stays)."""
+    """``RowParallelLinear`` with the same ``F.linear`` fast path. Its bias must be added after
+    the TP all-reduce, so with TP > 1 megatron's forward runs unchanged; with TP = 1 (nothing to
+    reduce) the whole layer is one ``F.linear`` with the bias fused, and ``skip_bias_add``
+    returns ``None`` as the bias (already added)."""
+
+    def forward(self, input_):
+        if self.tp_group.size() == 1 and not self.sequence_parallel and _plain_linear_ok(
+                gradient_accumulation_fusion=self.gradient_accumulation_fusion):
+            return F.linear(input_, self.weight, self.bias), None
+        return super().forward(input_)
 
     def _forward_impl(self, input, weight, bias=None, **kwargs):
         if _plain_linear_ok(**kwargs):
