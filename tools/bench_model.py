@@ -2,7 +2,8 @@
 """Model step time on this CPU: our ``SD3Model`` vs diffusers' ``SD3Transformer2DModel``, and
 our step with text reconstruction on vs off.
 
-    python tools/bench_model.py                  # the default config (a few tens of seconds)
+    python tools/bench_model.py                  # the default config (about 80 s)
+    python tools/bench_model.py --blocks 4 --dual-blocks 2 --iters 10   # a quick, shallow one
     python tools/bench_model.py --json out.json  # also write the numbers as JSON
 
 One step = forward + loss + backward, gradients zeroed with ``set_to_none`` before each step as
@@ -16,8 +17,9 @@ rounds) and the goals use the median of per-round ratios.
 * ``ours_trunc_text`` (extra line): recon off but the last block's text stream computed,
   forward and backward: isolates the cost of the recon loss itself.
 
-Variants (default: SD3.5-medium-like structure at CPU size: qk rms-norm, dual attention on
-the first blocks, hidden 256, 4 blocks, 32x32 latents, 154 text tokens, batch 2):
+Variants (default: sd3_light's structure at CPU width: 16 SD3.5-medium-like blocks, qk rms-norm,
+dual attention on blocks 0-12, truncated to the first 15 for the recon comparison, as sd3_light
+is; hidden 256, 32x32 latents, 154 text tokens, batch 2):
 
 * ``diffusers``    diffusers' model, all blocks (the last drops its text stream), MSE loss;
 * ``ours``         ours converted from it, same layout, same loss;
@@ -52,8 +54,9 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=256, help="hidden size (heads * head_dim)")
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--blocks", type=int, default=4, help="joint blocks of the diffusers model")
-    p.add_argument("--dual-blocks", type=int, default=2, help="first N blocks have dual attention")
+    p.add_argument("--blocks", type=int, default=16,
+                   help="joint blocks of the diffusers model (the recon comparison keeps blocks - 1: sd3_light's 15)")
+    p.add_argument("--dual-blocks", type=int, default=13, help="first N blocks have dual attention (SD3.5-medium: 13)")
     p.add_argument("--latent", type=int, default=32, help="latent side (patch 2 -> (latent/2)^2 image tokens)")
     p.add_argument("--text-len", type=int, default=154, help="text tokens (77 CLIP + 77 T5)")
     p.add_argument("--text-width", type=int, default=512, help="width of the text-encoder tokens")
@@ -64,7 +67,7 @@ def build_parser():
                         "box every multi-threaded op waits for its slowest thread, which makes timings "
                         "swing by 10x under load; 0 = all cores)")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds")
-    p.add_argument("--iters", type=int, default=10, help="timed rounds")
+    p.add_argument("--iters", type=int, default=6, help="timed rounds")
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="ours counts as no slower than diffusers within this fraction (noise)")
     p.add_argument("--recon-goal", type=float, default=0.03, help="max text-recon overhead")
