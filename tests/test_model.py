@@ -64,6 +64,51 @@ def test_text_padding_changes_nothing(single_process):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_text_pads_stay_out_of_attention_without_a_mask(single_process, monkeypatch):
+    """Padded text: every joint attention runs over [image | real text] with no mask (so the
+    fused flash/cuDNN kernels stay usable); the pads get a zero attention output."""
+    import torch.nn.functional as F
+
+    m = _model(text_recon_gamma=0.5, parallel={"text_pad_multiple": 24})
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        calls.append((q.shape[2], k.shape[2], attn_mask))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    batch = _batch(m.config)
+    m(**batch)
+    n_img = m.config.num_image_tokens(8, 6)
+    joint = [c for c in calls if c[1] != n_img]  # MMDiT-X's image-only attentions aside
+    assert len(joint) == m.config.num_layers
+    assert all(c == (n_img + 16, n_img + 16, None) for c in calls if c[1] != n_img), calls
+    x, c, y = m.embeddings(*batch.values())
+    c = torch.cat([c, c.new_zeros(8, *c.shape[1:])])
+    _, c_attn = m.blocks[0].attention(x, c, text_len=16)
+    assert c_attn.shape[0] == 24 and torch.all(c_attn[16:] == 0) and c_attn[:16].abs().sum() > 0
+
+
+def test_attention_backend_picks_the_kernel(single_process):
+    """Megatron's --attention-backend names map onto torch's SDPA kernels: same numbers from
+    flash and unfused (math) as from auto; fused (cuDNN) has no CPU kernel and says so."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    outs = {}
+    for name in ("auto", "flash", "unfused", "fused"):
+        m = _model(text_recon_gamma=0.5, parallel={"attention_backend": AttnBackend[name]})
+        batch = _batch(m.config)
+        if name == "fused" and not torch.cuda.is_available():
+            with pytest.raises(RuntimeError, match="No viable backend|No available kernel"):
+                m(**batch)
+            continue
+        outs[name] = m(**batch)
+    for name in ("flash", "unfused"):
+        for a, b in zip(outs[name], outs["auto"]):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+
+
 def test_sharded_state_dict_keys_are_global(single_process):
     m = _model()
     sd = m.sharded_state_dict()

@@ -24,7 +24,8 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.enums import AttnBackend, AttnMaskType
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import divide
@@ -39,17 +40,35 @@ class SDPACoreAttention(MegatronModule):
     ``query/key/value [s, b, heads_local, head_dim]`` -> ``[s, b, heads_local * head_dim]``.
     ``attention_mask`` follows megatron's convention (``True`` = masked out), broadcastable to
     ``[b, 1, s_q, s_k]``; megatron-core's local ``DotProductAttention`` needs a CUDA buffer.
+
+    ``config.attention_backend`` (Megatron-LM's ``--attention-backend``) picks torch's kernel:
+    ``flash`` -> FlashAttention-2, ``fused`` -> cuDNN fused attention (what TE's "fused" is),
+    ``unfused``/``local`` -> the math path, ``auto`` -> torch's own choice. A kernel that cannot
+    run the call raises (torch: "No viable backend") rather than silently falling back.
     """
+
+    BACKENDS = {
+        AttnBackend.flash: [SDPBackend.FLASH_ATTENTION],
+        AttnBackend.fused: [SDPBackend.CUDNN_ATTENTION],
+        AttnBackend.unfused: [SDPBackend.MATH],
+        AttnBackend.local: [SDPBackend.MATH],
+        AttnBackend.auto: None,
+    }
 
     def __init__(self, config, layer_number, attn_mask_type=AttnMaskType.no_mask,
                  attention_type="self", **kwargs):
         super().__init__(config=config)
+        self.backends = self.BACKENDS[config.attention_backend]
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, **kwargs):
         s, b, n, d = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
         keep = None if attention_mask is None else ~attention_mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.0)
+        if self.backends is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.0)
+        else:
+            with sdpa_kernel(self.backends):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.0)
         return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
 
 
@@ -98,7 +117,7 @@ class JointAttention(MegatronModule):
                     **{**lin, "init_method": config.output_layer_init_method}))
         self.core_attention = build_module(
             submodules.core_attention, config=config, layer_number=layer_number,
-            attn_mask_type=AttnMaskType.padding, attention_type="self")
+            attn_mask_type=AttnMaskType.no_mask, attention_type="self")
 
     def _qkv(self, pre: str, hidden: torch.Tensor):
         out, _ = getattr(self, pre + "linear_qkv")(hidden)
@@ -110,21 +129,29 @@ class JointAttention(MegatronModule):
         return q, k, v
 
     def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None):
+                text_len: Optional[int] = None):
+        """``text_len``: how many of ``c``'s tokens are real when the text stream is padded (FP8
+        GEMM alignment). The pads are left out of the attention sequence itself, so no mask is
+        needed and the fused (flash/cuDNN) kernels stay usable; their attention output is zero."""
         q, k, v = self._qkv("", x)
         n_img = x.shape[0]
+        n_pad = 0
         if self.with_context:
             qc, kc, vc = self._qkv("context_", c)
+            if text_len is not None and text_len < c.shape[0]:
+                n_pad = c.shape[0] - text_len
+                qc, kc, vc = qc[:text_len], kc[:text_len], vc[:text_len]
             # Concatenated batch-major ([b, S, n, d], handed on as an [S, b, n, d] view): the
             # attention kernel then reads each head's sequence with a stride of one row of h
             # (as diffusers' layout) rather than b rows; same values, ~2% of a CPU step.
             q, k, v = (torch.cat([t.transpose(0, 1) for t in pair], dim=1).transpose(0, 1)
                        for pair in ((q, qc), (k, kc), (v, vc)))
-        out = self.core_attention(q, k, v, attention_mask=attention_mask,
-                                  attn_mask_type=AttnMaskType.padding if attention_mask is not None
-                                  else AttnMaskType.no_mask)
+        out = self.core_attention(q, k, v, attention_mask=None, attn_mask_type=AttnMaskType.no_mask)
         x_out, _ = self.linear_proj(out[:n_img])
-        return x_out, out[n_img:]
+        c_out = out[n_img:]
+        if n_pad:
+            c_out = F.pad(c_out, (0, 0, 0, 0, 0, n_pad))
+        return x_out, c_out
 
     def project_context(self, c_attn: torch.Tensor) -> torch.Tensor:
         return self.context_linear_proj(c_attn)[0]
@@ -186,8 +213,9 @@ class MMDiTLayer(MegatronModule):
         out, bias = mlp(t)
         return out if bias is None else out + bias
 
-    def forward(self, x, c, y, attention_mask=None):
-        """x [S_img, B, h], c [S_txt, B, h], y [B, h] -> (x, c or None)."""
+    def forward(self, x, c, y, text_len: Optional[int] = None):
+        """x [S_img, B, h], c [S_txt, B, h], y [B, h] -> (x, c or None). ``text_len``: the real
+        text tokens when ``c`` carries pads (see ``JointAttention.forward``)."""
         sy = F.silu(y)
         mod = self.adaln(sy).chunk(9 if self.use_dual_attention else 6, dim=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
@@ -201,7 +229,7 @@ class MMDiTLayer(MegatronModule):
 
         x_norm = F.layer_norm(x, (x.shape[-1],), eps=1e-6)
         x_attn, c_attn = self.attention(x_norm * (1 + scale_msa[None]) + shift_msa[None], c_in,
-                                        attention_mask=attention_mask)
+                                        text_len=text_len)
         x = x + gate_msa[None] * x_attn
         if self.use_dual_attention:
             shift2, scale2, gate2 = mod[6:]

@@ -59,6 +59,12 @@ class SD3Model(MegatronModule):
             layer_spec = get_mmdit_layer_spec(transformer_impl, qk_norm=config.qk_norm,
                                               fp8=bool(config.fp8))
         self.transformer_impl = transformer_impl
+        if transformer_impl == "transformer_engine":
+            # TE picks its attention kernel from NVTE_* variables: megatron's own mapping of
+            # config.attention_backend onto them (the local filling reads the config directly).
+            from megatron.core.models.common.language_module.language_module import LanguageModule
+
+            LanguageModule._set_attention_backend(self)
         if config.fp8:  # torchao (local) or TE: imported only when FP8 is asked for
             from megatron_sd3.fp8 import get_fp8_context
 
@@ -93,15 +99,6 @@ class SD3Model(MegatronModule):
         cfg = self.config
         return ActivationLayout(n_img=cfg.num_image_tokens(*latent_hw), n_txt=cfg.padded_text_len,
                                 carry_target=cfg.text_recon)
-
-    def attention_mask(self, n_img: int, device) -> Optional[torch.Tensor]:
-        """Key-padding mask (True = masked) for padded text tokens; None without padding."""
-        cfg = self.config
-        if cfg.padded_text_len == cfg.text_seq_len:
-            return None
-        mask = torch.zeros(1, 1, 1, n_img + cfg.padded_text_len, dtype=torch.bool, device=device)
-        mask[..., n_img + cfg.text_seq_len:] = True
-        return mask
 
     def set_input_tensor(self, input_tensor) -> None:
         """Megatron's schedules hand the previous stage's output here (a list of one tensor)."""
@@ -143,11 +140,12 @@ class SD3Model(MegatronModule):
         else:
             x, c, target, y = layout.unpack(self.input_tensor)
 
-        mask = self.attention_mask(layout.n_img, x.device)
+        # Padded text (FP8): the blocks keep the pads out of attention (no mask needed).
+        text_len = cfg.text_seq_len if layout.n_txt > cfg.text_seq_len else None
         for block in self.blocks:
             # FP8 GEMMs inside the blocks only (embedders, adaLN and head stay high precision).
             with self._fp8_context(block.layer_number):
-                x, c = block(x, c, y, attention_mask=mask)
+                x, c = block(x, c, y, text_len=text_len)
             if cfg.text_recon and block.layer_number == cfg.text_recon_target_layer:
                 target = c.detach()
 
