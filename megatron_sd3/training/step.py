@@ -40,6 +40,7 @@ from megatron_sd3.flow_matching import FlowMatchingConfig, drop_text, make_flow_
 from megatron_sd3.loss import denoise_terms, expand_mask, split_output, text_recon_terms
 from megatron_sd3.models.packing import ActivationLayout
 from megatron_sd3.models.sd3_model import SD3Model
+from megatron_sd3.training import multi_tensor
 
 
 def unwrap(model) -> SD3Model:
@@ -67,6 +68,22 @@ def build_model(cfg: SD3Config, transformer_impl: str = "local") -> list[SD3Mode
     return chunks
 
 
+def compile_blocks(chunks) -> int:
+    """``torch.compile`` every joint block in place (``--torch-compile``).
+
+    ``module.compile()`` keeps parameter names, DDP's hooks and the optimizer as they are; only
+    the block's forward (and its backward) runs as compiled code, which fuses the adaLN
+    modulation, gating, GELU and torchao's FP8 casts around the GEMMs. Embedders and head stay
+    eager (small). Blocks with the same structure share one compiled graph. Returns the count.
+    """
+    n = 0
+    for c in chunks:
+        for block in unwrap(c).blocks:
+            block.compile()
+            n += 1
+    return n
+
+
 def wrap_float16(cfg: SD3Config, chunks: list):
     """bf16: megatron's ``Float16Module`` (outputs back to fp32 on the last stage for the loss).
     ``TrainStep`` hands the first stage its inputs already in the parameter dtype, timesteps in fp32."""
@@ -87,8 +104,36 @@ def wrap_ddp(cfg: SD3Config, chunks: list[SD3Model], use_distributed_optimizer: 
                                     disable_bucketing=i > 0) for i, m in enumerate(chunks)]
 
 
+def use_fused_torch_adam(optimizer, device_types=("cuda",)) -> int:
+    """Run megatron's torch-AdamW fallback as torch's fused kernel.
+
+    megatron-core takes Transformer Engine's or apex's ``FusedAdam`` when one is installed and
+    otherwise falls back to ``torch.optim.AdamW``, which then runs its ``foreach`` path: about ten
+    passes over the fp32 master weights and moments per step. Torch's own ``fused=True`` kernel
+    makes it one pass, with the same update rule (what megatron wants from FusedAdam). Applied
+    to every plain torch Adam/AdamW inside ``optimizer`` whose parameters all sit on
+    ``device_types``; returns how many were switched.
+    """
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    n = 0
+    for opt in inner:
+        torch_opt = getattr(opt, "optimizer", None)
+        if type(torch_opt) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue  # TE/apex FusedAdam, SGD, ...: left as megatron built it
+        params = [p for g in torch_opt.param_groups for p in g["params"]]
+        if not params or any(p.device.type not in device_types for p in params):
+            continue
+        for group in torch_opt.param_groups:
+            group["fused"], group["foreach"] = True, False
+        torch_opt.defaults.update(fused=True, foreach=False)
+        n += 1
+    return n
+
+
 def build_optimizer(cfg: SD3Config, ddp_chunks, opt_config: OptimizerConfig):
+    multi_tensor.install()  # torch _foreach kernels where megatron lacks apex/TE's (no-op with them)
     optimizer = get_megatron_optimizer(opt_config, ddp_chunks)
+    use_fused_torch_adam(optimizer)
     # How Megatron-LM's training loop wires DDP and the optimizer into the schedules.
     cfg.no_sync_func = [m.no_sync for m in ddp_chunks] if len(ddp_chunks) > 1 else ddp_chunks[0].no_sync
     cfg.finalize_model_grads_func = finalize_model_grads
