@@ -29,7 +29,7 @@ SECTIONS: dict[str, list[str]] = {
     "checkpoint": ["save", "load", "save_interval", "exit_signal_handler", "exit_duration_in_mins",
                    "no_load_optim", "no_load_rng"],
     "logging": ["log_interval", "metrics_file", "tensorboard_dir", "no_progress"],
-    "fp8": ["transformer_impl", "fp8_format", "fp8_recipe", "fp8_amax_history_len", "first_last_layers_bf16"],
+    "fp8": ["transformer_impl", "attention_backend", "torch_compile", "fp8_format", "fp8_recipe", "fp8_amax_history_len", "first_last_layers_bf16"],
 }
 
 
@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = p.add_argument_group("FP8 / backends")
     q.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"])
+    q.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "fused", "unfused", "local"],
+                   help="attention kernel (Megatron-LM's flag): flash = FlashAttention-2, fused = cuDNN, "
+                        "unfused/local = plain math, auto = the framework's choice")
+    q.add_argument("--torch-compile", action="store_true",
+                   help="torch.compile each joint block (fuses the elementwise work around the GEMMs; "
+                        "torchao FP8 needs it to be faster than bf16)")
     q.add_argument("--fp8-format", default=None, choices=["e4m3", "hybrid"], help="FP8 GEMMs in the joint blocks")
     q.add_argument("--fp8-recipe", default=None, choices=["tensorwise", "delayed"],
                    help="default: delayed with transformer_engine, tensorwise with local (torchao)")

@@ -115,6 +115,7 @@ def _main(argv, capsys):
      "--pipeline-layers has 2 entries for 1 pipeline stages"),
     (["--mock-data", "--fp8-format", "hybrid", "--fp8-recipe", "delayed"], "delayed needs --transformer-impl"),
     (["--mock-data", "--text-recon-gama", "0.5"], "unrecognized arguments"),
+    (["--mock-data", "--attention-backend", "fused"], "--attention-backend fused is cuDNN attention"),
 ])
 def test_bad_input_is_one_clear_line(args, message, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -190,3 +191,17 @@ def test_nan_losses_are_skipped_then_stop_the_run():
     assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
     assert "3 iterations in a row had a NaN/Inf loss" in r.stdout
     assert "skipped iterations: 3" in r.stdout and "stopped: diverged at iteration 4/10" in r.stdout
+
+
+@pytest.mark.timeout(600)
+def test_torch_compile_trains_the_same_numbers(tmp_path):
+    """--torch-compile (every joint block compiled; FP8 and the text-recon loss on) trains the
+    numbers of the eager run, with the flash attention kernel picked by --attention-backend."""
+    tmp = str(tmp_path)
+    common = ["--train-iters", "3", "--fp8-format", "hybrid", "--attention-backend", "flash"]
+    eager, _ = _train(tmp, "eager", 1, common)
+    compiled, logs = _train(tmp, "compiled", 1, [*common, "--torch-compile"], timeout=500)
+    assert "torch.compile: 4 joint blocks" in logs[0]
+    for it in (1, 2, 3):
+        for k in ("loss", "text_recon_loss"):
+            assert abs(compiled[it][k] - eager[it][k]) <= 1e-3 * abs(eager[it][k]), (it, k, compiled[it], eager[it])

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.enums import AttnBackend
 
 from megatron_sd3.arguments import effective_config
 from megatron_sd3.config import ConfigError, config_to_dict, make_config, model_fields
@@ -31,7 +32,8 @@ from megatron_sd3.training import checkpointing as ckpt
 from megatron_sd3.training.ema import EMA
 from megatron_sd3.training.parallel_layout import LayoutError, check_layout, pipeline_config_fields, stage_layers
 from megatron_sd3.training.step import (
-    TrainStep, build_model, build_optimizer, microbatch_stream, unwrap, wrap_ddp, wrap_float16)
+    TrainStep, build_model, build_optimizer, compile_blocks, microbatch_stream, unwrap, use_fused_torch_adam,
+    wrap_ddp, wrap_float16)
 
 
 class SignalHandler:
@@ -123,6 +125,9 @@ def preflight(args):
         from megatron_sd3.models.mmdit_layer_specs import get_spec_provider
 
         get_spec_provider("transformer_engine")
+    if args.attention_backend == "fused" and args.transformer_impl == "local" and not torch.cuda.is_available():
+        raise ConfigError("--attention-backend fused is cuDNN attention and needs a CUDA GPU; "
+                          "use auto, flash or unfused on CPU")
     if args.data_path:
         from megatron_sd3.data.shards import load_manifest
 
@@ -149,6 +154,7 @@ def setup(args, plan):
         parallel.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe,
                         fp8_amax_history_len=args.fp8_amax_history_len,
                         first_last_layers_bf16=args.first_last_layers_bf16)
+    parallel["attention_backend"] = AttnBackend[args.attention_backend]
     fields.update(init_seed=fields.get("init_seed", args.seed))
     cfg = make_config(preset, parallel=parallel, **fields)
     return info, cfg, dp
@@ -227,6 +233,9 @@ def pretrain(args, plan) -> int:
                               clip_grad=args.clip_grad, bf16=cfg.bf16, params_dtype=cfg.params_dtype,
                               use_distributed_optimizer=args.use_distributed_optimizer)
     optimizer = build_optimizer(cfg, ddp, opt_cfg)
+    if args.torch_compile:
+        n = compile_blocks(chunks)
+        _print0(f" > torch.compile: {n} joint blocks (compiled on their first iteration)")
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters or args.train_iters,
@@ -242,6 +251,7 @@ def pretrain(args, plan) -> int:
         common = ckpt.load_checkpoint(load_dir, [unwrap(m) for m in ddp], optimizer, ema, scheduler,
                                       model_config=config_to_dict(cfg), load_optim=not args.no_load_optim,
                                       load_rng=not args.no_load_rng)
+        use_fused_torch_adam(optimizer)  # loaded param groups carry the saver's "fused"/"foreach"
         iteration, consumed = common["iteration"], common["consumed_samples"]
         skipped_total = common.get("skipped_iters", 0)
         _print0(f" > resumed from {load_dir} at iteration {iteration} ({consumed} samples consumed)")
