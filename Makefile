@@ -27,6 +27,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) tools/bench_model.py
 	$(PY) tools/bench_throughput.py
+	$(PY) tools/bench_attention.py
 	$(PY) tools/bench_data.py
 
 clean:

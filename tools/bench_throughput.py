@@ -139,13 +139,14 @@ def flops_per_sample(cfg, latent: int) -> int:
     )
 
 
-def build(preset, fp8, impl, bf16, gamma, num_layers, init="cpu"):
+def build(preset, fp8, impl, bf16, gamma, num_layers, init="cpu", attention_backend="auto"):
     from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.transformer.enums import AttnBackend
 
     from megatron_sd3.config import PRESETS, make_config
     from megatron_sd3.training.step import build_model, build_optimizer, wrap_ddp, wrap_float16
 
-    parallel = {}
+    parallel = {"attention_backend": AttnBackend[attention_backend]}
     if bf16:
         parallel.update(bf16=True, params_dtype=torch.bfloat16)
     if fp8:
@@ -169,14 +170,6 @@ def build(preset, fp8, impl, bf16, gamma, num_layers, init="cpu"):
     return cfg, chunks, ddp, opt
 
 
-def compile_blocks(chunks):
-    from megatron_sd3.training.step import unwrap
-
-    for c in chunks:
-        for block in unwrap(c).blocks:
-            block.compile()
-
-
 def synthetic_batch(cfg, mbs, latent, dev):
     g = torch.Generator().manual_seed(0)
     mb = {
@@ -187,6 +180,58 @@ def synthetic_batch(cfg, mbs, latent, dev):
     return {k: v.to(dev) for k, v in mb.items()}
 
 
+# Kernel-name rules, first match wins (cuBLAS/cuBLASLt/CUTLASS GEMMs incl. FP8 _scaled_mm,
+# flash/cuDNN/mem-efficient attention, inductor's fused Triton kernels, the rest).
+KERNEL_CLASSES = [
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "scaled_mm", "cublas", "matmul", "sm90_",
+              "aten::mm", "aten::addmm", "aten::bmm")),
+    ("triton (compiled fusions)", ("triton",)),
+    ("communication", ("nccl",)),
+    ("memcpy/memset", ("memcpy", "memset")),
+]
+
+
+def classify_kernel(name: str) -> str:
+    low = name.lower()
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other (eager elementwise, norms, optimizer)"
+
+
+def kernel_breakdown(step_fn, cuda: bool, iters: int = 2) -> dict:
+    """Device time per kernel class over ``iters`` profiled iterations (torch.profiler), per
+    iteration, plus the 12 most expensive kernels: where an iteration's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for i in range(iters):
+            step_fn(i)
+        if cuda:
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t) * 1e3 / iters
+    per_kernel = {}
+    for ev in prof.key_averages():
+        # GPU: a kernel's own device time (ops that launched it have self time 0, so nothing
+        # counts twice); CPU (testing the code path only): each op's self time
+        us = ev.self_device_time_total if cuda else ev.self_cpu_time_total
+        if us > 0:
+            per_kernel[ev.key] = per_kernel.get(ev.key, 0.0) + us / 1e3 / iters
+    classes = {}
+    for name, ms in per_kernel.items():
+        c = classify_kernel(name)
+        classes[c] = classes.get(c, 0.0) + ms
+    total = sum(classes.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return {"iters": iters, "wall_ms_per_iter_profiled": round(wall_ms, 2),
+            "kernel_ms_per_iter": round(total, 2),
+            "by_class_ms": {k: round(v, 2) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [[n[:120], round(ms, 2)] for n, ms in top]}
+
+
 class Built:
     """One model + DDP + optimizer, measured at several resolutions (and eager, then compiled)."""
 
@@ -194,10 +239,15 @@ class Built:
         self.args, self.name, self.fp8, self.gamma, self.dev = args, name, fp8, gamma, dev
         t = time.time()
         self.init = args.init
+        # what the process held before this model existed (should be ~0: the previous variant
+        # was freed); peak memory of a row is measured from a reset taken with this model alive
+        self.mem_before_GiB = (round(torch.cuda.memory_allocated() / 2**30, 2)
+                               if dev.type == "cuda" else None)
         with quiet():
             try:
                 self.cfg, self.chunks, self.ddp, self.opt = build(
-                    args.preset, fp8, impl, bf16, gamma, args.num_layers, args.init)
+                    args.preset, fp8, impl, bf16, gamma, args.num_layers, args.init,
+                    args.attention_backend)
             except Exception as e:  # noqa: BLE001 - device init is an optimisation only
                 if args.init != "device":
                     raise
@@ -205,12 +255,14 @@ class Built:
                 gc.collect()
                 self.init = "cpu"
                 self.cfg, self.chunks, self.ddp, self.opt = build(
-                    args.preset, fp8, impl, bf16, gamma, args.num_layers, "cpu")
+                    args.preset, fp8, impl, bf16, gamma, args.num_layers, "cpu", args.attention_backend)
         self.build_s = round(time.time() - t, 1)
         self.params_m = round(sum(p.numel() for c in self.chunks for p in c.parameters()) / 1e6, 1)
         self.compiled = False
 
     def compile(self):
+        from megatron_sd3.training.step import compile_blocks
+
         compile_blocks(self.chunks)
         self.compiled = True
 
@@ -225,7 +277,7 @@ class Built:
                    resolution=resolution, latent=latent, micro_batch=mbs, compiled=self.compiled,
                    preset=args.preset, num_layers=cfg.num_layers, params_M=self.params_m,
                    build_s=self.build_s, init=self.init, img_tokens=cfg.num_image_tokens(latent, latent),
-                   txt_tokens=cfg.padded_text_len)
+                   txt_tokens=cfg.padded_text_len, attention_backend=args.attention_backend)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -270,15 +322,27 @@ class Built:
             row["mfu_bf16_peak"] = round(tflops / pb, 4) if pb else None
             row["mfu_fp8_peak"] = round(tflops / pf, 4) if (pf and self.fp8) else None
             row["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            row["mem_before_build_GiB"] = self.mem_before_GiB
         else:
             row["mfu_bf16_peak"] = row["mfu_fp8_peak"] = None
             cur, peak = rss_mb()
             row["rss_MiB"], row["peak_rss_MiB"] = round(cur, 1), round(peak, 1)
+        if args.profile:  # after the timing: a profiler failure costs the breakdown, not the row
+            try:
+                with quiet():
+                    row["kernel_time"] = kernel_breakdown(lambda i: one(args.warmup + args.iters + i), cuda)
+            except Exception as e:  # noqa: BLE001 - recorded in the row
+                row["kernel_time_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         del step, batch
         return row
 
     def free(self):
-        del self.chunks, self.ddp, self.opt
+        """Release model, optimizer and config now (not at some later garbage collection): the
+        config holds the optimizer and DDP through megatron's hooks (``grad_scale_func``,
+        ``no_sync_func``, ...), and the model holds the config, a cycle refcounting cannot free."""
+        for hook in ("no_sync_func", "grad_sync_func", "finalize_model_grads_func", "grad_scale_func"):
+            setattr(self.cfg, hook, None)
+        del self.chunks, self.ddp, self.opt, self.cfg
         gc.collect()
         if self.compiled:
             torch._dynamo.reset()
@@ -355,6 +419,10 @@ def main(argv=None):
     ap.add_argument("--variants", nargs="+", default=["bf16", "fp8-local", "fp8-te"])
     ap.add_argument("--recon", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--compile", default="off", choices=["off", "on", "both"])
+    ap.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "fused", "unfused"],
+                    help="Megatron-LM's --attention-backend: torch SDPA kernel of the local filling")
+    ap.add_argument("--profile", action="store_true",
+                    help="after each row, profile 2 more iterations: device time per kernel class")
     ap.add_argument("--init", choices=["cpu", "device"], default=None,
                     help="weight init: device (GPU default: fast) or cpu (layout-independent)")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds; skip the rest after")
@@ -390,6 +458,7 @@ def main(argv=None):
     comp = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     rows = []
     meta = dict(device=device_name, cuda=cuda, torch=torch.__version__, preset=args.preset,
+                attention_backend=args.attention_backend,
                 cpu_threads=None if cuda else torch.get_num_threads(),
                 num_layers=args.num_layers, iters=args.iters, warmup=args.warmup,
                 flop_count="megatron_sd3.flops.mmdit_flops_per_sample(training=True, "

@@ -1,0 +1,74 @@
+"""The benchmark tools (``make bench``) on CPU: they run, report what they claim, free memory."""
+import gc
+import json
+import os
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+
+from _ranks import ROOT
+
+
+def _tool(name, *args, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(300)
+def test_bench_throughput_rows_and_kernel_breakdown(tmp_path):
+    out = tmp_path / "b.json"
+    r = _tool("bench_throughput.py", "--resolution", "64", "--warmup", "1", "--iters", "1",
+              "--variants", "bf16", "fp8-local", "--recon", "off", "on", "--profile", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert d["complete"] and len(d["rows"]) == 4 and not any("error" in row for row in d["rows"])
+    for row in d["rows"]:
+        assert row["ms_per_iter"] > 0 and row["samples_per_s"] > 0
+        kt = row["kernel_time"]
+        assert kt["kernel_ms_per_iter"] > 0 and kt["by_class_ms"]["gemm"] > 0
+        assert abs(sum(kt["by_class_ms"].values()) - kt["kernel_ms_per_iter"]) < 0.05 * kt["kernel_ms_per_iter"] + 0.1
+    fp8 = [row for row in d["rows"] if row["variant"] == "fp8-local"]
+    assert all(row["txt_tokens"] == 16 for row in fp8)  # tiny: 16 text tokens, already aligned
+    s = d["summary"]["64"]
+    assert "fp8-local_speedup_vs_fp32" in s and "fp32_recon_slowdown" in s
+
+
+@pytest.mark.timeout(120)
+def test_bench_attention_runs_each_backend_or_says_why(tmp_path):
+    out = tmp_path / "a.json"
+    r = _tool("bench_attention.py", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    by = {(x["case"], x["backend"]): x for x in rows}
+    assert {c for c, _ in by} == {"joint", "joint+pad-mask", "image"}
+    assert by[("joint", "flash")]["fwd_bwd_ms"] > 0 and by[("joint", "unfused")]["fwd_bwd_ms"] > 0
+    if not torch.cuda.is_available():
+        assert "error" in by[("joint", "fused")]  # cuDNN: no CPU kernel
+
+
+@pytest.mark.timeout(120)
+def test_bench_frees_each_variant_before_the_next(single_process):
+    """The config holds optimizer and DDP through megatron's hooks and the model holds the
+    config: ``free`` must break that cycle, or the next variant's memory figures include this one."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_throughput as bt
+
+    args = bt.argparse.Namespace(preset="tiny", num_layers=None, init="cpu", warmup=1, iters=1,
+                                 attention_backend="auto", profile=False)
+    gc.collect()
+    gc.disable()  # only what free() releases counts, not a later automatic collection
+    try:
+        built = bt.Built(args, "fp32", None, "local", False, 0.0, torch.device("cpu"))
+        built.measure(32, 2)
+        ref = weakref.ref(next(built.chunks[0].parameters()))
+        built.free()
+        del built
+        assert ref() is None, "the model outlived Built.free()"
+    finally:
+        gc.enable()
