@@ -1,39 +1,40 @@
 #!/usr/bin/env bash
 # FP8 correctness checks + throughput benchmark on ONE GPU, in one go (issue 6).
 #
-#   bash tools/gpu_check.sh [--dry-run] [--no-compile] [--budget SECONDS]
+#   bash tools/gpu_check.sh [--dry-run] [--budget SECONDS]
 #
 # Made for the lent GPU machine: torch + CUDA, no internet, no megatron-core / torchao. When
 # those do not import, the wheels in .whl/fp8/ (megatron-core 0.16.1 cp312, torchao 0.18.0) are
 # installed to /tmp/site with pip --no-index --no-deps (and .whl/extra/*.whl if that folder
 # exists). Everything it writes goes to $OUT (default runs/gpu_check/): gpu_check.log (progress
-# with timestamps), one log per step, fp8_gpu.json, fp8_train/, bench.json, bench_compiled.json.
+# with timestamps), one log per step, attention.json, bench*.json, fp8_train/.
 #
-# Steps (GPU), each under `timeout` so the whole script stays inside --budget (default 330 s),
+# Steps (GPU), each under `timeout` so the whole script stays inside --budget (default 540 s),
 # in order of value (a cut keeps the most important results):
 #   1. environment + imports
-#   2. tools/bench_throughput.py, eager: sd3_light (15 blocks) at 1024 px (micro batch 4) and
-#      256 px (micro batch 32), bf16 vs FP8 (torchao; TE too if installed), text recon off/on
-#   3. FP8 vs bf16 loss tracking on SD3-sized blocks: tests/_fp8_train_worker.py with the
+#   2. tools/bench_attention.py: SDPA kernels (flash, cuDNN, mem-efficient) at sd3_light's
+#      attention shapes, with and without a text-pad mask
+#   3. tools/bench_throughput.py: sd3_light (15 blocks) at 1024 px (micro batch 4), bf16 vs FP8
+#      (torchao; TE too if installed), text recon off, eager and with the joint blocks
+#      torch.compile'd (compile time excluded), kernel-time profile per row
+#   4. FP8 vs bf16 loss tracking on SD3-sized blocks: tests/_fp8_train_worker.py with the
 #      sd3_light widths (2 joint blocks, hidden 1536, 24 heads, 333 text tokens of width 4096 ->
 #      padded to 336), 256 px, text recon on (gamma 0.5, target 1), bf16 params, 10 steps of the
 #      real training path; passes when the loss gap stays <= 5 % at every step
-#   4. unless --no-compile and if >= 100 s remain: the bench at 1024 px, recon off, FP8 then
-#      bf16, with the joint blocks torch.compile'd (compile time excluded from ms/iter)
-#   5. if >= 40 s remain: tests/_fp8_gpu_check.py --no-compile (FP8 vs bf16 vs fp32 on one MMDiT
-#      MLP at SD3 sizes, the 333-token case, eager MLP timing)
+#   5. text recon on at 1024 px, compiled, bf16 and FP8
+#   6. if step 2 found a kernel faster than flash for the joint attention: step 3's compiled
+#      1024 px rows with --attention-backend set to it
+#   7. 256 px (micro batch 32), compiled, bf16 and FP8
 # Without CUDA (a development machine) it runs the same chain on the tiny preset on CPU, so the
 # script itself is tested; --dry-run only prints the commands of the GPU plan.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
-BUDGET=330
-COMPILE=1
+BUDGET=540
 DRY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
-    --no-compile) COMPILE=0 ;;
     --budget) BUDGET=$2; shift ;;
     -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -128,43 +129,60 @@ import torchao.float8, megatron_sd3.training.step, megatron_sd3.fp8" > "$OUT/imp
   log "imports ok"
 fi
 
-# --- 2-5. the checks -----------------------------------------------------------------------
+# --- 2-6. the checks -----------------------------------------------------------------------
 if [ "$CUDA" = 1 ]; then
-  # Order by value: the throughput table first (its JSON is rewritten after every row, so a cut
-  # keeps what was measured), then FP8-vs-bf16 training on SD3-sized blocks, then the rest.
-  BENCH_LIMIT=$(( $(left) - 70 ))
-  [ $BENCH_LIMIT -gt 190 ] && BENCH_LIMIT=190
-  step bench "$BENCH_LIMIT" \
-    "$PY" tools/bench_throughput.py --preset sd3_light --resolution 1024 256 --micro-batch-size 4 32 \
-      --warmup 3 --iters 5 --variants bf16 fp8-local fp8-te --recon off on \
-      --time-budget $((BENCH_LIMIT - 25)) --json "$OUT/bench.json"
+  # Order by value: each step's JSON is rewritten after every row, so a cut keeps what it had.
+  # 2. SDPA kernels at sd3_light's attention shapes (which backend; what a pad mask costs)
+  step attention 45 "$PY" tools/bench_attention.py --json "$OUT/attention.json"
+  # 3. the throughput table: bf16 and FP8 (torchao; TE too if installed), 1024 px (micro batch 4),
+  #    text recon off, eager then compiled blocks, each row followed by a 2-iteration profile
+  LIM=$(( $(left) - 150 )); [ $LIM -gt 250 ] && LIM=250
+  step bench "$LIM" \
+    "$PY" tools/bench_throughput.py --preset sd3_light --resolution 1024 --micro-batch-size 4 \
+      --warmup 3 --iters 5 --variants bf16 fp8-local fp8-te --recon off --compile both --profile \
+      --time-budget $((LIM - 20)) --json "$OUT/bench.json"
+  # 4. FP8 vs bf16 loss tracking on SD3-sized blocks (333 text tokens -> padded 336, gamma 0.5)
   mkdir -p "$OUT/fp8_train"
-  step fp8_train_tracking $(( $(left) - 5 < 65 ? $(left) - 5 : 65 )) \
+  step fp8_train_tracking $(( $(left) - 5 < 60 ? $(left) - 5 : 60 )) \
     "$PY" tests/_fp8_train_worker.py --preset sd3_light --num-layers 2 --latent 32 --text-len 333 \
       --fp8 hybrid --bf16 --ref bf16 --gamma 0.5 --target 1 --steps 10 --gbs 8 --mbs 4 --lr 3e-4 \
       --no-params --out "$OUT/fp8_train"
-  if [ "$COMPILE" = 1 ] && [ "$(left)" -ge 100 ]; then
-    step bench_compiled $(( $(left) - 5 )) \
+  # 5. text recon on (compiled; compare with the recon-off compiled rows of step 3)
+  if [ "$(left)" -ge 70 ]; then
+    LIM=$(( $(left) - 5 )); [ $LIM -gt 130 ] && LIM=130
+    step bench_recon "$LIM" \
       "$PY" tools/bench_throughput.py --preset sd3_light --resolution 1024 --micro-batch-size 4 \
-        --warmup 3 --iters 5 --variants fp8-local bf16 --recon off --compile on \
-        --time-budget $(( $(left) - 40 )) --json "$OUT/bench_compiled.json"
+        --warmup 3 --iters 5 --variants bf16 fp8-local --recon on --compile on \
+        --time-budget $((LIM - 15)) --json "$OUT/bench_recon.json"
   fi
-  if [ "$(left)" -ge 40 ]; then
-    step fp8_layer_check $(( $(left) - 5 )) "$PY" tests/_fp8_gpu_check.py --no-compile --out "$OUT"
+  # 6. the fastest attention kernel of step 2, if it is not flash (torch's first choice)
+  FASTEST=$("$PY" -c "
+import json
+rows = [r for r in json.load(open('$OUT/attention.json'))['rows'] if r['case'] == 'joint' and 'error' not in r]
+print(min(rows, key=lambda r: r['fwd_bwd_ms'])['backend'] if rows else 'flash')" 2>/dev/null || echo flash)
+  if [ "$FASTEST" != flash ] && [ "$(left)" -ge 70 ]; then
+    step bench_attention_backend $(( $(left) - 5 )) \
+      "$PY" tools/bench_throughput.py --preset sd3_light --resolution 1024 --micro-batch-size 4 \
+        --warmup 3 --iters 5 --variants bf16 fp8-local --recon off --compile on \
+        --attention-backend "$FASTEST" --time-budget $(( $(left) - 20 )) --json "$OUT/bench_$FASTEST.json"
+  fi
+  # 7. 256 px (micro batch 32), compiled, bf16 and FP8
+  if [ "$(left)" -ge 80 ]; then
+    step bench_256 $(( $(left) - 5 )) \
+      "$PY" tools/bench_throughput.py --preset sd3_light --resolution 256 --micro-batch-size 32 \
+        --warmup 3 --iters 5 --variants bf16 fp8-local --recon off --compile on \
+        --time-budget $(( $(left) - 25 )) --json "$OUT/bench_256.json"
   fi
 else
   log "no CUDA: CPU version on the tiny preset (tests the script; numbers mean nothing)"
+  step attention 60 "$PY" tools/bench_attention.py --json "$OUT/attention.json"
+  step bench 180 \
+    "$PY" tools/bench_throughput.py --resolution 64 --warmup 1 --iters 2 --variants bf16 fp8-local \
+      --recon off --compile both --profile --json "$OUT/bench.json"
   mkdir -p "$OUT/fp8_train"
   step fp8_train_tracking 120 \
     "$PY" tests/_fp8_train_worker.py --fp8 hybrid --bf16 --ref bf16 --gamma 0.5 --target 1 \
       --steps 5 --no-params --out "$OUT/fp8_train"
-  step bench 120 \
-    "$PY" tools/bench_throughput.py --resolution 64 --warmup 1 --iters 2 --json "$OUT/bench.json"
-  if [ "$COMPILE" = 1 ]; then
-    step bench_compiled $(( $(left) - 5 )) \
-      "$PY" tools/bench_throughput.py --resolution 64 --warmup 1 --iters 2 --variants fp8-local \
-        --recon off --compile on --time-budget 60 --json "$OUT/bench_compiled.json"
-  fi
 fi
 
 # --- summary ---------------------------------------------------------------------------------
@@ -184,14 +202,16 @@ if os.path.exists(log):
                   f"({'PASS' if ok else 'FAIL'}, bound 5%), scaled_mm calls {s['scaled_mm_calls']}")
             print("  fp8 :", s["loss"])
             print("  bf16:", s.get("ref_loss"))
-p = os.path.join(out, "fp8_gpu.json")
+p = os.path.join(out, "attention.json")
 if os.path.exists(p):
     d = json.load(open(p))
-    for k in ("device", "rel_err_vs_fp32_bf16", "rel_err_vs_fp32_hybrid", "rel_err_vs_fp32_e4m3",
-              "tokens_333", "mlp_bench_1024px_mb4", "errors"):
-        if k in d:
-            print(f"fp8_gpu_check {k}: {d[k]}")
-for name in ("bench.json", "bench_compiled.json"):
+    print(f"--- attention.json ({d['device']}, {d['dtype']}) ---")
+    for r in d["rows"]:
+        print(f"  {r['case']:16s} {r['tokens']:6d} {r['backend']:10s} " + (
+            f"cannot run: {r['error'][:60]}" if "error" in r else
+            f"fwd {r['fwd_ms']:7.2f} ms  fwd+bwd {r['fwd_bwd_ms']:7.2f} ms  {r['fwd_bwd_tflops']} TFLOP/s"))
+names = sorted(n for n in os.listdir(out) if n.startswith("bench") and n.endswith(".json"))
+for name in names:
     p = os.path.join(out, name)
     if not os.path.exists(p):
         continue
@@ -206,7 +226,13 @@ for name in ("bench.json", "bench_compiled.json"):
         print(f"  {r['variant']:9s} recon {r['text_recon']:3s} {r['resolution']:5d}px mb {r['micro_batch']:3d}"
               f" {'compiled' if r['compiled'] else 'eager   '} {r['ms_per_iter']:9.1f} ms/iter"
               f" {r['samples_per_s']:8.2f} samples/s {r['tflops_per_device']:8.3g} TFLOP/s"
-              f" MFU(bf16 peak) {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} mem {mem}")
+              f" MFU(bf16 peak) {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} mem {mem}"
+              f" (before build {r.get('mem_before_build_GiB')})")
+        kt = r.get("kernel_time")
+        if kt:
+            print(f"      kernels {kt['kernel_ms_per_iter']} ms/iter of {kt['wall_ms_per_iter_profiled']} wall:",
+                  ", ".join(f"{k} {v}" for k, v in kt["by_class_ms"].items()))
+            print("      top:", "; ".join(f"{n[:60]} {ms}" for n, ms in kt["top_kernels_ms"][:6]))
     for res, s in (d.get("summary") or {}).items():
         extra = {k: v for k, v in s.items() if not isinstance(v, dict)}
         if extra:
