@@ -21,6 +21,7 @@
 #      sd3_light widths (2 joint blocks, hidden 1536, 24 heads, 333 text tokens of width 4096 ->
 #      padded to 336), 256 px, text recon on (gamma 0.5, target 1), bf16 params, 10 steps of the
 #      real training path; passes when the loss gap stays <= 5 % at every step
+#   4b. only where Transformer Engine imports: tools/check_te.py (TE vs local, same weights)
 #   5. text recon on at 1024 px, compiled, bf16 and FP8
 #   6. if step 2 found a kernel faster than flash for the joint attention: step 3's compiled
 #      1024 px rows with --attention-backend set to it
@@ -147,6 +148,13 @@ if [ "$CUDA" = 1 ]; then
     "$PY" tests/_fp8_train_worker.py --preset sd3_light --num-layers 2 --latent 32 --text-len 333 \
       --fp8 hybrid --bf16 --ref bf16 --gamma 0.5 --target 1 --steps 10 --gbs 8 --mbs 4 --lr 3e-4 \
       --no-params --out "$OUT/fp8_train"
+  # 4b. where Transformer Engine imports: TE against the local filling on the same weights
+  if "$PY" -c "import transformer_engine.pytorch" 2>/dev/null; then
+    step check_te 90 "$PY" tools/check_te.py --preset sd3_light --num-layers 2 --latent 32 \
+      --json "$OUT/check_te.json"
+  else
+    log "Transformer Engine not importable: no TE rows, tools/check_te.py skipped"
+  fi
   # 5. text recon on (compiled; compare with the recon-off compiled rows of step 3)
   if [ "$(left)" -ge 70 ]; then
     LIM=$(( $(left) - 5 )); [ $LIM -gt 130 ] && LIM=130
