@@ -228,7 +228,12 @@ def model_fields(preset: str = "tiny", **overrides) -> dict[str, Any]:
         raise ConfigError(f"unknown preset '{preset}'{_suggest(preset, PRESETS)}; "
                           f"choose one of {', '.join(PRESETS)}")
     fields = dict(PRESETS[preset])
-    fields.update(check_model_fields(overrides, where="model override"))
+    checked = check_model_fields(overrides, where="model override")
+    if "num_layers" in checked and "dual_attention_layers" not in checked:
+        # fewer blocks than the preset = its first N blocks, with their dual attention
+        fields["dual_attention_layers"] = tuple(
+            i for i in fields.get("dual_attention_layers", ()) if i < checked["num_layers"])
+    fields.update(checked)
     check_model_consistency(fields)
     return fields
 

@@ -79,8 +79,6 @@ def train(a, fp8, bf16, steps, snapshot_at=None):
     if bf16:
         parallel.update(bf16=True, params_dtype=torch.bfloat16)
     overrides = dict(num_layers=a.num_layers, text_seq_len=a.text_len)
-    if a.preset == "sd3_light":  # MMDiT-X dual attention on the blocks that exist
-        overrides["dual_attention_layers"] = [i for i in range(min(13, a.num_layers))]
     cfg = make_config(a.preset, zero_init_adaln=False, text_recon_gamma=a.gamma,
                       text_recon_target_layer=a.target, parallel=parallel, **overrides)
     chunks = wrap_float16(cfg, build_model(cfg))

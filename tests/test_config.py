@@ -43,6 +43,12 @@ def test_target_layer_rules():
     model_fields("tiny", text_recon_target_layer=9)  # irrelevant while gamma = 0
     with pytest.raises(ConfigError, match="dual_attention_layers"):
         model_fields("tiny", dual_attention_layers=[7])
+    # fewer blocks than the preset: its first N, with the dual attention they had; an explicit
+    # list still has to fit
+    assert model_fields("sd3_light", num_layers=2)["dual_attention_layers"] == (0, 1)
+    assert model_fields("sd3_light", num_layers=14)["dual_attention_layers"] == tuple(range(13))
+    with pytest.raises(ConfigError, match="dual_attention_layers"):
+        model_fields("sd3_light", num_layers=2, dual_attention_layers=[5])
 
 
 def test_presets_build_configs():

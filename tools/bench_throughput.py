@@ -143,7 +143,7 @@ def build(preset, fp8, impl, bf16, gamma, num_layers, init="cpu", attention_back
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer.enums import AttnBackend
 
-    from megatron_sd3.config import PRESETS, make_config
+    from megatron_sd3.config import make_config
     from megatron_sd3.training.step import build_model, build_optimizer, wrap_ddp, wrap_float16
 
     parallel = {"attention_backend": AttnBackend[attention_backend]}
@@ -153,9 +153,7 @@ def build(preset, fp8, impl, bf16, gamma, num_layers, init="cpu", attention_back
         parallel["fp8"] = fp8
     overrides = dict(text_recon_gamma=gamma, text_recon_target_layer=0)
     if num_layers:
-        overrides["num_layers"] = num_layers
-        overrides["dual_attention_layers"] = [
-            i for i in PRESETS[preset].get("dual_attention_layers", ()) if i < num_layers]
+        overrides["num_layers"] = num_layers  # the preset's first N blocks
     cfg = make_config(preset, parallel=parallel, **overrides)
     if init == "device":
         # megatron initialises the parallel linears on the GPU (Megatron-LM's default): seconds

@@ -44,7 +44,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def build(args, impl: str, fp8: bool, dtype, dev):
-    from megatron_sd3.config import PRESETS, make_config
+    from megatron_sd3.config import make_config
     from megatron_sd3.models.sd3_model import SD3Model
 
     parallel = {"params_dtype": dtype, "bf16": dtype == torch.bfloat16}
@@ -52,9 +52,7 @@ def build(args, impl: str, fp8: bool, dtype, dev):
         parallel.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe)
     overrides = dict(text_recon_gamma=0.5, text_recon_target_layer=0, zero_init_adaln=False)
     if args.num_layers:
-        overrides["num_layers"] = args.num_layers
-        overrides["dual_attention_layers"] = [
-            i for i in PRESETS[args.preset].get("dual_attention_layers", ()) if i < args.num_layers]
+        overrides["num_layers"] = args.num_layers  # the preset's first N blocks
     cfg = make_config(args.preset, parallel=parallel, **overrides)
     return SD3Model(cfg, transformer_impl=impl).to(device=dev, dtype=dtype)
 
