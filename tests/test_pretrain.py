@@ -1,6 +1,7 @@
 """pretrain_sd3.py end to end on CPU ranks: resume equality, layout change, SIGTERM, bad input."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -202,6 +203,8 @@ def test_torch_compile_trains_the_same_numbers(tmp_path):
     eager, _ = _train(tmp, "eager", 1, common)
     compiled, logs = _train(tmp, "compiled", 1, [*common, "--torch-compile"], timeout=500)
     assert "torch.compile: 4 joint blocks" in logs[0]
+    graphs = re.search(r"torch.compile: (\d+) graphs compiled", logs[0])
+    assert graphs and int(graphs.group(1)) >= 2, logs[0][-3000:]  # fwd + bwd at least
     for it in (1, 2, 3):
         for k in ("loss", "text_recon_loss"):
             assert abs(compiled[it][k] - eager[it][k]) <= 1e-3 * abs(eager[it][k]), (it, k, compiled[it], eager[it])

@@ -296,6 +296,11 @@ def pretrain(args, plan) -> int:
         res = step(mbs, consumed)
         iteration += 1
         consumed += args.global_batch_size
+        if args.torch_compile and iteration == start_iteration + 1:
+            from torch._dynamo.utils import counters
+
+            _print0(f" > torch.compile: {counters['stats']['unique_graphs']} graphs compiled in the first "
+                    f"iteration ({time.time() - start:.1f} s including the step)")
         if res.skipped:
             skipped_total += 1
             in_a_row += 1
