@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--text-recon-target-layer", type=int, default=None,
                    help="0: text tokens after context_embedder; k: text output of joint block k")
     m.add_argument("--pseudo-huber-c", type=float, default=None, help="pseudo-Huber denoise loss constant (MSE when unset)")
-    m.add_argument("--num-layers", type=int, default=None, help="joint blocks (overrides the preset)")
+    m.add_argument("--num-layers", type=int, default=None,
+                   help="joint blocks: the preset's first N (its dual attention on those that remain)")
     m.add_argument("--hidden-size", type=int, default=None)
     m.add_argument("--num-attention-heads", type=int, default=None)
 
