@@ -1,0 +1,224 @@
+"""launch.sh on a real two-node SLURM: `tools/slurm_local.sh start --nodes 2` on this machine.
+
+Each slurmd runs in a network namespace of its own with its own hostname (sd3node1, sd3node2),
+joined to slurmctld by veths on a bridge that the script creates. `sbatch -N 2 launch.sh` then
+takes launch.sh's multi-node path (srun -> one torchrun per node, rendezvous on the first node)
+and trains the tiny preset with PP=2, one rank per node.
+
+Needs root, Debian's `slurmctld slurmd munge`, iproute2 and util-linux (unshare, nsenter), and
+network namespaces with veths. Without them the tests skip, except under CI=true, where that is a
+failure. The cluster uses its own SLURM_LOCAL_DIR and port, so a single-node cluster of
+tests/test_launch.py may run at the same time; it is stopped again when the module ends, and the
+teardown checks that no namespace, interface or daemon is left.
+"""
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch.sh"
+SLURM_LOCAL = ROOT / "tools" / "slurm_local.sh"
+CONFIG = str(ROOT / "configs" / "sd3_light_tiny.toml")
+
+LOCAL_DIR = "/tmp/megatron_sd3_slurm_2node"
+LOCAL_PORT = "6827"
+NODES = ["sd3node1", "sd3node2"]
+BRIDGE = "sd3br0"
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+# PP=2 over two nodes, one rank each; synthetic data.
+TRAIN_ARGS = ["--pipeline-model-parallel-size", "2", "--mock-data", "--log-interval", "1",
+              "--lr-warmup-iters", "1"]
+SHORT_ITERS = 3
+LONG_ITERS = 100000
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _need(reason):
+    if IN_CI:
+        pytest.fail(f"CI=true but {reason}")
+    pytest.skip(reason)
+
+
+def base_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    for k in ("NNODES", "GPUS_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "EXTRA_ARGS",
+              "LAUNCH_SRUN", "LAUNCH_STAGE", "LAUNCH_ROOT", "ENTRY"):
+        env.pop(k, None)
+    env.update(SLURM_LOCAL_DIR=LOCAL_DIR, SLURM_LOCAL_PORT=LOCAL_PORT, SLURM_CONF=f"{LOCAL_DIR}/slurm.conf",
+               CONFIG=CONFIG, PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def tool(*args, timeout=120):
+    return subprocess.run(["bash", str(SLURM_LOCAL), *args], env=base_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def leftovers():
+    """What of the cluster still exists: namespaces, interfaces, live daemons."""
+    left = []
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    left += [f"netns {n}" for n in NODES if n in netns]
+    for link in [BRIDGE, "sd3h1", "sd3h2"]:
+        if subprocess.run(["ip", "link", "show", link], capture_output=True).returncode == 0:
+            left.append(f"interface {link}")
+    for pidfile in Path(LOCAL_DIR).glob("slurm*.pid"):
+        try:
+            os.kill(int(pidfile.read_text()), 0)
+            left.append(f"daemon {pidfile.name}")
+        except (ValueError, ProcessLookupError):
+            pass
+    return left
+
+
+def _can_make_namespaces():
+    """A throw-away network namespace with a veth pair in it (nothing on the host is touched)."""
+    r = subprocess.run(["unshare", "--net", "--uts", "--mount", "sh", "-c",
+                        "ip link add sd3probe0 type veth peer name sd3probe1 && hostname sd3probe"],
+                       capture_output=True, text=True, timeout=30)
+    return r.returncode == 0, (r.stderr or r.stdout).strip()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch", "scancel", "squeue", "ip",
+                           "unshare", "nsenter") if shutil.which(b) is None]
+    if missing:
+        _need(f"SLURM or namespace tools not installed ({', '.join(missing)} missing): apt-get install "
+              "-y --no-install-recommends slurmctld slurmd munge iproute2 util-linux")
+    if os.geteuid() != 0:
+        _need("the two-node SLURM cluster (tools/slurm_local.sh start --nodes 2) must be started as root")
+    ok, why = _can_make_namespaces()
+    if not ok:
+        _need(f"cannot create a network namespace with a veth pair here: {why}")
+    already = tool("status", "--nodes", "2").returncode == 0
+    if not already:
+        r = tool("start", "--nodes", "2")
+        if r.returncode != 0:
+            out = r.stdout + r.stderr
+            tool("stop")
+            pytest.fail(f"tools/slurm_local.sh start --nodes 2 failed:\n{out}")
+    try:
+        yield f"{LOCAL_DIR}/slurm.conf"
+    finally:
+        if not already:
+            r = tool("stop", timeout=90)
+            assert r.returncode == 0, r.stderr
+            assert not leftovers(), f"left after `tools/slurm_local.sh stop`: {leftovers()}"
+
+
+def latest_iteration(save: Path):
+    f = save / LATEST_FILE
+    text = f.read_text().strip() if f.exists() else ""
+    return int(text) if text.isdigit() else None
+
+
+def sbatch(tmp_path, args, name):
+    out = tmp_path / f"{name}-%j.out"
+    r = subprocess.run(["sbatch", "--parsable", "-N", "2", f"--job-name={name}", f"--output={out}",
+                        f"--chdir={tmp_path}", str(LAUNCH), *args, *TRAIN_ARGS],
+                       env=base_env(GPUS_PER_NODE=1), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    return job, Path(str(out).replace("%j", job))
+
+
+def job_state(job):
+    r = subprocess.run(["scontrol", "-o", "show", "job", job], env=base_env(), capture_output=True,
+                       text=True)
+    for field in r.stdout.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return "GONE"
+
+
+def wait_job(job, timeout):
+    """Wait until squeue no longer lists the job, then return its final state."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=base_env(),
+                           capture_output=True, text=True)
+        if r.returncode == 0 and not r.stdout.strip():
+            return job_state(job)
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=KILL", "--full", job], env=base_env())
+    raise AssertionError(f"job {job} still {job_state(job)} after {timeout}s")
+
+
+def log_of(path):
+    return path.read_text() if path.exists() else "(no job output)"
+
+
+def test_each_node_has_its_own_namespace_and_hostname(cluster):
+    """Each slurmd is in a network and UTS namespace of its own whose hostname is the node name,
+    and `start` on the running cluster only checks it."""
+    own_net = os.readlink("/proc/self/ns/net")
+    nets = set()
+    for node in NODES:
+        pid = int((Path(LOCAL_DIR) / f"slurmd-{node}.pid").read_text())
+        net = os.readlink(f"/proc/{pid}/ns/net")
+        assert net != own_net, f"slurmd of {node} runs in this process's network namespace"
+        nets.add(net)
+        host = subprocess.run(["nsenter", "-t", str(pid), "-u", "hostname"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        assert host == node
+    assert len(nets) == len(NODES), "the two slurmd share a network namespace"
+    pids = {p.name: p.read_text() for p in Path(LOCAL_DIR).glob("slurm*.pid")}
+    r = tool("start", "--nodes", "2")
+    assert r.returncode == 0 and "already running" in r.stderr, r.stderr
+    assert {p.name: p.read_text() for p in Path(LOCAL_DIR).glob("slurm*.pid")} == pids
+    r = tool("start")
+    assert r.returncode != 0 and "2-node cluster is running" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(150)
+def test_sbatch_two_nodes_trains_pp2_and_saves(cluster, tmp_path):
+    """`sbatch -N 2 launch.sh ...`: one torchrun per node through srun, PP=2 across the nodes,
+    rendezvous on the first node's namespace address; the job completes with a checkpoint."""
+    save = tmp_path / "ckpt"
+    job, out = sbatch(tmp_path, ["--save", str(save), "--train-iters", str(SHORT_ITERS),
+                                 "--save-interval", "1"], "two_node")
+    state = wait_job(job, 130)
+    log = log_of(out)
+    assert state == "COMPLETED", f"job {job}: {state}\n{log[-4000:]}"
+    assert latest_iteration(save) == SHORT_ITERS, log[-4000:]
+    assert "srun --nodes=2" in log, log[-4000:]
+    for rank, node in enumerate(NODES):
+        assert f"launch.sh: node {rank}/2 on {node}:" in log, log[-4000:]
+    assert log.count("--master-addr=sd3node1") == 2, log[-4000:]
+    assert "world size 2 = TP 1 x PP 2 x DP 1" in log, log[-4000:]
+
+
+@pytest.mark.timeout(150)
+def test_two_node_scancel_batch_term_saves(cluster, tmp_path):
+    """`scancel --batch --signal=TERM` on a running two-node job: launch.sh's batch shell passes
+    SIGTERM to the job's steps, the ranks on both nodes save (--exit-signal-handler) and exit
+    before SLURM's KillWait. The only checkpoint is the one written on the signal."""
+    save = tmp_path / "ckpt"
+    job, out = sbatch(tmp_path, ["--save", str(save), "--train-iters", str(LONG_ITERS),
+                                 "--save-interval", str(LONG_ITERS), "--exit-signal-handler"],
+                      "two_node_cancel")
+    deadline = time.time() + 110
+    while " iteration        2/" not in log_of(out):
+        assert job_state(job) in ("PENDING", "CONFIGURING", "RUNNING"), log_of(out)[-4000:]
+        assert time.time() < deadline, f"job {job} did not reach iteration 2\n{log_of(out)[-4000:]}"
+        time.sleep(0.5)
+    assert latest_iteration(save) is None
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job], env=base_env(), check=True)
+    t0 = time.time()
+    state = wait_job(job, 60)
+    log = log_of(out)
+    # torchrun exits non-zero after SIGTERM, so SLURM may report FAILED.
+    assert state in ("COMPLETED", "FAILED", "CANCELLED"), f"{state}\n{log[-4000:]}"
+    assert time.time() - t0 < 30, "ranks did not exit before SLURM's KillWait (SIGKILL)"
+    assert "got SIGTERM: signalling the job's steps" in log, log[-4000:]
+    stopped = latest_iteration(save)
+    assert stopped is not None and 2 <= stopped < LONG_ITERS, log[-4000:]
+    assert f"stopped: signal at iteration {stopped}/{LONG_ITERS}" in log, log[-4000:]
