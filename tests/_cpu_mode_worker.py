@@ -423,7 +423,7 @@ CASES = {
 def run_case(name, args):
     from megatron.core import dist_checkpointing
 
-    from megatron_sd3 import cpu_mode
+    from megatron_sd3.testing import cpu_mode
     from megatron_sd3.distributed import initialize_distributed
 
     t_case = time.perf_counter()

@@ -1,4 +1,4 @@
-"""CPU mode and distributed bootstrap (megatron_sd3.cpu_mode, megatron_sd3.distributed).
+"""CPU mode and distributed bootstrap (megatron_sd3.testing.cpu_mode, megatron_sd3.distributed).
 
 The multi-process tests launch tests/_cpu_mode_worker.py with torchrun (2 ranks, gloo, CPU): a toy
 model of megatron-core ColumnParallelLinear/RowParallelLinear blocks, trained through
@@ -129,7 +129,7 @@ def test_single_process_without_torchrun(tmp_path):
 # ----------------------------------------------------------------- in-process unit tests
 @pytest.mark.timeout(60)
 def test_enable_cpu_mode_refuses_when_cuda_available(monkeypatch):
-    from megatron_sd3 import cpu_mode
+    from megatron_sd3.testing import cpu_mode
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="CUDA is available"):
@@ -142,7 +142,7 @@ def test_cpu_mode_patches_are_narrow_and_idempotent():
     from megatron.core.optimizer import clip_grads
     from megatron.core.pipeline_parallel import schedules
 
-    from megatron_sd3 import cpu_mode
+    from megatron_sd3.testing import cpu_mode
 
     was_enabled = cpu_mode.is_cpu_mode_enabled()
     try:
@@ -183,7 +183,7 @@ def test_initialize_distributed_single_process_seeds_like_megatron():
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from megatron_sd3 import cpu_mode
+    from megatron_sd3.testing import cpu_mode
     from megatron_sd3.distributed import destroy_distributed, initialize_distributed
 
     was_enabled = cpu_mode.is_cpu_mode_enabled()
