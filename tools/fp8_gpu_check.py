@@ -29,9 +29,9 @@ def log(*a):
 
 
 def init():
-    from megatron_sd3.testing.helpers import single_process_parallel_state
+    from megatron_sd3.convert import ensure_single_process_parallel_state
 
-    single_process_parallel_state()  # nccl on CUDA, one process, TP = PP = 1
+    ensure_single_process_parallel_state()  # nccl on CUDA, one process, TP = PP = 1
 
 
 def build_pair(h, f, dtype, seed=0):

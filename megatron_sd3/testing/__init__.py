@@ -6,6 +6,6 @@
   (``make demo`` on a CPU machine, ``megatron_sd3.distributed.initialize_distributed`` without
   CUDA).
 * :mod:`.helpers`: numerics and fixtures shared by the tests and the GPU check tools (``rel``,
-  the FP8 linear pair, a single-process parallel state); the tools in ``tools/`` import them,
+  the FP8 linear pair); the tools in ``tools/`` import them,
   so they cannot live in ``tests/``.
 """

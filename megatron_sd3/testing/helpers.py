@@ -1,8 +1,7 @@
 """Helpers shared by tests/ and tools/ (not used by training).
 
 * :func:`rel`: relative error ``|a - b| / |b|`` (Frobenius norms, in fp32).
-* :func:`single_process_parallel_state`: a one-process gloo/nccl group with megatron
-  parallel_state at TP = PP = 1 (``megatron_sd3.distributed.initialize_distributed``).
+* :func:`parallel_linear_config`: a ``ModelParallelConfig`` for bare parallel linears.
 * :func:`build_fp8_pair`: the ``torchao`` backend's column -> GELU -> row linear pair holding this
   rank's TP shards of given full weights.
 """
@@ -14,13 +13,6 @@ import torch
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
-
-
-def single_process_parallel_state() -> None:
-    """A trivial process group + megatron parallel state, when none exists."""
-    from megatron_sd3.convert import ensure_single_process_parallel_state
-
-    ensure_single_process_parallel_state()
 
 
 def parallel_linear_config(params_dtype=torch.float32):
