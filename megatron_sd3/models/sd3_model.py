@@ -7,17 +7,18 @@
 * ``post_process`` (last stage): adaLN-continuous norm, projection, unpatchify.
 
 Between stages the activations travel packed (``packing.ActivationLayout``). The
-text-reconstruction target (``docs/design.md``, section "Text reconstruction") is captured on whichever stage holds it: the
-embedded text for target layer 0, the text output of block k otherwise, detached.
+text-reconstruction target (``docs/design.md``, section "Text reconstruction") is captured on
+whichever stage holds it: the embedded text for target layer 0, the text output of block k
+otherwise, detached.
 
-Initialisation is layout-independent: every block is built under an RNG seeded from
-(``init_seed``, layer number), the embeddings from (``init_seed``, 0) and the head from
-(``init_seed``, num_layers + 1); with ``use_cpu_initialization`` megatron builds each full master
-weight and splits it over TP. So every TP/PP/DP layout starts from the same weights.
+Initialisation is layout-independent: every block is built under an RNG keyed by
+(``init_seed``, layer number), the embeddings by (``init_seed``, 0) and the head by
+(``init_seed``, num_layers + 1) (``data/_seeding.init_rng``); with ``use_cpu_initialization``
+megatron builds each full master weight and splits it over TP. So every TP/PP/DP layout starts
+from the same weights.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -33,17 +34,10 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sha
 from megatron_sd3.backends import backend_for
 from megatron_sd3.compat import set_te_attention_backend
 from megatron_sd3.config import SD3Config
+from megatron_sd3.data._seeding import init_rng
 from megatron_sd3.models.embeddings import SD3Embeddings, SD3OutputHead
 from megatron_sd3.models.mmdit_layer_specs import get_mmdit_layer_spec
 from megatron_sd3.models.packing import ActivationLayout
-
-
-@contextlib.contextmanager
-def seeded(seed: int, stream: int):
-    """Fork the global RNG, seeded from (seed, stream): layout-independent initialisation."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed((seed * 1_000_003 + stream) % (2**63))
-        yield
 
 
 class SD3Model(MegatronModule):
@@ -72,15 +66,15 @@ class SD3Model(MegatronModule):
         blocks = []
         for i in range(num_local):
             n = self.layer_offset + i + 1
-            with seeded(config.init_seed, n):
+            with init_rng(config.init_seed, n):
                 blocks.append(build_module(layer_spec, config=config, layer_number=n,
                                            text_output=self.block_text_needed(n)))
         self.blocks = torch.nn.ModuleList(blocks)
         if pre_process:
-            with seeded(config.init_seed, 0):
+            with init_rng(config.init_seed, 0):
                 self.embeddings = SD3Embeddings(config)
         if post_process:
-            with seeded(config.init_seed, config.num_layers + 1):
+            with init_rng(config.init_seed, config.num_layers + 1):
                 self.head = SD3OutputHead(config)
         self.input_tensor = None
 
