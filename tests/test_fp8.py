@@ -25,7 +25,6 @@ from megatron_sd3 import backends  # noqa: E402
 from megatron_sd3.backends import Fp8Settings, check_backend  # noqa: E402
 from megatron_sd3.backends import torchao as F  # noqa: E402
 from megatron_sd3.backends import transformer_engine as TE  # noqa: E402
-from megatron_sd3.backends.fp8_settings import fp8_text_tokens, pad_to_multiple  # noqa: E402
 from megatron_sd3.backends.torchao import (  # noqa: E402
     Float8ColumnParallelLinear,
     Float8RowParallelLinear,
@@ -253,15 +252,11 @@ def test_te_fp8_context_policy_delayed_once_tensorwise_per_block(tp1, monkeypatc
             assert events == expected + [("head", None)]
 
 
-def test_pad_to_multiple_and_text_rule():
-    assert pad_to_multiple(333) == 336
-    assert pad_to_multiple(336) == 336
-    assert pad_to_multiple(0) == 0
-    assert pad_to_multiple(77, 8) == 80
-    assert fp8_text_tokens(333, fp8=True) == 336
-    assert fp8_text_tokens(333, fp8=False) == 333
-    with pytest.raises(ValueError):
-        pad_to_multiple(5, 0)
+def test_fp8_pads_the_text_stream_to_a_multiple_of_16():
+    from megatron_sd3.config import make_config
+
+    assert make_config("sd3_light", parallel={"fp8": "hybrid"}).padded_text_len == 336
+    assert make_config("sd3_light").padded_text_len == 333
 
 
 # ---------------------------------------------------------------------------------------------

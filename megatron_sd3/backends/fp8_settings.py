@@ -13,7 +13,13 @@ Recipes (``--fp8-recipe``)
 
 Shapes
     On a GPU ``torch._scaled_mm`` needs every GEMM dimension divisible by 16, including the token
-    dimension (the inner dimension of the ``grad_weight`` GEMM): :func:`fp8_text_tokens`.
+    dimension (the inner dimension of the ``grad_weight`` GEMM). With FP8 on, ``make_config``
+    pads the text stream to a multiple of 16 (``text_pad_multiple``; SD3's 333 tokens -> 336,
+    zero pads at the end). The pads are sliced out of the attention sequence
+    (``JointAttention.forward``), so real tokens see exactly the unpadded softmax; they are
+    dropped before the text-recon loss and never part of the output. The image stream (256 or
+    4096 patches) is already a multiple of 16, so every GEMM's token dimension (tokens x
+    micro-batch) is one for any micro-batch size.
 
 This module imports neither torchao nor Transformer Engine.
 """
@@ -78,31 +84,3 @@ class Fp8Settings:
             fp8_amax_history_len=self.amax_history_len,
             fp8_amax_compute_algo=self.amax_compute_algo,
         )
-
-
-#: FP8 GEMMs (cuBLASLt via torch._scaled_mm) want every GEMM dimension divisible by 16; the
-#: tokens of a stream are the inner dimension of the grad_weight GEMM.
-FP8_TOKEN_MULTIPLE = 16
-
-
-def pad_to_multiple(n: int, m: int = FP8_TOKEN_MULTIPLE) -> int:
-    """Smallest multiple of ``m`` that is >= ``n`` (``pad_to_multiple(333) == 336``)."""
-    if m <= 0:
-        raise ValueError(f"multiple must be positive, got {m}")
-    if n < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
-    return -(-n // m) * m
-
-
-def fp8_text_tokens(txt_tokens: int, fp8: bool, m: int = FP8_TOKEN_MULTIPLE) -> int:
-    """The text-stream length the model runs with.
-
-    Rule: in FP8 mode each stream's token count is padded to a multiple of 16 (SD3's 333 text
-    tokens -> 336, i.e. 3 zero pad tokens appended at the end of the text stream); in bf16/fp32
-    no padding. The pads are sliced out of the attention sequence (``JointAttention.forward``),
-    so real tokens see exactly the unpadded softmax; they are dropped before the text-recon loss
-    and never part of the output. The image stream (patch count, e.g. 256 or 4096) is already a
-    multiple of 16. Per-stream padding keeps every GEMM's token dimension (tokens x micro-batch)
-    a multiple of 16 for any micro-batch size.
-    """
-    return pad_to_multiple(txt_tokens, m) if fp8 else txt_tokens
