@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -157,6 +159,19 @@ def test_compat_refuses_an_unsupported_megatron_core():
         compat.require_supported_megatron_core((0, 15, 2))
     msg = str(err.value)
     assert "\n" not in msg and "megatron-core 0.15.2 is not supported" in msg and "0.16.x" in msg
+
+
+def test_te_attention_backend_env_is_megatron_s(monkeypatch):
+    """--attention-backend onto TE's NVTE_* variables, by megatron's own mapping (compat.py)."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    from megatron_sd3 import compat
+
+    for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+        monkeypatch.delenv(name, raising=False)
+    compat.set_te_attention_backend(make_config("tiny", parallel={"attention_backend": AttnBackend.flash}))
+    assert (os.environ["NVTE_FLASH_ATTN"], os.environ["NVTE_FUSED_ATTN"],
+            os.environ["NVTE_UNFUSED_ATTN"]) == ("1", "0", "0")
 
 
 def test_sharded_state_dict_keys_are_global(single_process):
