@@ -3,7 +3,7 @@
 - ``initialize_distributed(tp, pp, vpp=None, seed=1234, backend=None)``: reads the torchrun
   environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); without
   it, makes a one-process group on a free local TCP port. Picks nccl + CUDA when CUDA is available,
-  otherwise gloo + :mod:`megatron_sd3.cpu_mode`. Then ``parallel_state.initialize_model_parallel``
+  otherwise gloo + :mod:`megatron_sd3.testing.cpu_mode`. Then ``parallel_state.initialize_model_parallel``
   and seeding (megatron's ``model_parallel_cuda_manual_seed`` on GPU, its CPU equivalent on CPU).
 - ``destroy_distributed()``: undo it (tests run several layouts in one process).
 - The layout rules themselves live in ``megatron_sd3.training.parallel_layout.check_layout``.
@@ -47,7 +47,7 @@ class DistInfo:
     cpu_mode: bool
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -69,7 +69,7 @@ def set_seed(seed: int) -> None:
 
         model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
     else:
-        from megatron_sd3 import cpu_mode
+        from megatron_sd3.testing import cpu_mode
 
         cpu_mode.cpu_model_parallel_manual_seed(seed)
 
@@ -86,7 +86,7 @@ def initialize_distributed(
     """Initialise torch.distributed, megatron parallel_state and the RNGs; return a DistInfo.
 
     backend: None picks nccl when CUDA is available, gloo otherwise. gloo without CUDA turns on
-    :func:`megatron_sd3.cpu_mode.enable_cpu_mode`. Extra keyword arguments go to
+    :func:`megatron_sd3.testing.cpu_mode.enable_cpu_mode`. Extra keyword arguments go to
     ``parallel_state.initialize_model_parallel``. If torch.distributed is already initialised
     (e.g. by the caller), that group is used as is.
     """
@@ -99,7 +99,7 @@ def initialize_distributed(
         raise RuntimeError("backend 'nccl' needs CUDA, which is not available; use gloo")
     cpu_mode = not cuda
     if cpu_mode:
-        from megatron_sd3 import cpu_mode as _cpu_mode
+        from megatron_sd3.testing import cpu_mode as _cpu_mode
 
         _cpu_mode.enable_cpu_mode()
 
@@ -116,7 +116,7 @@ def initialize_distributed(
                                     world_size=int(os.environ["WORLD_SIZE"]))
         else:
             dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1,
-                                    init_method=f"tcp://127.0.0.1:{_free_port()}")
+                                    init_method=f"tcp://127.0.0.1:{free_port()}")
 
     world_size = dist.get_world_size()
     if world_size % (tp * pp) != 0:

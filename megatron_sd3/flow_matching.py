@@ -5,10 +5,11 @@
 * ``x_t = (1 - t) x0 + t noise``, target ``noise - x0``, model timestep ``1000 t``;
 * per-sample text dropout for classifier-free guidance: zeroed text tokens and pooled vector.
 
-Noise, timestep and dropout belong to the *sample*, not the rank (DESIGN.md §8): each sample
-draws from its own generator keyed by (seed, sample position in the training stream), so the first
-stage (which noises the latents) and the last stage (which needs ``noise - x0``) agree, and every
-parallel layout sees the same numbers.
+Noise, timestep and dropout belong to the *sample*, not the rank (``docs/design.md``, section
+"Layout-independent randomness"): each sample draws from its own generator keyed by (seed, sample
+position in the training stream; ``data/_seeding.sample_generator``), so the first stage (which
+noises the latents) and the last stage (which needs ``noise - x0``) agree, and every parallel
+layout sees the same numbers.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from megatron_sd3.data._seeding import sample_generator
 
 
 @dataclass(frozen=True)
@@ -33,13 +36,6 @@ class FlowMatchingConfig:
             raise ValueError("logit_std and shift must be > 0")
         if not 0.0 <= self.text_dropout < 1.0:
             raise ValueError(f"text dropout probability must be in [0, 1), got {self.text_dropout}")
-
-
-def sample_generator(seed: int, position: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed((int(seed) * 6_364_136_223_846_793_005 + int(position) * 1_442_695_040_888_963_407 + 1)
-                  % (2**63))
-    return g
 
 
 def draw_time(g: torch.Generator, cfg: FlowMatchingConfig) -> float:

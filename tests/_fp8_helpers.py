@@ -1,71 +1,20 @@
-"""Helpers for tests/test_fp8.py: megatron parallel_state on CPU/gloo, the FP8 linear pair, and the
-TP=2 worker started by torch.multiprocessing.spawn (kept in a module so spawn can import it).
+"""Helpers for tests/test_fp8.py: the torchao FP8 linear pair and the TP=2 worker started by
+torch.multiprocessing.spawn (kept in a module so spawn can import it).
 
-CPU work-arounds used here (no megatron-core patching needed for bare linears):
-* ``use_cpu_initialization=True``: megatron builds the full master weight on CPU and splits it
-  over TP (the GPU path allocates on ``torch.cuda.current_device()``);
-* ``gradient_accumulation_fusion=False`` (the fused wgrad kernel is an apex CUDA extension);
-* ``model_parallel_cuda_manual_seed`` is never called (it seeds CUDA RNG; not needed here);
-* sequence parallel stays off (megatron's sequence-parallel gather allocates on CUDA).
+The pair is ``megatron_sd3.testing.helpers.build_fp8_pair`` (also used by tools/fp8_gpu_check.py):
+full master weights built on CPU and split over TP, no fused wgrad, no sequence parallelism.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
-import torch.distributed as dist
+
+from megatron_sd3.testing.helpers import build_fp8_pair
 
 HIDDEN = 64
 FFN = 128
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_parallel(rank: int, world_size: int, port: int, tp: int) -> bool:
-    """gloo process group + megatron parallel_state; returns True if it created them."""
-    from megatron.core import parallel_state
-
-    created = False
-    if not dist.is_initialized():
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-        )
-        created = True
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-        created = True
-    return created
-
-
-def teardown_parallel() -> None:
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def mp_config(params_dtype=torch.float32):
-    from megatron.core.model_parallel_config import ModelParallelConfig
-
-    return ModelParallelConfig(
-        tensor_model_parallel_size=dist.get_world_size() if dist.is_initialized() else 1,
-        use_cpu_initialization=True,
-        perform_initialization=True,
-        gradient_accumulation_fusion=False,
-        sequence_parallel=False,
-        params_dtype=params_dtype,
-    )
 
 
 def full_weights(seed: int = 0, hidden: int = HIDDEN, ffn: int = FFN):
@@ -80,32 +29,6 @@ def full_weights(seed: int = 0, hidden: int = HIDDEN, ffn: int = FFN):
     }
 
 
-def build_pair(weights, params_dtype=torch.float32):
-    """Float8ColumnParallelLinear -> GELU -> Float8RowParallelLinear with this rank's shards."""
-    from megatron.core import parallel_state
-
-    from megatron_sd3.fp8 import Float8ColumnParallelLinear, Float8RowParallelLinear
-
-    cfg = mp_config(params_dtype)
-    ffn, hidden = weights["w1"].shape
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    noop = lambda w: None  # noqa: E731 - weights are copied in below
-    col = Float8ColumnParallelLinear(
-        hidden, ffn, config=cfg, init_method=noop, bias=True, gather_output=False
-    )
-    row = Float8RowParallelLinear(
-        ffn, hidden, config=cfg, init_method=noop, bias=True, input_is_parallel=True,
-        skip_bias_add=False,
-    )
-    with torch.no_grad():
-        col.weight.copy_(weights["w1"].chunk(tp, 0)[rank])
-        col.bias.copy_(weights["b1"].chunk(tp, 0)[rank])
-        row.weight.copy_(weights["w2"].chunk(tp, 1)[rank])
-        row.bias.copy_(weights["b2"])
-    return col, row
-
-
 def pair_forward(col, row, x):
     h, _ = col(x)
     h = torch.nn.functional.gelu(h, approximate="tanh")
@@ -115,7 +38,7 @@ def pair_forward(col, row, x):
 
 def run_pair(col, row, x, grad_y, settings=None):
     """Forward + backward (optionally under fp8_context); returns output and local grads."""
-    from megatron_sd3.fp8 import fp8_context
+    from megatron_sd3.backends.torchao import fp8_context
 
     x = x.detach().clone().requires_grad_(True)
     for p in (col.weight, col.bias, row.weight, row.bias):
@@ -137,15 +60,18 @@ def run_pair(col, row, x, grad_y, settings=None):
 def tp_worker(rank: int, world_size: int, port: int, out_dir: str, fmt: str) -> None:
     """TP=world_size: FP8 with and without the amax all-reduce; saves this rank's results."""
     torch.set_num_threads(1)
-    from megatron_sd3.fp8 import Fp8Settings
+    from megatron_sd3.backends import Fp8Settings
+    from megatron_sd3.distributed import destroy_distributed, initialize_distributed
 
-    init_parallel(rank, world_size, port, tp=world_size)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    initialize_distributed(tp=world_size)
     try:
         weights = full_weights()
         g = torch.Generator().manual_seed(1)
         x = torch.randn(32, 2, HIDDEN, generator=g)
         grad_y = torch.randn(32, 2, HIDDEN, generator=g)
-        col, row = build_pair(weights)
+        col, row = build_fp8_pair(weights)
         res = {}
         for agree in (True, False):
             s = Fp8Settings(format=fmt, agree_amax_across_tp=agree)
@@ -153,4 +79,4 @@ def tp_worker(rank: int, world_size: int, port: int, out_dir: str, fmt: str) -> 
         res["hp"] = run_pair(col, row, x, grad_y, None)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        teardown_parallel()
+        destroy_distributed()

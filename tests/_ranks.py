@@ -1,16 +1,11 @@
 """Start N local ranks of a worker script (the env torchrun would set), wait with a timeout."""
 import os
-import socket
 import subprocess
 import sys
 
+from megatron_sd3.distributed import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(script: str, nproc: int, args: list[str], timeout: float = 240, env: dict | None = None):

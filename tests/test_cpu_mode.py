@@ -1,10 +1,10 @@
-"""CPU mode and distributed bootstrap (megatron_sd3.cpu_mode, megatron_sd3.distributed).
+"""CPU mode and distributed bootstrap (megatron_sd3.testing.cpu_mode, megatron_sd3.distributed).
 
-The multi-process tests launch tests/_cpu_mode_worker.py with torchrun (2 ranks, gloo, CPU): a toy
-model of megatron-core ColumnParallelLinear/RowParallelLinear blocks, trained through
-get_forward_backward_func + DistributedDataParallel + get_megatron_optimizer +
-finalize_model_grads, compared with a plain-torch single-process reference (rel diff <= 1e-5),
-then saved and loaded with dist_checkpointing and resumed for one more step.
+tests/_cpu_mode_worker.py trains the real SD3Model (tiny preset) through the production wiring
+(megatron_sd3.training.step: megatron's schedules, DistributedDataParallel, optimizer,
+finalize_model_grads): first as one process without torchrun (the reference), then with torchrun
+(2 ranks, gloo, CPU) in several layouts compared with it (rel diff <= 1e-5), each then saved and
+loaded with dist_checkpointing and resumed for one more step.
 """
 
 from __future__ import annotations
@@ -31,17 +31,41 @@ def _torchrun(workdir, *args, timeout=240):
     return proc.returncode, proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module")
-def worker_run(tmp_path_factory):
-    """One torchrun launch (2 ranks) runs all three layouts; each test checks its own case.
+def _no_torchrun_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
 
-    One launch instead of three keeps the suite fast on 2 cores (imports dominate)."""
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """`python script.py` with no torchrun environment: the single-process reference (and its own
+    checkpoint round trip)."""
     if torch.cuda.is_available():
         pytest.skip("CPU mode is for CPU hosts")
+    workdir = tmp_path_factory.mktemp("cpu_mode_ref")
+    proc = subprocess.run(
+        [sys.executable, WORKER, "--cases", "plain", "--save-reference", str(workdir / "ref.pt"),
+         "--ckpt-dir", str(workdir / "ckpt"), "--report-dir", str(workdir / "report")],
+        cwd=str(workdir), env=_no_torchrun_env(), capture_output=True, text=True, timeout=200)
+    path = workdir / "report" / "report_rank0.txt"
+    return proc.returncode, proc.stdout + proc.stderr, path.read_text() if path.exists() else "", \
+        workdir / "ref.pt"
+
+
+@pytest.fixture(scope="module")
+def worker_run(tmp_path_factory, reference_run):
+    """One torchrun launch (2 ranks) runs all layouts; each test checks its own case.
+
+    One launch instead of six keeps the suite fast on 2 cores (imports dominate)."""
+    rc, out, _, ref = reference_run
+    assert rc == 0 and ref.exists(), out[-8000:]
     workdir = tmp_path_factory.mktemp("cpu_mode")
-    rc, out = _torchrun(workdir, "--cases", "pp2", "vpp2", "tp2", "dp2", "pp2_bf16", "dp2_bf16",
+    rc, out = _torchrun(workdir, "--reference", str(ref),
+                        "--cases", "pp2", "vpp2", "tp2", "dp2", "pp2_bf16", "dp2_bf16",
                         "--ckpt-dir", str(workdir / "ckpt"), "--report-dir",
-                        str(workdir / "report"))
+                        str(workdir / "report"), timeout=600)
     lines = []
     for rank in (0, 1):
         path = workdir / "report" / f"report_rank{rank}.txt"
@@ -62,16 +86,16 @@ def _check_case(worker_run, case):
 # ----------------------------------------------------------------- multi-process, real paths
 # The timeouts include the shared launch, which the first of these tests pays for.
 @needs_no_cuda
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_pp2_1f1b_ddp_optimizer_and_checkpoint(worker_run):
-    """PP=2 (uneven 2|1 layer split), 1F1B over 4 micro-batches, DDP, megatron optimizer with
+    """PP=2 (uneven 3|1 layer split), 1F1B over 4 micro-batches, DDP, megatron optimizer with
     grad clipping, finalize_model_grads with per-token loss: losses and params equal the
     single-process reference; dist_checkpointing save/load/resume of model + optimizer."""
     _check_case(worker_run, "pp2")
 
 
 @needs_no_cuda
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_vpp2_interleaved_schedule_and_checkpoint(worker_run):
     """PP=2 x VPP=2: the interleaved 1F1B schedule over two model chunks per rank (one DDP each,
     unbatched p2p as Megatron-LM does), checkpoint keys model0/model1, resume."""
@@ -79,7 +103,7 @@ def test_vpp2_interleaved_schedule_and_checkpoint(worker_run):
 
 
 @needs_no_cuda
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_tp2_training_rng_and_checkpoint(worker_run):
     """TP=2: column/row-parallel shards equal the reference's slices after training, each TP
     rank's tracker stream is seed + 2718 + tp_rank, save/load/resume round-trips."""
@@ -87,7 +111,7 @@ def test_tp2_training_rng_and_checkpoint(worker_run):
 
 
 @needs_no_cuda
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_dp2_distributed_optimizer_overlap_and_checkpoint(worker_run):
     """DP=2 with the distributed optimizer (reduce-scatter / all-gather on gloo) and
     overlap_grad_reduce; fully-parallel checkpoint save (Megatron-LM's default) with metadata
@@ -96,7 +120,7 @@ def test_dp2_distributed_optimizer_overlap_and_checkpoint(worker_run):
 
 
 @needs_no_cuda
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_bf16_float16_and_distributed_optimizer(worker_run):
     """bf16 params with fp32 main params: Float16OptimizerWithFloat16Params (PP=2) and the
     distributed optimizer (DP=2) run, track the fp32 reference (smoke tolerance) and resume
@@ -108,20 +132,12 @@ def test_bf16_float16_and_distributed_optimizer(worker_run):
 
 
 @needs_no_cuda
-@pytest.mark.timeout(120)
-def test_single_process_without_torchrun(tmp_path):
+@pytest.mark.timeout(240)
+def test_single_process_without_torchrun(reference_run):
     """`python script.py` with no torchrun environment: a one-process gloo group on a free
     port, forward_backward_no_pipelining, DDP, optimizer, checkpoint save/load/resume."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.run(
-        [sys.executable, WORKER, "--cases", "plain", "--ckpt-dir", str(tmp_path / "ckpt"),
-         "--report-dir", str(tmp_path / "report")],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=110)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-8000:]
-    report = (tmp_path / "report" / "report_rank0.txt").read_text()
+    rc, out, report, _ = reference_run
+    assert rc == 0, out[-8000:]
     assert "[plain] rank 0: CASE_OK" in report, out[-8000:]
     assert "bit-identical to the uninterrupted run" in report
 
@@ -129,7 +145,7 @@ def test_single_process_without_torchrun(tmp_path):
 # ----------------------------------------------------------------- in-process unit tests
 @pytest.mark.timeout(60)
 def test_enable_cpu_mode_refuses_when_cuda_available(monkeypatch):
-    from megatron_sd3 import cpu_mode
+    from megatron_sd3.testing import cpu_mode
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="CUDA is available"):
@@ -142,7 +158,7 @@ def test_cpu_mode_patches_are_narrow_and_idempotent():
     from megatron.core.optimizer import clip_grads
     from megatron.core.pipeline_parallel import schedules
 
-    from megatron_sd3 import cpu_mode
+    from megatron_sd3.testing import cpu_mode
 
     was_enabled = cpu_mode.is_cpu_mode_enabled()
     try:
@@ -183,7 +199,7 @@ def test_initialize_distributed_single_process_seeds_like_megatron():
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from megatron_sd3 import cpu_mode
+    from megatron_sd3.testing import cpu_mode
     from megatron_sd3.distributed import destroy_distributed, initialize_distributed
 
     was_enabled = cpu_mode.is_cpu_mode_enabled()

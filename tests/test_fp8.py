@@ -1,4 +1,5 @@
-"""FP8 building blocks (megatron_sd3/fp8.py) and the FLOP count (megatron_sd3/flops.py).
+"""The FP8 backends (megatron_sd3/backends/), their registry and FP8 context policy, and the FLOP
+count (megatron_sd3/flops.py).
 
 The FP8 layers are megatron-core's tensor-parallel linears with their local GEMM run by torchao's
 float8 matmul. On CPU ``torch._scaled_mm`` has a kernel (torch 2.13), so everything here is real
@@ -20,28 +21,23 @@ import _fp8_helpers as H  # noqa: E402
 
 pytest.importorskip("torchao")
 
-from megatron_sd3 import fp8 as F  # noqa: E402
-from megatron_sd3.fp8 import (  # noqa: E402
+from megatron_sd3 import backends  # noqa: E402
+from megatron_sd3.backends import Fp8Settings, check_backend  # noqa: E402
+from megatron_sd3.backends import torchao as F  # noqa: E402
+from megatron_sd3.backends import transformer_engine as TE  # noqa: E402
+from megatron_sd3.backends.torchao import (  # noqa: E402
     Float8ColumnParallelLinear,
     Float8RowParallelLinear,
-    Fp8Settings,
     fp8_context,
-    fp8_text_tokens,
-    pad_to_multiple,
 )
+from megatron_sd3.distributed import free_port  # noqa: E402
+from megatron_sd3.testing.helpers import build_fp8_pair, parallel_linear_config, rel  # noqa: E402
 
 
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-@pytest.fixture(scope="module")
-def tp1():
+@pytest.fixture
+def tp1(single_process):
     """A 1-process gloo group with megatron parallel_state at TP=1."""
-    created = H.init_parallel(0, 1, H.free_port(), tp=1)
     yield
-    if created:
-        H.teardown_parallel()
 
 
 @contextlib.contextmanager
@@ -80,11 +76,11 @@ def test_settings_validation_and_delayed_needs_te():
     with pytest.raises(ValueError, match="fp8-recipe"):
         Fp8Settings(recipe="mxfp8")
     with pytest.raises(ValueError, match="needs --transformer-impl transformer_engine"):
-        Fp8Settings(recipe="delayed").validate("local")
+        check_backend("local", Fp8Settings(recipe="delayed"))
     with pytest.raises(ValueError, match="needs --transformer-impl transformer_engine"):
         with fp8_context(True, recipe="delayed"):
             pass
-    Fp8Settings(format="e4m3").validate("local")
+    assert check_backend("local", Fp8Settings(format="e4m3")).name == "torchao"
     s = Fp8Settings(format="e4m3", recipe="tensorwise", amax_history_len=16)
     assert Fp8Settings.from_config(type("C", (), s.transformer_config_kwargs())()) == s
 
@@ -93,7 +89,7 @@ def test_torchao_config_formats():
     from torchao.float8.config import ScalingGranularity, ScalingType
 
     for fmt, gdt in (("e4m3", torch.float8_e4m3fn), ("hybrid", torch.float8_e5m2)):
-        c = Fp8Settings(format=fmt).float8_linear_config()
+        c = F.float8_linear_config(Fp8Settings(format=fmt))
         for cc in (c.cast_config_input, c.cast_config_weight, c.cast_config_grad_output):
             assert cc.scaling_type is ScalingType.DYNAMIC
             assert cc.scaling_granularity is ScalingGranularity.TENSORWISE
@@ -103,17 +99,24 @@ def test_torchao_config_formats():
         assert c.cast_config_grad_output_for_grad_weight.target_dtype == gdt
 
 
-@pytest.mark.skipif(F.have_transformer_engine(), reason="Transformer Engine is installed")
+@pytest.mark.skipif(TE.transformer_engine_available(), reason="Transformer Engine is installed")
 def test_transformer_engine_missing_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="needs NVIDIA Transformer Engine") as err:
+        TE.require_transformer_engine()
+    assert "\n" not in str(err.value) and "--transformer-impl local" in str(err.value)
     with pytest.raises(RuntimeError, match="needs NVIDIA Transformer Engine"):
-        F.require_transformer_engine()
+        check_backend("transformer_engine", Fp8Settings())
     with pytest.raises(RuntimeError, match="needs NVIDIA Transformer Engine"):
-        Fp8Settings().validate("transformer_engine")
+        check_backend("transformer_engine")  # bf16 too: the modules are TE's
+    from megatron_sd3.models.mmdit_layer_specs import get_mmdit_layer_spec
+
+    with pytest.raises(RuntimeError, match="needs NVIDIA Transformer Engine"):
+        get_mmdit_layer_spec("transformer_engine")
     cfg = type("C", (), {"fp8": "hybrid", "fp8_recipe": "delayed"})()
     with pytest.raises(RuntimeError, match="needs NVIDIA Transformer Engine"):
-        F.te_fp8_context(cfg)
+        TE.te_fp8_context(cfg)
     # FP8 off: megatron's own (null) context, no error
-    with F.te_fp8_context(type("C", (), {"fp8": None, "fp8_param": False})()):
+    with TE.te_fp8_context(type("C", (), {"fp8": None, "fp8_param": False})()):
         pass
 
 
@@ -138,7 +141,7 @@ def test_context_nesting_and_first_last_bf16():
     seen = []
     with fp8_context(True):  # an outer FP8 region: bf16 layers must still be bf16
         for layer_no in range(4):
-            with F.get_fp8_context(cfg, "local", layer_no):
+            with backends.get_backend("torchao").layer_fp8_context(cfg, layer_no):
                 seen.append(F.fp8_enabled())
     assert seen == [False, True, True, False]
     with F.get_local_fp8_context(type("C", (), {"fp8": None})()):
@@ -146,7 +149,7 @@ def test_context_nesting_and_first_last_bf16():
 
 
 def test_spec_provider():
-    p = F.float8_local_spec_provider()
+    p = backends.backend_for("local", fp8=True).spec_provider()
     assert p.column_parallel_linear() is Float8ColumnParallelLinear
     assert p.row_parallel_linear() is Float8RowParallelLinear
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -155,15 +158,105 @@ def test_spec_provider():
     assert issubclass(Float8RowParallelLinear, RowParallelLinear)
 
 
-def test_pad_to_multiple_and_text_rule():
-    assert pad_to_multiple(333) == 336
-    assert pad_to_multiple(336) == 336
-    assert pad_to_multiple(0) == 0
-    assert pad_to_multiple(77, 8) == 80
-    assert fp8_text_tokens(333, fp8=True) == 336
-    assert fp8_text_tokens(333, fp8=False) == 333
-    with pytest.raises(ValueError):
-        pad_to_multiple(5, 0)
+def test_registry_names_and_unknown_backend():
+    assert backends.backend_names() == ("local", "torchao", "transformer_engine")
+    assert backends.TRANSFORMER_IMPLS == ("local", "transformer_engine")
+    assert backends.backend_for("local").name == "local"
+    assert backends.backend_for("local", fp8=True).name == "torchao"
+    with pytest.raises(ValueError) as err:
+        backends.get_backend("apex")
+    msg = str(err.value)
+    assert "\n" not in msg and "'apex'" in msg
+    assert "local, torchao, transformer_engine" in msg
+    with pytest.raises(ValueError, match="--transformer-impl must be one of local, transformer_engine"):
+        check_backend("te")
+    from megatron_sd3.models.mmdit_layer_specs import get_mmdit_layer_spec
+
+    with pytest.raises(ValueError, match="--transformer-impl must be one of"):
+        get_mmdit_layer_spec("te")
+
+
+def _tiny_fp8_model(**parallel):
+    from megatron_sd3.config import make_config
+    from megatron_sd3.models.sd3_model import SD3Model
+
+    cfg = make_config("tiny", zero_init_adaln=False, parallel={"fp8": "hybrid", **parallel})
+    return SD3Model(cfg)
+
+
+def _tiny_batch(cfg):
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, cfg.in_channels, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(1, cfg.text_seq_len, cfg.joint_attention_dim,
+                                                  generator=g),
+                pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([500.0]))
+
+
+def _record_blocks(model, events, what):
+    for block in model.blocks:
+        block.register_forward_pre_hook(
+            lambda mod, args: events.append((f"block{mod.layer_number}", what())))
+    model.head.register_forward_pre_hook(lambda mod, args: events.append(("head", what())))
+
+
+def test_torchao_fp8_context_is_per_block(tp1):
+    """tensorwise (torchao): each block runs in its own FP8 context (a fresh one per block, so
+    --first-last-layers-bf16 applies), and nothing outside the blocks is in FP8."""
+    model = _tiny_fp8_model(first_last_layers_bf16=True, num_layers_at_start_in_bf16=1,
+                            num_layers_at_end_in_bf16=0)
+    assert model.backend.name == "torchao"
+    events = []
+    _record_blocks(model, events, lambda: (F.fp8_enabled(), len(F._FP8_STACK)))
+    with count_scaled_mm() as calls:
+        model(**_tiny_batch(model.config))
+    n = model.config.num_layers
+    assert events == [("block1", (False, 2))] + [(f"block{i}", (True, 2)) for i in range(2, n + 1)] \
+        + [("head", (False, 1))]
+    assert calls  # blocks 2.. really ran FP8 GEMMs
+
+
+def test_te_fp8_context_policy_delayed_once_tensorwise_per_block(tp1, monkeypatch):
+    """megatron's TransformerBlock policy, as the transformer_engine backend applies it: delayed
+    recipe -> ONE context around all blocks of the pass; other recipes -> one per block.
+    (megatron's get_fp8_context is replaced by a recorder: TE is not installed here.)"""
+    import megatron.core.fp8_utils as fp8_utils
+
+    opened = []
+
+    @contextlib.contextmanager
+    def recording_context(config, layer_no=-1, is_init=False):
+        opened.append(layer_no)
+        events.append(("enter", layer_no))
+        yield
+        events.append(("exit", layer_no))
+
+    monkeypatch.setattr(fp8_utils, "get_fp8_context", recording_context)
+    monkeypatch.setattr(TE, "require_transformer_engine", lambda: None)
+    for recipe in ("delayed", "tensorwise"):
+        model = _tiny_fp8_model(fp8_recipe=recipe)
+        model.backend = backends.get_backend("transformer_engine")  # the policy under test
+        events, opened = [], []
+        _record_blocks(model, events, lambda: None)
+        model(**_tiny_batch(model.config))
+        n = model.config.num_layers
+        blocks = [(f"block{i}", None) for i in range(1, n + 1)]
+        if recipe == "delayed":
+            assert opened == [-1]
+            assert events == [("enter", -1), *blocks, ("exit", -1), ("head", None)]
+        else:
+            assert opened == list(range(n))
+            expected = []
+            for i, b in enumerate(blocks):
+                expected += [("enter", i), b, ("exit", i)]
+            assert events == expected + [("head", None)]
+
+
+def test_fp8_pads_the_text_stream_to_a_multiple_of_16():
+    from megatron_sd3.config import make_config
+
+    assert make_config("sd3_light", parallel={"fp8": "hybrid"}).padded_text_len == 336
+    assert make_config("sd3_light").padded_text_len == 333
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,8 +268,8 @@ def test_fp8_off_is_exactly_megatron(tp1):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     w = H.full_weights()
-    col, row = H.build_pair(w)
-    cfg = H.mp_config()
+    col, row = build_fp8_pair(w)
+    cfg = parallel_linear_config()
     noop = lambda t: None  # noqa: E731
     ref_col = ColumnParallelLinear(H.HIDDEN, H.FFN, config=cfg, init_method=noop, bias=True)
     ref_row = RowParallelLinear(
@@ -199,8 +292,8 @@ def test_fp8_off_is_exactly_megatron(tp1):
 def test_fp8_pair_close_to_fp32(tp1, fmt, params_dtype):
     w = H.full_weights()
     x, gy = _inputs()
-    ref = H.run_pair(*H.build_pair(w, torch.float32), x, gy, None)
-    col, row = H.build_pair(w, params_dtype)
+    ref = H.run_pair(*build_fp8_pair(w, torch.float32), x, gy, None)
+    col, row = build_fp8_pair(w, params_dtype)
     with count_scaled_mm() as calls:
         out = H.run_pair(col, row, x.to(params_dtype), gy.to(params_dtype), Fp8Settings(fmt))
     # 3 GEMMs (output, grad_input, grad_weight) per layer, all through torch._scaled_mm
@@ -224,13 +317,13 @@ def test_same_numbers_as_torchao_float8_linear(tp1):
     from torchao.float8.float8_linear import Float8Linear
 
     w = H.full_weights()
-    col, _ = H.build_pair(w)
+    col, _ = build_fp8_pair(w)
     settings = Fp8Settings("hybrid")
     lin = torch.nn.Linear(H.HIDDEN, H.FFN, bias=True)
     with torch.no_grad():
         lin.weight.copy_(w["w1"])
         lin.bias.copy_(w["b1"])
-    ref_mod = Float8Linear.from_float(lin, config=settings.float8_linear_config())
+    ref_mod = Float8Linear.from_float(lin, config=F.float8_linear_config(settings))
     x, _ = _inputs()
     gy = torch.randn(32, 2, H.FFN, generator=torch.Generator().manual_seed(7))
     outs = []
@@ -256,7 +349,7 @@ def test_same_numbers_as_torchao_float8_linear(tp1):
 def test_tp2_equals_tp1_with_agreed_amax(tp1, tmp_path, fmt):
     import torch.multiprocessing as mp
 
-    mp.spawn(H.tp_worker, args=(2, H.free_port(), str(tmp_path), fmt), nprocs=2, join=True)
+    mp.spawn(H.tp_worker, args=(2, free_port(), str(tmp_path), fmt), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
 
     def assemble(res):
@@ -269,7 +362,7 @@ def test_tp2_equals_tp1_with_agreed_amax(tp1, tmp_path, fmt):
 
     w = H.full_weights()
     x, gy = _inputs()
-    col, row = H.build_pair(w)
+    col, row = build_fp8_pair(w)
     tp1_fp8 = H.run_pair(col, row, x, gy, Fp8Settings(fmt))
     tp1_hp = H.run_pair(col, row, x, gy, None)
 
@@ -296,7 +389,7 @@ def test_tp2_equals_tp1_with_agreed_amax(tp1, tmp_path, fmt):
 def _train(settings, steps=20):
     torch.manual_seed(0)
     w = H.full_weights(seed=3)
-    col, row = H.build_pair(w)
+    col, row = build_fp8_pair(w)
     teacher = H.full_weights(seed=4)
     g = torch.Generator().manual_seed(5)
     params = [col.weight, col.bias, row.weight, row.bias]

@@ -1,8 +1,11 @@
+import os
+
 import pytest
 import torch
 
 from megatron_sd3.config import make_config
-from megatron_sd3.models.mmdit_layer_specs import get_mmdit_layer_spec, transformer_engine_available
+from megatron_sd3.backends.transformer_engine import transformer_engine_available
+from megatron_sd3.models.mmdit_layer_specs import get_mmdit_layer_spec
 from megatron_sd3.models.sd3_model import SD3Model
 
 
@@ -107,6 +110,68 @@ def test_attention_backend_picks_the_kernel(single_process):
     for name in ("flash", "unfused"):
         for a, b in zip(outs[name], outs["auto"]):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+
+
+def test_qk_norm_off_is_identity_op_in_the_spec(single_process):
+    """megatron's idiom for an optional submodule: IdentityOp in the spec, no branch in the module."""
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    off = get_mmdit_layer_spec("local", qk_norm=False).submodules.joint_attention.submodules
+    on = get_mmdit_layer_spec("local", qk_norm=True).submodules.joint_attention.submodules
+    assert off.q_layernorm is IdentityOp and off.k_layernorm is IdentityOp
+    assert on.q_layernorm is WrappedTorchNorm
+    m = _model(qk_norm=False)
+    att = m.blocks[0].attention
+    assert isinstance(att.q_layernorm, IdentityOp) and isinstance(att.context_k_layernorm, IdentityOp)
+    assert not any("layernorm" in name for name, _ in m.named_parameters())
+    assert any("q_layernorm" in name for name, _ in _model(qk_norm=True).named_parameters())
+
+
+def test_norm_epsilon_is_the_config_s(single_process):
+    """Every norm of the model (adaLN, qk-norm, output head) reads config.layernorm_epsilon."""
+    cfg = make_config("tiny", zero_init_adaln=False)
+    cfg.layernorm_epsilon = 0.25
+    m = SD3Model(cfg)
+    batch = _batch(cfg)
+    seen = []
+    orig = torch.nn.functional.layer_norm
+
+    def spy(t, shape, weight=None, bias=None, eps=1e-5):
+        seen.append(eps)
+        return orig(t, shape, weight, bias, eps)
+
+    torch.nn.functional.layer_norm = spy
+    try:
+        m(**batch)
+    finally:
+        torch.nn.functional.layer_norm = orig
+    assert len(seen) > cfg.num_layers and set(seen) == {0.25}, seen
+    rms = {mod.eps for mod in m.modules() if isinstance(mod, torch.nn.RMSNorm)}
+    assert rms == {0.25}
+
+
+def test_compat_refuses_an_unsupported_megatron_core():
+    from megatron_sd3 import compat
+
+    compat.require_supported_megatron_core()  # the installed one
+    with pytest.raises(RuntimeError) as err:
+        compat.require_supported_megatron_core((0, 15, 2))
+    msg = str(err.value)
+    assert "\n" not in msg and "megatron-core 0.15.2 is not supported" in msg and "0.16.x" in msg
+
+
+def test_te_attention_backend_env_is_megatron_s(monkeypatch):
+    """--attention-backend onto TE's NVTE_* variables, by megatron's own mapping (compat.py)."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    from megatron_sd3 import compat
+
+    for name in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+        monkeypatch.delenv(name, raising=False)
+    compat.set_te_attention_backend(make_config("tiny", parallel={"attention_backend": AttnBackend.flash}))
+    assert (os.environ["NVTE_FLASH_ATTN"], os.environ["NVTE_FUSED_ATTN"],
+            os.environ["NVTE_UNFUSED_ATTN"]) == ("1", "0", "0")
 
 
 def test_sharded_state_dict_keys_are_global(single_process):

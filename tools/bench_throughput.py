@@ -108,7 +108,7 @@ def rss_mb() -> tuple[float, float]:
 
 def variants(cuda: bool, want: list[str]):
     """(name, fp8 format or None, transformer_impl, bf16 params)."""
-    from megatron_sd3.fp8 import have_transformer_engine
+    from megatron_sd3.backends.transformer_engine import transformer_engine_available as have_transformer_engine
 
     out = []
     for v in want:

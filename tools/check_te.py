@@ -37,10 +37,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+from megatron_sd3.testing.helpers import rel  # noqa: E402
 
 
 def build(args, impl: str, fp8: bool, dtype, dev):
@@ -110,7 +107,7 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     tol_bf16 = args.tol_bf16 if args.tol_bf16 is not None else (3e-2 if cuda else 1e-5)
     if args.candidate == "transformer_engine":
-        from megatron_sd3.models.mmdit_layer_specs import transformer_engine_available
+        from megatron_sd3.backends.transformer_engine import transformer_engine_available
 
         if not transformer_engine_available():
             print("check_te.py: error: Transformer Engine is not installed here; run this on a machine "

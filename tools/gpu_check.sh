@@ -26,6 +26,8 @@
 #   6. if step 2 found a kernel faster than flash for the joint attention: step 3's compiled
 #      1024 px rows with --attention-backend set to it
 #   7. 256 px (micro batch 32), compiled, bf16 and FP8
+#   8. tools/fp8_gpu_check.py: the torchao FP8 linear pair at SD3 shapes (errors vs fp32, 333 vs
+#      336 tokens, MLP throughput bf16 vs FP8, eager and compiled) -> fp8_gpu.json
 # Without CUDA (a development machine) it runs the same chain on the tiny preset on CPU, so the
 # script itself is tested; --dry-run only prints the commands of the GPU plan.
 set -uo pipefail
@@ -37,7 +39,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --budget) BUDGET=$2; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -125,7 +127,7 @@ EOF
   "$PY" -c "
 import warnings; warnings.filterwarnings('ignore')
 import megatron.core.distributed, megatron.core.optimizer, megatron.core.pipeline_parallel
-import torchao.float8, megatron_sd3.training.step, megatron_sd3.fp8" > "$OUT/imports.log" 2>&1 \
+import torchao.float8, megatron_sd3.training.step, megatron_sd3.backends.torchao" > "$OUT/imports.log" 2>&1 \
     || { log "imports FAILED:"; tail -n 20 "$OUT/imports.log" | tee -a "$LOG"; exit 4; }
   log "imports ok"
 fi
@@ -180,6 +182,10 @@ print(min(rows, key=lambda r: r['fwd_bwd_ms'])['backend'] if rows else 'flash')"
       "$PY" tools/bench_throughput.py --preset sd3_light --resolution 256 --micro-batch-size 32 \
         --warmup 3 --iters 5 --variants bf16 fp8-local --recon off --compile on \
         --time-budget $(( $(left) - 25 )) --json "$OUT/bench_256.json"
+  fi
+  # 8. the torchao FP8 linear pair on its own (SD3 shapes)
+  if [ "$(left)" -ge 60 ]; then
+    step fp8_gpu_check $(( $(left) - 5 )) "$PY" tools/fp8_gpu_check.py --out "$OUT"
   fi
 else
   log "no CUDA: CPU version on the tiny preset (tests the script; numbers mean nothing)"

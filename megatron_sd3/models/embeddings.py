@@ -97,6 +97,7 @@ class SD3OutputHead(nn.Module):
         super().__init__()
         h, p = config.hidden_size, config.patch_size
         self.patch_size, self.out_channels = p, config.in_channels
+        self.eps = config.layernorm_epsilon
         self.norm_linear = nn.Linear(h, 2 * h)  # diffusers: norm_out.linear (scale, shift)
         self.proj_out = nn.Linear(h, p * p * config.in_channels)
         if config.zero_init_adaln:
@@ -107,7 +108,7 @@ class SD3OutputHead(nn.Module):
     def forward(self, x, y, latent_hw):
         """x: [S_img, B, h]; y: [B, h]; latent_hw: (H, W) of the latent."""
         scale, shift = self.norm_linear(F.silu(y)).chunk(2, dim=-1)
-        x = F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale[None]) + shift[None]
+        x = F.layer_norm(x, (x.shape[-1],), eps=self.eps) * (1 + scale[None]) + shift[None]
         x = self.proj_out(x).transpose(0, 1)  # [B, S_img, p*p*C]
         p, c = self.patch_size, self.out_channels
         gh, gw = latent_hw[0] // p, latent_hw[1] // p

@@ -10,7 +10,7 @@ One block (image stream ``x``, text stream ``c``, conditioning ``y = t_emb + poo
     GELU(tanh) MLP per stream (megatron-core ``MLP``), gated residual.
 
 Which submodule types are used (megatron-core local layers or Transformer Engine layers) is the
-spec's business (``mmdit_layer_specs.py``); what a block computes depends only on the config and
+spec's business (``mmdit_layer_specs.py``, filled by a ``megatron_sd3.backends`` backend); what a block computes depends only on the config and
 its global 1-based ``layer_number`` (dual attention, ``context_pre_only``).
 
 Layout is megatron's ``[seq, batch, hidden]`` throughout; tensors of shape ``[batch, hidden]``
@@ -24,8 +24,8 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from megatron.core.transformer.enums import AttnBackend, AttnMaskType
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import divide
@@ -33,52 +33,13 @@ from megatron.core.utils import divide
 from megatron_sd3.config import SD3Config
 
 
-class SDPACoreAttention(MegatronModule):
-    """Core attention on torch's ``scaled_dot_product_attention`` (runs on CPU and GPU).
-
-    Same call contract as megatron-core's ``DotProductAttention`` / ``TEDotProductAttention``:
-    ``query/key/value [s, b, heads_local, head_dim]`` -> ``[s, b, heads_local * head_dim]``.
-    ``attention_mask`` follows megatron's convention (``True`` = masked out), broadcastable to
-    ``[b, 1, s_q, s_k]``; megatron-core's local ``DotProductAttention`` needs a CUDA buffer.
-
-    ``config.attention_backend`` (Megatron-LM's ``--attention-backend``) picks torch's kernel:
-    ``flash`` -> FlashAttention-2, ``fused`` -> cuDNN fused attention (what TE's "fused" is),
-    ``unfused``/``local`` -> the math path, ``auto`` -> torch's own choice. A kernel that cannot
-    run the call raises (torch: "No viable backend") rather than silently falling back.
-    """
-
-    BACKENDS = {
-        AttnBackend.flash: [SDPBackend.FLASH_ATTENTION],
-        AttnBackend.fused: [SDPBackend.CUDNN_ATTENTION],
-        AttnBackend.unfused: [SDPBackend.MATH],
-        AttnBackend.local: [SDPBackend.MATH],
-        AttnBackend.auto: None,
-    }
-
-    def __init__(self, config, layer_number, attn_mask_type=AttnMaskType.no_mask,
-                 attention_type="self", **kwargs):
-        super().__init__(config=config)
-        self.backends = self.BACKENDS[config.attention_backend]
-
-    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, **kwargs):
-        s, b, n, d = query.shape
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
-        keep = None if attention_mask is None else ~attention_mask
-        if self.backends is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.0)
-        else:
-            with sdpa_kernel(self.backends):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.0)
-        return out.permute(2, 0, 1, 3).reshape(s, b, n * d)
-
-
 @dataclass
 class JointAttentionSubmodules:
     linear_qkv: Union[ModuleSpec, type] = None
     linear_proj: Union[ModuleSpec, type] = None
     core_attention: Union[ModuleSpec, type] = None
-    q_layernorm: Union[ModuleSpec, type, None] = None
-    k_layernorm: Union[ModuleSpec, type, None] = None
+    q_layernorm: Union[ModuleSpec, type] = IdentityOp  # IdentityOp when qk-norm is off
+    k_layernorm: Union[ModuleSpec, type] = IdentityOp
 
 
 class JointAttention(MegatronModule):
@@ -106,11 +67,10 @@ class JointAttention(MegatronModule):
         for pre in ["", "context_"] if with_context else [""]:
             setattr(self, pre + "linear_qkv", build_module(
                 submodules.linear_qkv, h, 3 * h, gather_output=False, tp_comm_buffer_name="qkv", **lin))
-            if config.qk_norm:
-                for name in ("q_layernorm", "k_layernorm"):
-                    setattr(self, pre + name, build_module(
-                        getattr(submodules, name), config=config, hidden_size=self.head_dim,
-                        eps=config.layernorm_epsilon))
+            for name in ("q_layernorm", "k_layernorm"):
+                setattr(self, pre + name, build_module(
+                    getattr(submodules, name), config=config, hidden_size=self.head_dim,
+                    eps=config.layernorm_epsilon))
             if pre == "" or self.context_output:
                 setattr(self, pre + "linear_proj", build_module(
                     submodules.linear_proj, h, h, input_is_parallel=True, tp_comm_buffer_name="proj",
@@ -123,10 +83,7 @@ class JointAttention(MegatronModule):
         out, _ = getattr(self, pre + "linear_qkv")(hidden)
         s, b = out.shape[:2]
         q, k, v = out.view(s, b, self.heads_local, 3, self.head_dim).unbind(dim=3)
-        if self.config.qk_norm:
-            q = getattr(self, pre + "q_layernorm")(q)
-            k = getattr(self, pre + "k_layernorm")(k)
-        return q, k, v
+        return getattr(self, pre + "q_layernorm")(q), getattr(self, pre + "k_layernorm")(k), v
 
     def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None,
                 text_len: Optional[int] = None):
@@ -164,8 +121,13 @@ class MMDiTLayerSubmodules:
     mlp: Union[ModuleSpec, type] = None
 
 
-def _modulate(t, shift, scale):
-    return F.layer_norm(t, (t.shape[-1],), eps=1e-6) * (1 + scale[None]) + shift[None]
+def _norm(t, eps: float):
+    """The affine-free LayerNorm of adaLN (eps: ``config.layernorm_epsilon``)."""
+    return F.layer_norm(t, (t.shape[-1],), eps=eps)
+
+
+def _modulate(t, shift, scale, eps: float):
+    return _norm(t, eps) * (1 + scale[None]) + shift[None]
 
 
 class MMDiTLayer(MegatronModule):
@@ -216,18 +178,19 @@ class MMDiTLayer(MegatronModule):
     def forward(self, x, c, y, text_len: Optional[int] = None):
         """x [S_img, B, h], c [S_txt, B, h], y [B, h] -> (x, c or None). ``text_len``: the real
         text tokens when ``c`` carries pads (see ``JointAttention.forward``)."""
+        eps = self.config.layernorm_epsilon
         sy = F.silu(y)
         mod = self.adaln(sy).chunk(9 if self.use_dual_attention else 6, dim=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
         cmod = self.context_adaln(sy)
         if self.context_pre_only:
             c_scale, c_shift = cmod.chunk(2, dim=-1)
-            c_in = _modulate(c, c_shift, c_scale)
+            c_in = _modulate(c, c_shift, c_scale, eps)
         else:
             c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod.chunk(6, dim=-1)
-            c_in = _modulate(c, c_shift_msa, c_scale_msa)
+            c_in = _modulate(c, c_shift_msa, c_scale_msa, eps)
 
-        x_norm = F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+        x_norm = _norm(x, eps)
         x_attn, c_attn = self.attention(x_norm * (1 + scale_msa[None]) + shift_msa[None], c_in,
                                         text_len=text_len)
         x = x + gate_msa[None] * x_attn
@@ -235,10 +198,10 @@ class MMDiTLayer(MegatronModule):
             shift2, scale2, gate2 = mod[6:]
             x2, _ = self.attention2(x_norm * (1 + scale2[None]) + shift2[None])
             x = x + gate2[None] * x2
-        x = x + gate_mlp[None] * self._mlp(self.mlp, _modulate(x, shift_mlp, scale_mlp))
+        x = x + gate_mlp[None] * self._mlp(self.mlp, _modulate(x, shift_mlp, scale_mlp, eps))
 
         if not self.text_output:
             return x, None
         c = c + c_gate_msa[None] * self.attention.project_context(c_attn)
-        c = c + c_gate_mlp[None] * self._mlp(self.context_mlp, _modulate(c, c_shift_mlp, c_scale_mlp))
+        c = c + c_gate_mlp[None] * self._mlp(self.context_mlp, _modulate(c, c_shift_mlp, c_scale_mlp, eps))
         return x, c

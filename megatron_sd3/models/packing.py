@@ -1,4 +1,4 @@
-"""The one tensor that travels between pipeline stages (DESIGN.md §3, "activation packing").
+"""The one tensor that travels between pipeline stages (``docs/design.md``, section "Activation packing").
 
 Megatron-core's schedules send one ``[seq, micro_batch, hidden]`` tensor of a declared shape per
 microbatch. Everything a later stage needs travels in it, in this order along ``seq``:

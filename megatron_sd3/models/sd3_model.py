@@ -7,17 +7,18 @@
 * ``post_process`` (last stage): adaLN-continuous norm, projection, unpatchify.
 
 Between stages the activations travel packed (``packing.ActivationLayout``). The
-text-reconstruction target (DESIGN.md §2) is captured on whichever stage holds it: the
-embedded text for target layer 0, the text output of block k otherwise, detached.
+text-reconstruction target (``docs/design.md``, section "Text reconstruction") is captured on
+whichever stage holds it: the embedded text for target layer 0, the text output of block k
+otherwise, detached.
 
-Initialisation is layout-independent: every block is built under an RNG seeded from
-(``init_seed``, layer number), the embeddings from (``init_seed``, 0) and the head from
-(``init_seed``, num_layers + 1); with ``use_cpu_initialization`` megatron builds each full master
-weight and splits it over TP. So every TP/PP/DP layout starts from the same weights.
+Initialisation is layout-independent: every block is built under an RNG keyed by
+(``init_seed``, layer number), the embeddings by (``init_seed``, 0) and the head by
+(``init_seed``, num_layers + 1) (``data/_seeding.init_rng``); with ``use_cpu_initialization``
+megatron builds each full master weight and splits it over TP. So every TP/PP/DP layout starts
+from the same weights.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -30,18 +31,13 @@ from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.enums import ModelType
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, sharded_state_dict_default
 
+from megatron_sd3.backends import backend_for
+from megatron_sd3.compat import set_te_attention_backend
 from megatron_sd3.config import SD3Config
+from megatron_sd3.data._seeding import init_rng
 from megatron_sd3.models.embeddings import SD3Embeddings, SD3OutputHead
 from megatron_sd3.models.mmdit_layer_specs import get_mmdit_layer_spec
 from megatron_sd3.models.packing import ActivationLayout
-
-
-@contextlib.contextmanager
-def seeded(seed: int, stream: int):
-    """Fork the global RNG, seeded from (seed, stream): layout-independent initialisation."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed((seed * 1_000_003 + stream) % (2**63))
-        yield
 
 
 class SD3Model(MegatronModule):
@@ -55,36 +51,30 @@ class SD3Model(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         self.share_embeddings_and_output_weights = False  # nothing tied between first and last stage
         self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
+        self.transformer_impl = transformer_impl
+        # The backend: spec filling, availability, and the FP8 context policy of forward.
+        self.backend = backend_for(transformer_impl, fp8=bool(config.fp8))
         if layer_spec is None:
             layer_spec = get_mmdit_layer_spec(transformer_impl, qk_norm=config.qk_norm,
                                               fp8=bool(config.fp8))
-        self.transformer_impl = transformer_impl
         if transformer_impl == "transformer_engine":
             # TE picks its attention kernel from NVTE_* variables: megatron's own mapping of
             # config.attention_backend onto them (the local filling reads the config directly).
-            from megatron.core.models.common.language_module.language_module import LanguageModule
-
-            LanguageModule._set_attention_backend(self)
-        if config.fp8:  # torchao (local) or TE: imported only when FP8 is asked for
-            from megatron_sd3.fp8 import get_fp8_context
-
-            self._fp8_context = lambda n: get_fp8_context(config, transformer_impl, n - 1)
-        else:
-            self._fp8_context = lambda n: contextlib.nullcontext()
+            set_te_attention_backend(config)
         self.layer_offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
         num_local = get_num_layers_to_build(config, vp_stage=vp_stage)
         blocks = []
         for i in range(num_local):
             n = self.layer_offset + i + 1
-            with seeded(config.init_seed, n):
+            with init_rng(config.init_seed, n):
                 blocks.append(build_module(layer_spec, config=config, layer_number=n,
                                            text_output=self.block_text_needed(n)))
         self.blocks = torch.nn.ModuleList(blocks)
         if pre_process:
-            with seeded(config.init_seed, 0):
+            with init_rng(config.init_seed, 0):
                 self.embeddings = SD3Embeddings(config)
         if post_process:
-            with seeded(config.init_seed, config.num_layers + 1):
+            with init_rng(config.init_seed, config.num_layers + 1):
                 self.head = SD3OutputHead(config)
         self.input_tensor = None
 
@@ -142,12 +132,15 @@ class SD3Model(MegatronModule):
 
         # Padded text (FP8): the blocks keep the pads out of attention (no mask needed).
         text_len = cfg.text_seq_len if layout.n_txt > cfg.text_seq_len else None
-        for block in self.blocks:
-            # FP8 GEMMs inside the blocks only (embedders, adaLN and head stay high precision).
-            with self._fp8_context(block.layer_number):
-                x, c = block(x, c, y, text_len=text_len)
-            if cfg.text_recon and block.layer_number == cfg.text_recon_target_layer:
-                target = c.detach()
+        # FP8 GEMMs inside the blocks only (embedders, adaLN and head stay high precision), with
+        # megatron's TransformerBlock policy: one context for the pass (delayed recipe) or one
+        # per block (otherwise), as the backend says.
+        with self.backend.pass_fp8_context(cfg):
+            for block in self.blocks:
+                with self.backend.layer_fp8_context(cfg, block.layer_number - 1):
+                    x, c = block(x, c, y, text_len=text_len)
+                if cfg.text_recon and block.layer_number == cfg.text_recon_target_layer:
+                    target = c.detach()
 
         if not self.post_process:
             return layout.pack(x, c, target, y)

@@ -116,15 +116,11 @@ def preflight(args):
         if (args.global_batch_size // (args.micro_batch_size * dp)) % pp:
             raise LayoutError(f"the interleaved schedule needs the number of microbatches per iteration to "
                               f"be a multiple of --pipeline-model-parallel-size {pp}")
-    if args.fp8_format:
-        from megatron_sd3.fp8 import Fp8Settings
+    from megatron_sd3.backends import Fp8Settings, check_backend
 
-        Fp8Settings(format=args.fp8_format, recipe=args.fp8_recipe,
-                    amax_history_len=args.fp8_amax_history_len).validate(args.transformer_impl)
-    elif args.transformer_impl == "transformer_engine":
-        from megatron_sd3.models.mmdit_layer_specs import get_spec_provider
-
-        get_spec_provider("transformer_engine")
+    check_backend(args.transformer_impl, Fp8Settings(
+        format=args.fp8_format, recipe=args.fp8_recipe,
+        amax_history_len=args.fp8_amax_history_len) if args.fp8_format else None)
     if args.attention_backend == "fused" and args.transformer_impl == "local" and not torch.cuda.is_available():
         raise ConfigError("--attention-backend fused is cuDNN attention and needs a CUDA GPU; "
                           "use auto, flash or unfused on CPU")

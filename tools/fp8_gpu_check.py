@@ -1,7 +1,7 @@
-"""GPU check of the local FP8 backend (megatron_sd3/fp8.py); not collected by pytest.
+"""GPU check of the torchao FP8 backend (megatron_sd3/backends/torchao.py).
 
-Run on a CUDA machine with megatron-core and torchao importable:
-    python tests/_fp8_gpu_check.py [--out DIR] [--no-compile]
+Run on a CUDA machine with megatron-core and torchao importable (tools/gpu_check.sh step 8):
+    python tools/fp8_gpu_check.py [--out DIR] [--no-compile] [--gemm-ceiling]
 It prints and writes fp8_gpu.json:
   * correctness at SD3 shapes (hidden 1536, MLP 6144, 336 text tokens): FP8 (bf16 params) and
     plain bf16 against an fp32 reference, and the number of torch._scaled_mm calls;
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 T0 = time.time()
 
 
@@ -29,39 +29,19 @@ def log(*a):
 
 
 def init():
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+    from megatron_sd3.convert import ensure_single_process_parallel_state
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29561")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    ensure_single_process_parallel_state()  # nccl on CUDA, one process, TP = PP = 1
 
 
-def build_pair(h, f, dtype):
-    from megatron.core.model_parallel_config import ModelParallelConfig
+def build_pair(h, f, dtype, seed=0):
+    """The torchao column -> row pair at hidden h, MLP width f (weights and biases ~ N(0, 0.02))."""
+    from megatron_sd3.testing.helpers import build_fp8_pair
 
-    from megatron_sd3.fp8 import Float8ColumnParallelLinear, Float8RowParallelLinear
-
-    cfg = ModelParallelConfig(
-        use_cpu_initialization=True, perform_initialization=True,
-        gradient_accumulation_fusion=False, params_dtype=dtype,
-    )
-    from megatron.core import parallel_state
-
-    init = lambda w: torch.nn.init.normal_(w, std=0.02)  # noqa: E731
-    # an explicit tp_group: with None megatron warns on every forward (a torch.compile graph break)
-    tp = parallel_state.get_tensor_model_parallel_group()
-    col = Float8ColumnParallelLinear(h, f, config=cfg, init_method=init, bias=True, tp_group=tp)
-    row = Float8RowParallelLinear(
-        f, h, config=cfg, init_method=init, bias=True, input_is_parallel=True,
-        skip_bias_add=False, tp_group=tp,
-    )
-    with torch.no_grad():
-        col.bias.normal_(std=0.02)
-        row.bias.normal_(std=0.02)
-    return col.cuda(), row.cuda()
+    g = torch.Generator().manual_seed(seed)
+    weights = {name: torch.randn(*shape, generator=g) * 0.02
+               for name, shape in (("w1", (f, h)), ("b1", (f,)), ("w2", (h, f)), ("b2", (h,)))}
+    return build_fp8_pair(weights, dtype, device="cuda")
 
 
 def fwd(col, row, x):
@@ -70,12 +50,9 @@ def fwd(col, row, x):
     return y
 
 
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def correctness(res):
-    from megatron_sd3.fp8 import Fp8Settings, fp8_context
+    from megatron_sd3.backends.torchao import fp8_context
+    from megatron_sd3.testing.helpers import rel
 
     h, f = 1536, 6144
     col, row = build_pair(h, f, torch.bfloat16)
@@ -126,12 +103,11 @@ def correctness(res):
     except Exception as e:  # noqa: BLE001 - we record what the GPU says
         res["tokens_333"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     log("333 tokens:", res["tokens_333"])
-    del Fp8Settings
 
 
 def bench(res, use_compile):
     from megatron_sd3.flops import peak_tflops
-    from megatron_sd3.fp8 import fp8_context
+    from megatron_sd3.backends.torchao import fp8_context
 
     h, f, tokens, mb = 1536, 6144, 4096, 4
     col, row = build_pair(h, f, torch.bfloat16)

@@ -10,7 +10,10 @@ checks, the checkpoint saver's small consistency all-reduces, and the tensor-par
 ``enable_cpu_mode()`` patches exactly those, and only when CUDA is absent (a GPU run never goes
 through this module: it raises if CUDA is available). Nothing in site-packages is edited; every
 patch is a module attribute of a megatron module (or, for the type-name checks, a patch that only
-exists for the duration of one megatron call). The patches, all in ``_PATCHES`` below:
+exists for the duration of one megatron call). Every patch names megatron-core internals of one
+release: :func:`enable_cpu_mode` first calls ``megatron_sd3.compat.require_supported_megatron_core``,
+so another megatron-core version fails with one line instead of a wrong patch. The patches, all
+in ``_PATCHES`` below:
 
 1. ``torch`` -> :class:`_CpuTorch` in the modules listed in ``_CUDA_ALLOCATING_MODULES``.
    ``_CpuTorch`` forwards every attribute to the real ``torch`` except
@@ -140,7 +143,7 @@ class _CpuCudaShim(types.ModuleType):
     """Stand-in for ``torch.cuda`` inside patched megatron modules: the CPU is the device."""
 
     def __init__(self):
-        super().__init__("megatron_sd3.cpu_mode.cuda")
+        super().__init__("megatron_sd3.testing.cpu_mode.cuda")
 
     # Device management: the CPU plays the single local device.
     @staticmethod
@@ -188,7 +191,7 @@ class _CpuTorch(types.ModuleType):
     """Stand-in for ``torch`` inside patched megatron modules (see module docstring, patch 1)."""
 
     def __init__(self):
-        super().__init__("megatron_sd3.cpu_mode.torch")
+        super().__init__("megatron_sd3.testing.cpu_mode.torch")
         self.cuda = _CpuCudaShim()
         self._factories: Dict[str, Callable] = {}
 
@@ -347,9 +350,12 @@ def enable_cpu_mode() -> None:
     global _ENABLED
     if torch.cuda.is_available():
         raise RuntimeError(
-            "megatron_sd3.cpu_mode.enable_cpu_mode() refused: CUDA is available; CPU mode is only "
+            "megatron_sd3.testing.cpu_mode.enable_cpu_mode() refused: CUDA is available; CPU mode is only "
             "for machines without a GPU (use the nccl/cuda path instead)."
         )
+    from megatron_sd3.compat import require_supported_megatron_core
+
+    require_supported_megatron_core()
     with _LOCK:
         if _ENABLED:
             return

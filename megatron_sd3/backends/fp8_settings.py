@@ -1,0 +1,86 @@
+"""FP8 settings shared by the backends: Megatron-LM's flags, their validation, token padding.
+
+Formats (Megatron-LM's meaning of ``--fp8-format``)
+    ``e4m3``: inputs, weights and output gradients all in float8_e4m3fn.
+    ``hybrid``: inputs and weights e4m3 (forward), output gradients e5m2 (backward).
+
+Recipes (``--fp8-recipe``)
+    ``tensorwise``: dynamic (current) per-tensor scaling (TE calls it ``Float8CurrentScaling``);
+    the ``torchao`` backend's only recipe.
+    ``delayed``: scales from an amax history (``--fp8-amax-history-len``,
+    ``--fp8-amax-compute-algo``); ``transformer_engine`` only (torchao 0.18 removed delayed
+    scaling). Which backend accepts which recipe is each backend's ``check``.
+
+Shapes
+    On a GPU ``torch._scaled_mm`` needs every GEMM dimension divisible by 16, including the token
+    dimension (the inner dimension of the ``grad_weight`` GEMM). With FP8 on, ``make_config``
+    pads the text stream to a multiple of 16 (``text_pad_multiple``; SD3's 333 tokens -> 336,
+    zero pads at the end). The pads are sliced out of the attention sequence
+    (``JointAttention.forward``), so real tokens see exactly the unpadded softmax; they are
+    dropped before the text-recon loss and never part of the output. The image stream (256 or
+    4096 patches) is already a multiple of 16, so every GEMM's token dimension (tokens x
+    micro-batch) is one for any micro-batch size.
+
+This module imports neither torchao nor Transformer Engine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("tensorwise", "delayed")
+
+
+@dataclass(frozen=True)
+class Fp8Settings:
+    """FP8 flags with Megatron-LM's names and meanings.
+
+    format: ``'e4m3'`` (everything e4m3) or ``'hybrid'`` (e4m3 forward, e5m2 gradients).
+    recipe: ``'tensorwise'`` (dynamic per-tensor scaling) or ``'delayed'`` (amax history; TE only).
+    amax_history_len / amax_compute_algo: delayed scaling's history (TE only; ignored otherwise).
+    agree_amax_across_tp: all-reduce (MAX) the amax of TP-split operands over the TP group so the
+        scales do not depend on TP (default on; off only to demonstrate the difference).
+    """
+
+    format: str = "hybrid"
+    recipe: str = "tensorwise"
+    amax_history_len: int = 1
+    amax_compute_algo: str = "most_recent"
+    agree_amax_across_tp: bool = True
+
+    def __post_init__(self):
+        if self.format not in FP8_FORMATS:
+            raise ValueError(f"--fp8-format must be one of {FP8_FORMATS}, got {self.format!r}")
+        if self.recipe not in FP8_RECIPES:
+            raise ValueError(f"--fp8-recipe must be one of {FP8_RECIPES}, got {self.recipe!r}")
+        if self.amax_history_len < 1:
+            raise ValueError(f"--fp8-amax-history-len must be >= 1, got {self.amax_history_len}")
+        if self.amax_compute_algo not in ("most_recent", "max"):
+            raise ValueError(
+                f"--fp8-amax-compute-algo must be 'most_recent' or 'max', "
+                f"got {self.amax_compute_algo!r}"
+            )
+
+    @classmethod
+    def from_config(cls, config) -> Optional["Fp8Settings"]:
+        """From a megatron ``TransformerConfig`` (``fp8``, ``fp8_recipe``, ...); None if fp8 off."""
+        if not getattr(config, "fp8", None):
+            return None
+        recipe = getattr(config, "fp8_recipe", "tensorwise") or "tensorwise"
+        recipe = getattr(recipe, "value", recipe)  # megatron's Fp8Recipe is a str enum
+        return cls(
+            format=str(config.fp8),
+            recipe=str(recipe),
+            amax_history_len=int(getattr(config, "fp8_amax_history_len", 1)),
+            amax_compute_algo=str(getattr(config, "fp8_amax_compute_algo", "most_recent")),
+        )
+
+    def transformer_config_kwargs(self) -> dict:
+        """The megatron ``TransformerConfig`` fields for these settings."""
+        return dict(
+            fp8=self.format,
+            fp8_recipe=self.recipe,
+            fp8_amax_history_len=self.amax_history_len,
+            fp8_amax_compute_algo=self.amax_compute_algo,
+        )
