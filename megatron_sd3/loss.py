@@ -12,7 +12,8 @@ weight > 0), a function ``terms(LossInputs) -> (sum, weight)`` over one microbat
 and targets, and ``batch_weight(cfg, microbatch)``: the weight the function will return for a
 microbatch, known before the forward pass (default: the latents' element count), which
 ``TrainStep`` sums over the global batch up front. Adding a term is one function and one config
-field: ``register_loss_term("my_loss", fn, weight_field="my_weight")``.
+field: ``register_loss_term("my_loss", fn, weight_field="my_weight")``. Every rank must register
+the same terms in the same order (register at import time): the report is reduced term by term.
 
 Each term is computed as a (sum, weight) pair so that the same code serves two normalisations:
 
