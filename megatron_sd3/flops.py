@@ -1,7 +1,13 @@
-"""MMDiT FLOP count, device peak table and MFU, for tools/bench_throughput.py.
+"""MMDiT FLOP count, device peak table and MFU: the training log's TFLOP/s and the benchmark's.
 
-FLOP count (``mmdit_flops_per_sample``)
+FLOP count (``model_flops_per_sample``)
 ---------------------------------------
+``model_flops_per_sample(cfg, latent_hw)`` is the one count both the training log
+(``pretrain.py``) and ``tools/bench_throughput.py`` report: the joint blocks, the embedders and
+the output head of a model config at a latent size, for a training step, with the *unpadded*
+text length (FP8's pad tokens get no credit). It is ``mmdit_flops_per_sample(...,
+include_io=True)`` with the config's fields.
+
 Forward FLOPs = 2 x multiply-accumulates, GEMMs only (norms, activations, softmax, RoPE-free
 position adds and the losses are elementwise and left out, as in the usual MFU convention).
 With hidden ``h``, MLP width ``f``, ``I`` image tokens, ``T`` text tokens and ``S = I + T``,
@@ -45,6 +51,7 @@ from __future__ import annotations
 from typing import Optional
 
 __all__ = [
+    "model_flops_per_sample",
     "mmdit_flops_per_sample",
     "mmdit_io_flops_per_sample",
     "PEAK_TFLOPS",
@@ -103,6 +110,18 @@ def mmdit_flops_per_sample(
     if include_io:
         total += mmdit_io_flops_per_sample(h, i, t, **io_kwargs)
     return 3 * total if training else total
+
+
+def model_flops_per_sample(cfg, latent_hw, training: bool = True) -> int:
+    """GEMM FLOPs of one sample of latent size ``latent_hw`` (h, w) through the model of ``cfg``
+    (an ``SD3Config``): joint blocks, embedders and head; a training step (fwd + bwd) by default."""
+    h, w = latent_hw
+    return mmdit_flops_per_sample(
+        cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_image_tokens(h, w), cfg.text_seq_len,
+        dual_attention_layers=len(cfg.dual_attention_layers), text_recon=cfg.text_recon,
+        context_pre_only_last=cfg.context_pre_only_last, training=training, include_io=True,
+        patch_size=cfg.patch_size, in_channels=cfg.in_channels,
+        txt_width=cfg.joint_attention_dim, pooled_width=cfg.pooled_projection_dim)
 
 
 # Dense tensor-core peaks, TFLOP/s (NVIDIA data sheets; sparsity figures halved).

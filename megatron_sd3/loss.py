@@ -1,9 +1,24 @@
-"""The training loss: denoise (MSE or pseudo-Huber, optional mask) + gamma * text reconstruction.
+"""The training loss: a registry of terms, each a weighted per-element mean.
+
+The loss is ``sum_k weight_k * sum_k / W_k`` over the registered terms that are enabled; the
+default registry holds
+
+* ``denoise_loss``: denoise MSE or pseudo-Huber (optional mask), weight 1;
+* ``text_recon_loss``: text reconstruction MSE, weight ``text_recon_gamma`` (on when > 0).
+
+A term (``LossTerm``) is a name (the key of the report, the metrics record and the log line),
+the config field that holds its weight (None: weight 1), an ``enabled(cfg)`` rule (default:
+weight > 0), a function ``terms(LossInputs) -> (sum, weight)`` over one microbatch's model output
+and targets, and ``batch_weight(cfg, microbatch)``: the weight the function will return for a
+microbatch, known before the forward pass (default: the latents' element count), which
+``TrainStep`` sums over the global batch up front. Adding a term is one function and one config
+field: ``register_loss_term("my_loss", fn, weight_field="my_weight")``. Every rank must register
+the same terms in the same order (register at import time): the report is reduced term by term.
 
 Each term is computed as a (sum, weight) pair so that the same code serves two normalisations:
 
 * local means (``combine_local``): what the seed's ``LightSD3Pipeline.get_loss_fn`` returns;
-* global means over the whole global batch (``megatron_loss_func`` in ``training/step.py``),
+* global means over the whole global batch (``TrainStep._loss_func`` in ``training/step.py``),
   exact across data-parallel ranks whose masks differ.
 
 Denoise loss elementwise: ``d = pred - target``; MSE ``d**2``, pseudo-Huber ``sqrt(d**2 + c**2) - c``.
@@ -13,8 +28,9 @@ weight (summed over the broadcast shape). Text reconstruction: per-token MSE ove
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -57,15 +73,142 @@ def text_recon_terms(final_tokens, target_tokens):
     return (d * d).sum(), torch.tensor(float(d.numel()), device=d.device)
 
 
+def _denoise(inp: "LossInputs"):
+    return denoise_terms(inp.pred, inp.target.to(inp.pred.device), inp.mask, inp.cfg.pseudo_huber_c)
+
+
+def _denoise_batch_weight(cfg, mb) -> float:
+    latents = mb["latents"]
+    m = expand_mask(mb.get("mask"), latents)
+    return float(latents.numel()) if m is None else float(m.sum())
+
+
+def _text_recon(inp: "LossInputs"):
+    if inp.final_tokens is None or inp.target_tokens is None or inp.target_tokens.numel() == 0:
+        zero = torch.zeros((), device=inp.pred.device)
+        return zero, zero  # no text tokens in this output: weight 0, no contribution
+    return text_recon_terms(inp.final_tokens, inp.target_tokens)
+
+
+def _text_recon_batch_weight(cfg, mb) -> float:
+    return float(mb["latents"].shape[0] * cfg.text_seq_len * cfg.hidden_size)
+
+
+@dataclass
+class LossInputs:
+    """One microbatch's model output and targets, as a term function sees them."""
+
+    pred: torch.Tensor
+    target: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+    final_tokens: Optional[torch.Tensor] = None
+    target_tokens: Optional[torch.Tensor] = None
+    cfg: Any = None
+
+
+def _latent_elements(cfg, mb) -> float:
+    return float(mb["latents"].numel())
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    name: str
+    terms: Callable[[LossInputs], tuple[torch.Tensor, torch.Tensor]]
+    weight_field: Optional[str] = None
+    enabled_rule: Optional[Callable[[Any], bool]] = None
+    batch_weight: Callable[[Any, dict], float] = _latent_elements
+
+    def weight(self, cfg) -> float:
+        return 1.0 if self.weight_field is None else float(getattr(cfg, self.weight_field))
+
+    def enabled(self, cfg) -> bool:
+        return self.enabled_rule(cfg) if self.enabled_rule is not None else self.weight(cfg) > 0
+
+
+LOSS_TERMS: dict[str, LossTerm] = {}
+
+
+def register_loss_term(name: str, terms: Callable, *, weight_field: Optional[str] = None,
+                       enabled: Optional[Callable[[Any], bool]] = None,
+                       batch_weight: Optional[Callable[[Any, dict], float]] = None) -> LossTerm:
+    """Add a term (see the module docstring); the name must be new."""
+    if name in LOSS_TERMS or name == "loss":
+        raise ValueError(f"loss term {name!r} is already registered; unregister_loss_term it first "
+                         f"or pick another name")
+    term = LossTerm(name, terms, weight_field, enabled, batch_weight or _latent_elements)
+    LOSS_TERMS[name] = term
+    return term
+
+
+def unregister_loss_term(name: str) -> None:
+    if name not in LOSS_TERMS:
+        raise KeyError(f"no loss term {name!r}; registered: {', '.join(LOSS_TERMS)}")
+    del LOSS_TERMS[name]
+
+
+def loss_terms() -> list[LossTerm]:
+    """Every registered term, in registration order (the order of the sum and the report)."""
+    return list(LOSS_TERMS.values())
+
+
+def enabled_loss_terms(cfg) -> list[LossTerm]:
+    return [t for t in LOSS_TERMS.values() if t.enabled(cfg)]
+
+
+register_loss_term("denoise_loss", _denoise, enabled=lambda cfg: True, batch_weight=_denoise_batch_weight)
+register_loss_term("text_recon_loss", _text_recon, weight_field="text_recon_gamma",
+                   enabled=lambda cfg: cfg.text_recon, batch_weight=_text_recon_batch_weight)
+
+
+def loss_inputs(output, target, mask, cfg) -> LossInputs:
+    pred, final_tokens, target_tokens = split_output(output)
+    return LossInputs(pred=pred, target=target, mask=mask, final_tokens=final_tokens,
+                      target_tokens=target_tokens, cfg=cfg)
+
+
+def total_of(means: dict[str, float], cfg) -> float:
+    """``sum_k weight_k * mean_k`` over the enabled terms (the logged ``loss``)."""
+    total = None
+    for t in enabled_loss_terms(cfg):
+        v = t.weight(cfg) * means[t.name]
+        total = v if total is None else total + v
+    return float("nan") if total is None else total
+
+
+class ConfigView:
+    """A dict of model fields read like an ``SD3Config``: missing fields are the dataclass
+    defaults, properties (``text_recon``) are computed from the fields. What the seed's pipeline
+    hands the registry instead of a full config."""
+
+    def __init__(self, fields: dict, cls=None):
+        if cls is None:
+            from megatron_sd3.config import SD3Config as cls
+        self._fields, self._cls = dict(fields), cls
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self._fields:
+            return self._fields[name]
+        attr = getattr(self._cls, name, None)
+        if isinstance(attr, property):
+            return attr.fget(self)
+        for f in dataclasses.fields(self._cls):
+            if f.name == name and f.default is not dataclasses.MISSING:
+                return f.default
+        raise AttributeError(f"model config has no field {name!r}")
+
+
 @dataclass
 class LossBreakdown:
     total: torch.Tensor
-    denoise: torch.Tensor
-    text_recon: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.terms[name]
 
     def as_dict(self) -> dict[str, float]:
-        return {"loss": float(self.total.detach()), "denoise_loss": float(self.denoise.detach()),
-                "text_recon_loss": float(self.text_recon.detach())}
+        return {"loss": float(self.total.detach()), **{k: float(v.detach()) for k, v in self.terms.items()}}
 
 
 def split_output(output):
@@ -77,14 +220,24 @@ def split_output(output):
     return output, None, None
 
 
-def combine_local(output, target, mask=None, gamma: float = 0.0,
-                  pseudo_huber_c: Optional[float] = None) -> LossBreakdown:
-    """``denoise + gamma * text_recon`` with local means (the seed's loss)."""
-    pred, final_tokens, target_tokens = split_output(output)
-    s, w = denoise_terms(pred, target, mask, pseudo_huber_c)
-    denoise = s / w.clamp(min=1e-12)
-    text = torch.zeros((), device=denoise.device)
-    if gamma > 0 and final_tokens is not None and target_tokens is not None and target_tokens.numel() > 0:
-        ts, tn = text_recon_terms(final_tokens, target_tokens)
-        text = ts / tn
-    return LossBreakdown(total=denoise + gamma * text, denoise=denoise, text_recon=text)
+def combine_local(output, target, mask=None, cfg=None, **fields) -> LossBreakdown:
+    """``sum_k weight_k * term_k`` with local means (the seed's loss) over the registered terms.
+
+    ``cfg``: an ``SD3Config`` (or anything with its fields); without one, ``fields``
+    (e.g. ``text_recon_gamma=0.5``, ``pseudo_huber_c=1.0``) over the ``SD3Config`` defaults.
+    Every registered term is in ``terms`` (0 when disabled)."""
+    cfg = ConfigView(fields) if cfg is None else cfg
+    inp = loss_inputs(output, target, mask, cfg)
+    total, terms = None, {}
+    for t in loss_terms():
+        if not t.enabled(cfg):
+            terms[t.name] = torch.zeros((), device=inp.pred.device)
+            continue
+        s, w = t.terms(inp)
+        mean = s / w.clamp(min=1e-12)
+        terms[t.name] = mean
+        v = t.weight(cfg) * mean
+        total = v if total is None else total + v
+    if total is None:
+        total = torch.zeros((), device=inp.pred.device)
+    return LossBreakdown(total=total, terms=terms)

@@ -20,9 +20,9 @@ Started by ``tests/_ranks.py::run_ranks`` (1, 2 or 4 processes). Writes ``OUT/ra
 
 With ``--bf16`` the model is wrapped in megatron's ``Float16Module`` as Megatron-LM does for
 ``--bf16`` (params, embedders and head in bf16; fp32 master weights in megatron's
-``Float16OptimizerWithFloat16Params``). megatron-core 0.16's ``Float16Module`` casts only
-*positional* inputs to bf16, and ``TrainStep`` calls the model with keywords, so a subclass here
-also casts the keyword inputs.
+``Float16OptimizerWithFloat16Params``), by ``build_training`` as every training run.
+megatron-core 0.16's ``Float16Module`` casts only *positional* inputs to bf16, and ``TrainStep``
+calls the model with keywords, so ``TrainStep`` hands the first stage its inputs in bf16.
 """
 import argparse
 import json
@@ -64,13 +64,13 @@ def train(a, fp8, bf16, steps, snapshot_at=None):
     """One training run; returns (losses, grad_norms, params snapshot or None, names of this
     rank's parameters that changed during training)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.optimizer import OptimizerConfig
 
     from megatron_sd3.config import make_config
     from megatron_sd3.convert import gather_full_state_dict
     from megatron_sd3.data.mock import MockDataset
     from megatron_sd3.training.parallel_layout import pipeline_config_fields
-    from megatron_sd3.training.step import TrainStep, build_model, build_optimizer, unwrap, wrap_ddp, wrap_float16
+    from megatron_sd3.training.build import build_training, unwrap
+    from megatron_sd3.training.step import TrainStep
 
     parallel = dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
                     **pipeline_config_fields(a.num_layers, a.pp, None))
@@ -81,11 +81,8 @@ def train(a, fp8, bf16, steps, snapshot_at=None):
     overrides = dict(num_layers=a.num_layers, text_seq_len=a.text_len)
     cfg = make_config(a.preset, zero_init_adaln=False, text_recon_gamma=a.gamma,
                       text_recon_target_layer=a.target, parallel=parallel, **overrides)
-    chunks = wrap_float16(cfg, build_model(cfg))
-    ddp = wrap_ddp(cfg, chunks)
-    opt = build_optimizer(cfg, ddp, OptimizerConfig(
-        optimizer="adam", lr=a.lr, weight_decay=0.01, clip_grad=1.0, bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32))
+    built = build_training(cfg, optimizer=dict(lr=a.lr, weight_decay=0.01, clip_grad=1.0))
+    chunks, ddp, opt = built.chunks, built.ddp, built.optimizer
     step = TrainStep(cfg, ddp, opt, global_batch_size=a.gbs, micro_batch_size=a.mbs, seed=42)
     lat = (a.latent, a.latent) if a.latent else (8, 6)
     ds = MockDataset(1000, latent_size=lat, in_channels=cfg.in_channels, text_len=a.text_len,

@@ -30,7 +30,6 @@ def main():
     a = ap.parse_args()
 
     from megatron.core import parallel_state as ps
-    from megatron.core.optimizer import OptimizerConfig
     from megatron.core.pipeline_parallel import p2p_communication
 
     from megatron_sd3.config import make_config
@@ -38,7 +37,8 @@ def main():
     from megatron_sd3.data.mock import MockDataset
     from megatron_sd3.distributed import initialize_distributed
     from megatron_sd3.training.parallel_layout import pipeline_config_fields
-    from megatron_sd3.training.step import TrainStep, build_model, build_optimizer, wrap_ddp
+    from megatron_sd3.training.build import build_training
+    from megatron_sd3.training.step import TrainStep
 
     info = initialize_distributed(a.tp, a.pp, vpp=a.vpp, seed=1234)
     vpp = dict(virtual_pipeline_model_parallel_size=a.vpp, overlap_p2p_comm=True, batch_p2p_comm=False) if a.vpp else {}
@@ -47,10 +47,8 @@ def main():
                       text_recon_target_layer=a.target,
                       parallel=dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
                                     **pipeline_config_fields(a.num_layers, a.pp, given), **vpp))
-    chunks = build_model(cfg)
-    ddp = wrap_ddp(cfg, chunks)
-    opt = build_optimizer(cfg, ddp, OptimizerConfig(optimizer="adam", lr=3e-3, weight_decay=0.01,
-                                                     clip_grad=1.0, params_dtype=torch.float32))
+    built = build_training(cfg, optimizer=dict(lr=3e-3, weight_decay=0.01, clip_grad=1.0))
+    chunks, ddp, opt = built.chunks, built.ddp, built.optimizer
     step = TrainStep(cfg, ddp, opt, global_batch_size=a.gbs, micro_batch_size=a.mbs, seed=42)
 
     sent = []

@@ -33,6 +33,12 @@ def test_bench_throughput_rows_and_kernel_breakdown(tmp_path):
         kt = row["kernel_time"]
         assert kt["kernel_ms_per_iter"] > 0 and kt["by_class_ms"]["gemm"] > 0
         assert abs(sum(kt["by_class_ms"].values()) - kt["kernel_ms_per_iter"]) < 0.05 * kt["kernel_ms_per_iter"] + 0.1
+    from megatron_sd3.config import make_config
+    from megatron_sd3.flops import model_flops_per_sample
+
+    for row in d["rows"]:  # the training log's count (blocks, embedders, head), unpadded text
+        cfg = make_config("tiny", text_recon_gamma=0.5 if row["text_recon"] == "on" else 0.0)
+        assert row["model_flop_per_sample"] == model_flops_per_sample(cfg, (8, 8), training=True)
     fp8 = [row for row in d["rows"] if row["variant"] == "fp8-local"]
     assert all(row["txt_tokens"] == 16 for row in fp8)  # tiny: 16 text tokens, already aligned
     s = d["summary"]["64"]

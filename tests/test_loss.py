@@ -9,7 +9,7 @@ def test_plain_mse_when_gamma_zero():
     pred, target = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     out = combine_local(pred, target, torch.tensor([]))
     assert torch.allclose(out.total, ((pred - target) ** 2).mean())
-    assert out.text_recon == 0
+    assert out["text_recon_loss"] == 0
 
 
 def test_mask_broadcasts_over_channels_and_divides_by_weight():
@@ -35,7 +35,7 @@ def test_breakdown_and_detached_target():
     pred, target = torch.ones(1, 2), torch.zeros(1, 2)
     final = torch.full((1, 3, 2), 2.0, requires_grad=True)
     tgt = torch.zeros(1, 3, 2, requires_grad=True)
-    out = combine_local((pred, final, tgt), target, None, gamma=0.25)
+    out = combine_local((pred, final, tgt), target, None, text_recon_gamma=0.25)
     assert out.as_dict() == pytest.approx({"loss": 1 + 0.25 * 4, "denoise_loss": 1.0, "text_recon_loss": 4.0})
     out.total.backward()
     assert final.grad is not None and tgt.grad is None
@@ -47,3 +47,114 @@ def test_pipeline_rejects_bad_model_config():
     pipe = LightSD3Pipeline(model_config={"text_recon_gama": 0.5})
     with pytest.raises(ValueError, match="did you mean 'text_recon_gamma'"):
         pipe.get_loss_fn()
+
+
+# -- the loss-term registry: a new term is one function and one config field ----------------------
+
+DEFAULT_TERMS = ["denoise_loss", "text_recon_loss"]
+
+
+def _pred_l2(seen):
+    def pred_l2(inp):
+        """The new term: mean squared prediction, as (sum, weight) of one microbatch."""
+        p = inp.pred.float()
+        seen.append(p.detach().clone())
+        return (p * p).sum(), torch.tensor(float(p.numel()), device=p.device)
+    return pred_l2
+
+
+@pytest.fixture
+def pred_l2_term():
+    """``pred_l2_loss`` weighted by the config field ``pred_l2_weight``, registered for one test."""
+    from megatron_sd3.loss import LOSS_TERMS, register_loss_term, unregister_loss_term
+
+    assert list(LOSS_TERMS) == DEFAULT_TERMS
+    seen = []
+    register_loss_term("pred_l2_loss", _pred_l2(seen), weight_field="pred_l2_weight")
+    try:
+        yield seen
+    finally:
+        unregister_loss_term("pred_l2_loss")
+    assert list(LOSS_TERMS) == DEFAULT_TERMS
+
+
+def _batch(cfg, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"latents": torch.randn(2, cfg.in_channels, 8, 8, generator=g),
+             "prompt_embeds": torch.randn(2, cfg.text_seq_len, cfg.joint_attention_dim, generator=g),
+             "pooled_prompt_embeds": torch.randn(2, cfg.pooled_projection_dim, generator=g)} for _ in range(n)]
+
+
+@pytest.fixture
+def tiny_step(single_process):
+    from megatron_sd3.config import make_config
+    from megatron_sd3.training.build import build_training
+    from megatron_sd3.training.step import TrainStep
+
+    cfg = make_config("tiny", zero_init_adaln=False)
+    built = build_training(cfg, optimizer=dict(lr=1e-3))
+    step = TrainStep(cfg, built.ddp, built.optimizer, global_batch_size=4, micro_batch_size=2, seed=3,
+                     forward_only=True)
+    yield cfg, step
+    built.free()
+
+
+def test_new_term_in_step_loss_report_and_metrics(tiny_step, pred_l2_term):
+    from megatron_sd3.training.pretrain import log_line, metrics_record
+
+    cfg, step = tiny_step
+    batch = _batch(cfg, step.num_microbatches)
+    cfg.pred_l2_weight = 0.0  # the one new config field; weight 0: the term is off
+    off = step(batch, 0)
+    assert off.losses["pred_l2_loss"] == 0.0 and off.losses["loss"] == off.losses["denoise_loss"]
+    assert not pred_l2_term  # a disabled term is not computed
+    cfg.pred_l2_weight = 0.3
+    on = step(batch, 0)
+    assert len(pred_l2_term) == 2  # once per microbatch
+    expect = sum(float((p * p).sum()) for p in pred_l2_term) / sum(p.numel() for p in pred_l2_term)
+    assert on.losses["pred_l2_loss"] == pytest.approx(expect, rel=1e-6)
+    assert on.losses["denoise_loss"] == off.losses["denoise_loss"]  # the other terms are untouched
+    assert on.losses["loss"] == pytest.approx(on.losses["denoise_loss"] + 0.3 * expect, rel=1e-6)
+    # the metrics record and the log line list it
+    rec = metrics_record(1, 4, 0.5, 1, 4, 1e12, 1, 1e-3, on, 0)
+    assert [k for k in rec if k.endswith("loss")] == ["loss", *DEFAULT_TERMS, "pred_l2_loss"]
+    assert rec["pred_l2_loss"] == on.losses["pred_l2_loss"]
+    assert f"pred_l2_loss: {on.losses['pred_l2_loss']:.6E} | grad norm" in log_line(rec, 10)
+
+
+def test_new_term_in_the_backpropagated_loss(tiny_step, pred_l2_term):
+    """The step's megatron loss: ``gbs * (denoise_sum / W + weight * term_sum / P)`` with the
+    global weights given up front; its gradient carries the new term."""
+    cfg, step = tiny_step
+    cfg.pred_l2_weight = 0.3
+    g = torch.Generator().manual_seed(1)
+    pred = torch.randn(2, 16, 8, 8, generator=g, requires_grad=True)
+    target = torch.randn(2, 16, 8, 8, generator=g)
+    weights = {"denoise_loss": 3000.0, "pred_l2_loss": 5000.0}  # as if the global batch were bigger
+    loss, count, report = step._loss_func(target, target, None, weights, pred)
+    assert set(report) == {"denoise_loss", "pred_l2_loss"} and int(count) == 2
+    d, p = (pred - target).detach(), pred.detach()
+    expect = step.gbs * ((d * d).sum() / 3000.0 + 0.3 * (p * p).sum() / 5000.0)
+    assert torch.allclose(loss, expect, rtol=1e-6)
+    loss.backward()
+    assert torch.allclose(pred.grad, step.gbs * (2 * d / 3000.0 + 0.3 * 2 * p / 5000.0), rtol=1e-5)
+    assert torch.equal(report["pred_l2_loss"], torch.stack([(p * p).sum(), torch.tensor(float(p.numel()))]))
+
+
+def test_new_term_in_the_local_loss(pred_l2_term):
+    """The seed's local means (``combine_local``) sum the same registry."""
+    pred, target = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    out = combine_local(pred, target, None, pred_l2_weight=0.5)
+    assert torch.allclose(out["pred_l2_loss"], (pred ** 2).mean())
+    assert torch.allclose(out.total, ((pred - target) ** 2).mean() + 0.5 * (pred ** 2).mean())
+
+
+def test_registry_restored_and_names_unique(tiny_step):
+    from megatron_sd3.loss import LOSS_TERMS, register_loss_term
+
+    cfg, step = tiny_step
+    assert list(LOSS_TERMS) == DEFAULT_TERMS  # nothing left behind by the tests above
+    assert list(step(_batch(cfg, step.num_microbatches), 0).losses) == ["loss", *DEFAULT_TERMS]
+    with pytest.raises(ValueError, match="already registered"):
+        register_loss_term("denoise_loss", lambda inp: None)
+    assert list(LOSS_TERMS) == DEFAULT_TERMS

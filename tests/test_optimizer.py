@@ -1,15 +1,13 @@
-"""What build_optimizer adds to megatron's optimizer where apex/TE are missing: torch's fused
+"""What build_training's optimizer adds to megatron's optimizer where apex/TE are missing: torch's fused
 AdamW and torch _foreach multi-tensor kernels (same numbers as megatron's own fallbacks)."""
 import torch
 
 
 def test_fused_torch_adam_same_update(single_process, monkeypatch):
     """megatron's torch-AdamW fallback switched to torch's fused kernel: same step as foreach."""
-    from megatron.core.optimizer import OptimizerConfig
-
     from megatron_sd3.config import make_config
-    from megatron_sd3.training.step import (TrainStep, build_model, build_optimizer, unwrap,
-                                            use_fused_torch_adam, wrap_ddp)
+    from megatron_sd3.training.build import build_training, unwrap, use_fused_torch_adam
+    from megatron_sd3.training.step import TrainStep
     import torch.optim.adam as torch_adam
 
     calls = []
@@ -18,11 +16,10 @@ def test_fused_torch_adam_same_update(single_process, monkeypatch):
     results = []
     for fused in (False, True):
         cfg = make_config("tiny", zero_init_adaln=False)
-        ddp = wrap_ddp(cfg, build_model(cfg))
-        opt = build_optimizer(cfg, ddp, OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.01,
-                                                        clip_grad=1.0))
+        built = build_training(cfg, optimizer=dict(lr=1e-2, weight_decay=0.01, clip_grad=1.0))
+        ddp, opt = built.ddp, built.optimizer
         torch_opt = opt.optimizer
-        assert not torch_opt.param_groups[0]["fused"]  # CPU: build_optimizer leaves it (cuda only)
+        assert not torch_opt.param_groups[0]["fused"]  # CPU: build_training leaves it (cuda only)
         if fused:
             assert use_fused_torch_adam(opt, device_types=("cpu",)) == 1
             assert all(g["fused"] and not g["foreach"] for g in torch_opt.param_groups)
@@ -42,7 +39,7 @@ def test_fused_torch_adam_same_update(single_process, monkeypatch):
 
 def test_foreach_multi_tensor_kernels_match_megatrons_fallbacks(single_process):
     """The torch _foreach stand-ins compute what megatron's local (no apex/TE) kernels compute,
-    and build_optimizer installs them where megatron would use its local ones."""
+    and build_training installs them where megatron would use its local ones."""
     from megatron.core import utils as mutils
     from megatron.core.optimizer import clip_grads, optimizer
 

@@ -59,6 +59,28 @@ def test_resume_equals_uninterrupted_and_reshards(tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_logged_tflops_is_the_benchmarks_flop_count(tmp_path):
+    """The training log's TFLOP/s counts what tools/bench_throughput.py counts per sample
+    (``flops.model_flops_per_sample``: blocks, embedders and head), here on 2 ranks."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_throughput as bt
+
+    from megatron_sd3.config import make_config
+    from megatron_sd3.flops import mmdit_io_flops_per_sample
+
+    recs, _ = _train(str(tmp_path), "flops", 2, ["--train-iters", "2"])
+    cfg = make_config("tiny", text_recon_gamma=0.5, text_recon_target_layer=0)  # the TOML's model
+    bench = bt.flops_per_sample(cfg, 8)  # its mock latents are 8x8
+    io = 3 * mmdit_io_flops_per_sample(cfg.hidden_size, cfg.num_image_tokens(8, 8), cfg.text_seq_len,
+                                       cfg.patch_size, cfg.in_channels, cfg.joint_attention_dim,
+                                       cfg.pooled_projection_dim)
+    assert io > 0
+    for r in recs.values():
+        logged = r["tflops_per_gpu"] * 1e12 * 2 / r["samples_per_sec"]  # FLOPs per sample
+        assert logged == pytest.approx(bench, rel=1e-9), (logged, bench, bench - io)
+
+
+@pytest.mark.timeout(300)
 def test_sigterm_saves_and_exits_zero(tmp_path):
     ck = str(tmp_path / "ck")
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",

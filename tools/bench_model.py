@@ -136,7 +136,7 @@ def main(argv=None):
     def make_step(model, gamma):
         def step():
             model.zero_grad(set_to_none=True)
-            combine_local(model(**batch), target, gamma=gamma).total.backward()
+            combine_local(model(**batch), target, text_recon_gamma=gamma).total.backward()
         return step
 
     last_text = [None]

@@ -9,7 +9,7 @@ reconstruction off vs on. Single process, TP = PP = 1 (``initialize_distributed(
 What one iteration is
     The real training step: ``TrainStep`` (megatron-core's ``get_forward_backward_func``
     schedule, one microbatch of ``--micro-batch-size`` samples), megatron ``DistributedDataParallel``
-    (grads in fp32), and megatron's optimizer from ``build_optimizer`` -- ``OptimizerConfig(
+    (grads in fp32), and megatron's optimizer, all from ``build_training`` -- ``OptimizerConfig(
     optimizer="adam", weight_decay=0.01)``, i.e. AdamW; without apex/TE megatron uses
     ``torch.optim.AdamW``; with bf16 params it is ``Float16OptimizerWithFloat16Params`` (fp32 master
     weights), with grad clipping 1.0. Flow-matching noise, timesteps and text dropout are drawn per
@@ -28,9 +28,10 @@ Precision variants
 Measurements
     ms/iter from CUDA events around ``--iters`` timed iterations after ``--warmup`` (CPU:
     ``time.perf_counter``); samples/s = micro batch / s; TFLOP/s per device from
-    ``megatron_sd3.flops.mmdit_flops_per_sample(..., training=True, include_io=True)`` (GEMM
-    FLOPs of fwd + bwd = 3 x forward, joint attention included, with the *unpadded* text length:
-    the FP8 rows get no credit for pad tokens; see flops.py for the formula); MFU against the
+    ``megatron_sd3.flops.model_flops_per_sample(cfg, latent_hw)``, the count of the training
+    log (GEMM FLOPs of blocks, embedders and head, fwd + bwd = 3 x forward, joint attention
+    included, with the *unpadded* text length: the FP8 rows get no credit for pad tokens; see
+    flops.py for the formula); MFU against the
     dense bf16 peak of the card (``flops.peak_tflops``; FP8 rows also against the FP8 peak);
     none on CPU. Peak memory: ``torch.cuda.max_memory_allocated`` per variant on GPU; on CPU the
     process RSS after the variant and the process-lifetime peak RSS (not per variant).
@@ -127,24 +128,18 @@ def variants(cuda: bool, want: list[str]):
 
 
 def flops_per_sample(cfg, latent: int) -> int:
-    from megatron_sd3.flops import mmdit_flops_per_sample
+    """One sample's training-step FLOPs at a square latent: the training log's count."""
+    from megatron_sd3.flops import model_flops_per_sample
 
-    img = cfg.num_image_tokens(latent, latent)
-    return mmdit_flops_per_sample(
-        cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, img, cfg.text_seq_len,
-        dual_attention_layers=len(cfg.dual_attention_layers), text_recon=cfg.text_recon,
-        context_pre_only_last=cfg.context_pre_only_last, training=True, include_io=True,
-        patch_size=cfg.patch_size, in_channels=cfg.in_channels,
-        txt_width=cfg.joint_attention_dim, pooled_width=cfg.pooled_projection_dim,
-    )
+    return model_flops_per_sample(cfg, (latent, latent), training=True)
 
 
 def build(preset, fp8, impl, bf16, gamma, num_layers, init="cpu", attention_backend="auto"):
-    from megatron.core.optimizer import OptimizerConfig
+    """The config of one variant and its model, DDP and optimizer (``build_training``)."""
     from megatron.core.transformer.enums import AttnBackend
 
     from megatron_sd3.config import make_config
-    from megatron_sd3.training.step import build_model, build_optimizer, wrap_ddp, wrap_float16
+    from megatron_sd3.training.build import build_training
 
     parallel = {"attention_backend": AttnBackend[attention_backend]}
     if bf16:
@@ -160,12 +155,8 @@ def build(preset, fp8, impl, bf16, gamma, num_layers, init="cpu", attention_back
         # instead of the CPU master-weight path's ~10-30 s for sd3_light's 1.5 B parameters.
         # The weights then differ from the layout-independent CPU init; throughput does not.
         cfg.use_cpu_initialization = False
-    chunks = wrap_float16(cfg, build_model(cfg, transformer_impl=impl))
-    ddp = wrap_ddp(cfg, chunks)
-    opt = build_optimizer(cfg, ddp, OptimizerConfig(
-        optimizer="adam", lr=1e-4, weight_decay=0.01, clip_grad=1.0, bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32))
-    return cfg, chunks, ddp, opt
+    return build_training(cfg, transformer_impl=impl,
+                          optimizer=dict(lr=1e-4, weight_decay=0.01, clip_grad=1.0))
 
 
 def synthetic_batch(cfg, mbs, latent, dev):
@@ -243,25 +234,30 @@ class Built:
                                if dev.type == "cuda" else None)
         with quiet():
             try:
-                self.cfg, self.chunks, self.ddp, self.opt = build(
-                    args.preset, fp8, impl, bf16, gamma, args.num_layers, args.init,
-                    args.attention_backend)
+                self.training = build(args.preset, fp8, impl, bf16, gamma, args.num_layers, args.init,
+                                      args.attention_backend)
             except Exception as e:  # noqa: BLE001 - device init is an optimisation only
                 if args.init != "device":
                     raise
                 log(f"device init failed ({type(e).__name__}: {str(e)[:200]}); retrying with cpu init")
                 gc.collect()
                 self.init = "cpu"
-                self.cfg, self.chunks, self.ddp, self.opt = build(
-                    args.preset, fp8, impl, bf16, gamma, args.num_layers, "cpu", args.attention_backend)
+                self.training = build(args.preset, fp8, impl, bf16, gamma, args.num_layers, "cpu",
+                                      args.attention_backend)
         self.build_s = round(time.time() - t, 1)
         self.params_m = round(sum(p.numel() for c in self.chunks for p in c.parameters()) / 1e6, 1)
         self.compiled = False
 
-    def compile(self):
-        from megatron_sd3.training.step import compile_blocks
+    # what was built (``megatron_sd3.training.build.Built``), until ``free``
+    cfg = property(lambda self: self.training.cfg)
+    chunks = property(lambda self: self.training.chunks)
+    ddp = property(lambda self: self.training.ddp)
+    opt = property(lambda self: self.training.optimizer)
 
-        compile_blocks(self.chunks)
+    def compile(self):
+        from megatron_sd3.training.build import compile_blocks
+
+        self.training.compiled_blocks = compile_blocks(self.chunks)
         self.compiled = True
 
     def measure(self, resolution, mbs) -> dict:
@@ -312,7 +308,7 @@ class Built:
         fl = flops_per_sample(cfg, latent)
         tflops = fl * mbs / (ms / 1e3) / 1e12
         row.update(ms_per_iter=round(ms, 2), samples_per_s=round(mbs / (ms / 1e3), 3),
-                   model_tflop_per_sample=round(fl / 1e12, 5), tflops_per_device=round(tflops, 4),
+                   model_flop_per_sample=fl, model_tflop_per_sample=round(fl / 1e12, 5), tflops_per_device=round(tflops, 4),
                    loss=round(res.losses["loss"], 5), text_recon_loss=res.losses["text_recon_loss"])
         if cuda:
             dname = torch.cuda.get_device_name()
@@ -335,17 +331,11 @@ class Built:
         return row
 
     def free(self):
-        """Release model, optimizer and config now (not at some later garbage collection): the
-        config holds the optimizer and DDP through megatron's hooks (``grad_scale_func``,
-        ``no_sync_func``, ...), and the model holds the config, a cycle refcounting cannot free."""
-        for hook in ("no_sync_func", "grad_sync_func", "finalize_model_grads_func", "grad_scale_func"):
-            setattr(self.cfg, hook, None)
-        del self.chunks, self.ddp, self.opt, self.cfg
-        gc.collect()
-        if self.compiled:
-            torch._dynamo.reset()
-        if self.dev.type == "cuda":
-            torch.cuda.empty_cache()
+        """Release model, optimizer and config now (``Built.free``: it breaks the config <->
+        optimizer/DDP cycle megatron's hooks make), so the next variant's memory figures hold
+        only the next variant."""
+        self.training.free()
+        del self.training
 
 
 def fmt_table(rows, cuda):
@@ -459,8 +449,8 @@ def main(argv=None):
                 attention_backend=args.attention_backend,
                 cpu_threads=None if cuda else torch.get_num_threads(),
                 num_layers=args.num_layers, iters=args.iters, warmup=args.warmup,
-                flop_count="megatron_sd3.flops.mmdit_flops_per_sample(training=True, "
-                           "include_io=True), unpadded text tokens",
+                flop_count="megatron_sd3.flops.model_flops_per_sample(training=True): blocks, "
+                           "embedders and head, unpadded text tokens",
                 optimizer="megatron get_megatron_optimizer: adam (AdamW, wd 0.01), clip 1.0")
     try:
         import megatron.core

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from megatron_sd3.config import check_model_fields
-from megatron_sd3.loss import combine_local
+from megatron_sd3.loss import ConfigView, combine_local
 from megatron_sd3.models.sd3_model import SD3Model
 
 
@@ -32,18 +32,17 @@ class LightSD3Pipeline:
         return check_model_fields(self.model_config, where="model_config")
 
     def get_loss_fn(self) -> Callable:
-        """``loss_fn(output, (target, mask)) -> loss``: denoise (+ gamma * text recon).
+        """``loss_fn(output, (target, mask)) -> loss``: the registered loss terms
+        (``megatron_sd3.loss``: denoise + gamma * text recon) with local means.
 
         ``output`` is the prediction, or ``(pred, final_text_tokens, target_tokens)`` with text
         reconstruction on. ``mask`` may be empty (no mask).
         """
-        fields = self._model_fields()
-        gamma = float(fields.get("text_recon_gamma", 0.0))
-        huber = fields.get("pseudo_huber_c")
+        cfg = ConfigView(self._model_fields())  # the registry's terms read their weights here
 
         def loss_fn(output, label):
             target, mask = label
-            return combine_local(output, target, mask, gamma=gamma, pseudo_huber_c=huber).total
+            return combine_local(output, target, mask, cfg=cfg).total
 
         return loss_fn
 

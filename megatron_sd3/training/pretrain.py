@@ -19,21 +19,18 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.optimizer import OptimizerConfig
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.enums import AttnBackend
 
 from megatron_sd3.arguments import effective_config
 from megatron_sd3.config import ConfigError, config_to_dict, make_config, model_fields
 from megatron_sd3.distributed import initialize_distributed
-from megatron_sd3.flops import mmdit_flops_per_sample
+from megatron_sd3.flops import model_flops_per_sample
 from megatron_sd3.flow_matching import FlowMatchingConfig
+from megatron_sd3.loss import loss_terms
 from megatron_sd3.training import checkpointing as ckpt
-from megatron_sd3.training.ema import EMA
+from megatron_sd3.training.build import build_training, device, use_fused_torch_adam
 from megatron_sd3.training.parallel_layout import LayoutError, check_layout, pipeline_config_fields, stage_layers
-from megatron_sd3.training.step import (
-    TrainStep, build_model, build_optimizer, compile_blocks, microbatch_stream, unwrap, use_fused_torch_adam,
-    wrap_ddp, wrap_float16)
+from megatron_sd3.training.step import TrainStep, microbatch_stream
 
 
 class SignalHandler:
@@ -47,13 +44,9 @@ class SignalHandler:
         self.received = True
 
     def any_rank(self) -> bool:
-        t = torch.tensor([1.0 if self.received else 0.0], device=_dev())
+        t = torch.tensor([1.0 if self.received else 0.0], device=device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
-
-
-def _dev():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _print0(*a):
@@ -156,12 +149,43 @@ def setup(args, plan):
     return info, cfg, dp
 
 
-def _model_flops_per_sample(cfg, latent_hw) -> float:
-    n_img = cfg.num_image_tokens(*latent_hw)
-    return mmdit_flops_per_sample(cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, n_img, cfg.text_seq_len,
-                                  dual_attention_layers=len(cfg.dual_attention_layers),
-                                  text_recon=cfg.text_recon, context_pre_only_last=cfg.context_pre_only_last,
-                                  training=True)
+def scheduler_options(args) -> dict:
+    """``OptimizerParamScheduler`` arguments from the run's flags (Megatron-LM's names)."""
+    decay_iters = args.lr_decay_iters or args.train_iters
+    wsd = args.lr_decay_style == "WSD"
+    return dict(init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
+                lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=decay_iters,
+                lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+                wd_incr_steps=args.train_iters, wd_incr_style="constant",
+                wsd_decay_steps=max(1, decay_iters // 10) if wsd else None,
+                lr_wsd_decay_style="linear" if wsd else None)
+
+
+def optimizer_options(args) -> dict:
+    """megatron ``OptimizerConfig`` fields from the run's flags (AdamW)."""
+    return dict(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+                clip_grad=args.clip_grad)
+
+
+def metrics_record(iteration, consumed, dt, n_iters, samples, flops, world_size, lr, res, skipped_total) -> dict:
+    """One line of ``--metrics-file``: timing, throughput, ``loss`` and every registered loss
+    term (``megatron_sd3.loss``), grad norm and skipped iterations."""
+    losses = {k: res.losses[k] for k in ("loss", *(t.name for t in loss_terms()))}
+    return {"iteration": iteration, "consumed_samples": consumed,
+            "ms_per_iter": 1000 * dt / n_iters, "samples_per_sec": samples / dt,
+            "tflops_per_gpu": flops / dt / world_size / 1e12,
+            "lr": lr, **losses, "grad_norm": res.grad_norm, "skipped_iters": skipped_total}
+
+
+def log_line(rec: dict, train_iters: int) -> str:
+    """The training log line of one metrics record (Megatron-LM's format)."""
+    losses = " | ".join(f"{k}: {rec[k]:.6E}" for k in ("loss", *(t.name for t in loss_terms())))
+    return (f" iteration {rec['iteration']:8d}/{train_iters:8d} | consumed samples: {rec['consumed_samples']:10d} | "
+            f"elapsed time per iteration (ms): {rec['ms_per_iter']:.1f} | samples/s: "
+            f"{rec['samples_per_sec']:.2f} | TFLOP/s/GPU: {rec['tflops_per_gpu']:.4f} | "
+            f"learning rate: {rec['lr']:.6E} | {losses} | grad norm: "
+            f"{(rec['grad_norm'] or float('nan')):.4f} | skipped iterations: {rec['skipped_iters']} |")
 
 
 class MetricsWriter:
@@ -221,30 +245,19 @@ def pretrain(args, plan) -> int:
             f"{'CPU mode' if info.cpu_mode else info.device})")
     _print0("-------------------- end of arguments ---------------------")
 
-    chunks = wrap_float16(cfg, build_model(cfg, transformer_impl=args.transformer_impl))
-    ddp = wrap_ddp(cfg, chunks, use_distributed_optimizer=args.use_distributed_optimizer,
-                   overlap_grad_reduce=args.overlap_grad_reduce)
-    opt_cfg = OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-                              adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-                              clip_grad=args.clip_grad, bf16=cfg.bf16, params_dtype=cfg.params_dtype,
-                              use_distributed_optimizer=args.use_distributed_optimizer)
-    optimizer = build_optimizer(cfg, ddp, opt_cfg)
+    built = build_training(cfg, transformer_impl=args.transformer_impl, optimizer=optimizer_options(args),
+                           use_distributed_optimizer=args.use_distributed_optimizer,
+                           overlap_grad_reduce=args.overlap_grad_reduce, torch_compile=args.torch_compile,
+                           scheduler=scheduler_options(args), ema_decay=args.ema_decay,
+                           ema_update_interval=args.ema_update_interval)
+    ddp, optimizer, scheduler, ema, models = built.ddp, built.optimizer, built.scheduler, built.ema, built.models
     if args.torch_compile:
-        n = compile_blocks(chunks)
-        _print0(f" > torch.compile: {n} joint blocks (compiled on their first iteration)")
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters or args.train_iters,
-        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters, wd_incr_style="constant",
-        wsd_decay_steps=max(1, (args.lr_decay_iters or args.train_iters) // 10) if args.lr_decay_style == "WSD" else None,
-        lr_wsd_decay_style="linear" if args.lr_decay_style == "WSD" else None)
-    ema = EMA([unwrap(m) for m in ddp], args.ema_decay, args.ema_update_interval) if args.ema_decay > 0 else None
+        _print0(f" > torch.compile: {built.compiled_blocks} joint blocks (compiled on their first iteration)")
 
     iteration, consumed, skipped_total = 0, 0, 0
     load_dir = plan["load_dir"]
     if load_dir is not None:
-        common = ckpt.load_checkpoint(load_dir, [unwrap(m) for m in ddp], optimizer, ema, scheduler,
+        common = ckpt.load_checkpoint(load_dir, models, optimizer, ema, scheduler,
                                       model_config=config_to_dict(cfg), load_optim=not args.no_load_optim,
                                       load_rng=not args.no_load_rng)
         use_fused_torch_adam(optimizer)  # loaded param groups carry the saver's "fused"/"foreach"
@@ -282,7 +295,7 @@ def pretrain(args, plan) -> int:
 
     def save(it):
         if args.save:
-            path = ckpt.save_checkpoint(args.save, it, [unwrap(m) for m in ddp], optimizer, ema, scheduler,
+            path = ckpt.save_checkpoint(args.save, it, models, optimizer, ema, scheduler,
                                         consumed_samples=consumed, skipped_iters=skipped_total,
                                         model_config=config_to_dict(cfg), run_config=run_config)
             _print0(f" > saved checkpoint {path}")
@@ -313,26 +326,18 @@ def pretrain(args, plan) -> int:
             first_loss = res.losses["loss"] if first_loss is None else first_loss
             last_loss = res.losses["loss"]
         samples_log += args.global_batch_size
-        flops_log += _model_flops_per_sample(cfg, res.latent_hw) * args.global_batch_size
+        flops_log += model_flops_per_sample(cfg, res.latent_hw, training=True) * args.global_batch_size
         _progress(iteration, args.train_iters, res.losses["loss"], progress)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             dt = time.time() - t_log
             n_iters = iteration % args.log_interval or args.log_interval
-            rec = {"iteration": iteration, "consumed_samples": consumed,
-                   "ms_per_iter": 1000 * dt / n_iters, "samples_per_sec": samples_log / dt,
-                   "tflops_per_gpu": flops_log / dt / info.world_size / 1e12,
-                   "lr": optimizer.param_groups[0]["lr"], **res.losses, "grad_norm": res.grad_norm,
-                   "skipped_iters": skipped_total}
+            rec = metrics_record(iteration, consumed, dt, n_iters, samples_log, flops_log, info.world_size,
+                                 optimizer.param_groups[0]["lr"], res, skipped_total)
             metrics.write(rec)
             if not progress:
-                _print0(f" iteration {iteration:8d}/{args.train_iters:8d} | consumed samples: {consumed:10d} | "
-                        f"elapsed time per iteration (ms): {rec['ms_per_iter']:.1f} | samples/s: "
-                        f"{rec['samples_per_sec']:.2f} | TFLOP/s/GPU: {rec['tflops_per_gpu']:.4f} | "
-                        f"learning rate: {rec['lr']:.6E} | loss: {rec['loss']:.6E} | denoise_loss: "
-                        f"{rec['denoise_loss']:.6E} | text_recon_loss: {rec['text_recon_loss']:.6E} | grad norm: "
-                        f"{(rec['grad_norm'] or float('nan')):.4f} | skipped iterations: {skipped_total} |")
+                _print0(log_line(rec, args.train_iters))
             t_log, samples_log, flops_log = time.time(), 0, 0.0
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             save(iteration)
@@ -343,7 +348,7 @@ def pretrain(args, plan) -> int:
             exit_reason = "signal"
             break
         if args.exit_duration_in_mins:
-            t = torch.tensor([time.time() - start], device=_dev())
+            t = torch.tensor([time.time() - start], device=device())
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             if t.item() / 60 > args.exit_duration_in_mins:
                 _print0(f" > --exit-duration-in-mins {args.exit_duration_in_mins} reached: saving and exiting")

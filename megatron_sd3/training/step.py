@@ -1,9 +1,6 @@
 """One training iteration through megatron-core: schedules, DDP, optimizer, exact global losses.
 
-``build_model_and_optimizer`` builds this rank's stage(s) of ``SD3Model`` (``pre_process`` /
-``post_process`` from ``parallel_state``), wraps them in megatron ``DistributedDataParallel``
-and builds megatron's optimizer, wiring them into the config as Megatron-LM's training loop does.
-
+The model chunks, DDP and the optimizer come from ``training/build.py`` (``build_training``).
 ``TrainStep`` runs one iteration with ``get_forward_backward_func`` (1F1B, or interleaved when
 virtual stages are used):
 
@@ -12,13 +9,16 @@ virtual stages are used):
   is laid out as DP-rank blocks of consecutive samples, each split into microbatches, and sample
   ``j`` of the iteration has stream position ``consumed_samples + j``, which keys its noise,
   timestep and text dropout (``flow_matching``), so both stages and every layout agree;
+* the loss is the registry's (``megatron_sd3.loss``: ``denoise_loss`` and ``text_recon_loss``
+  by default); each enabled term ``k`` gives ``(sum_k, weight_k)`` per microbatch, and its
+  weight ``W_k`` over the *global* batch (the mask weight or element count for the denoise
+  term, the text element count for text reconstruction) is all-reduced over DP up front;
 * the loss function follows megatron's ``(loss, count, report)`` convention with
   ``calculate_per_token_loss``: ``count`` is the number of samples, and ``loss`` is scaled so that
-  megatron's division by the global count gives exactly
-  ``denoise_sum / W + gamma * text_sum / T`` over the *global* batch, where ``W`` (the mask
-  weight, or element count) and ``T`` (text elements) are all-reduced over DP up front, so the
-  gradient is exact also when masks differ across DP ranks;
-* the report carries ``(sum, weight)`` per component; ``reduce_report`` sums them over
+  megatron's division by the global count gives exactly ``sum_k weight_k * sum_k / W_k`` over
+  the global batch (``denoise_sum / W + gamma * text_sum / T`` by default), so the gradient is
+  exact also when masks differ across DP ranks;
+* the report carries ``(sum, weight)`` per term; ``reduce_report`` sums them over
   microbatches and DP ranks: the logged losses are global per-element means.
 """
 from __future__ import annotations
@@ -31,117 +31,13 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_sd3.config import SD3Config
 from megatron_sd3.flow_matching import FlowMatchingConfig, drop_text, make_flow_inputs
-from megatron_sd3.loss import denoise_terms, expand_mask, split_output, text_recon_terms
+from megatron_sd3.loss import enabled_loss_terms, loss_inputs, loss_terms, total_of
 from megatron_sd3.models.packing import ActivationLayout
-from megatron_sd3.models.sd3_model import SD3Model
-from megatron_sd3.training import multi_tensor
-
-
-def unwrap(model) -> SD3Model:
-    """The SD3Model inside DDP / Float16Module wrappers."""
-    while not isinstance(model, SD3Model):
-        model = model.module
-    return model
-
-
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def build_model(cfg: SD3Config, transformer_impl: str = "local") -> list[SD3Model]:
-    """This rank's model chunks (one per virtual stage)."""
-    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
-    chunks = []
-    for vp_stage in range(vpp or 1):
-        stage = vp_stage if vpp else None
-        m = SD3Model(cfg, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-                     post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-                     vp_stage=stage, transformer_impl=transformer_impl)
-        m.to(device())
-        chunks.append(m)
-    return chunks
-
-
-def compile_blocks(chunks) -> int:
-    """``torch.compile`` every joint block in place (``--torch-compile``).
-
-    ``module.compile()`` keeps parameter names, DDP's hooks and the optimizer as they are; only
-    the block's forward (and its backward) runs as compiled code, which fuses the adaLN
-    modulation, gating, GELU and torchao's FP8 casts around the GEMMs. Embedders and head stay
-    eager (small). Blocks with the same structure share one compiled graph. Returns the count.
-    """
-    n = 0
-    for c in chunks:
-        for block in unwrap(c).blocks:
-            block.compile()
-            n += 1
-    return n
-
-
-def wrap_float16(cfg: SD3Config, chunks: list):
-    """bf16: megatron's ``Float16Module`` (outputs back to fp32 on the last stage for the loss).
-    ``TrainStep`` hands the first stage its inputs already in the parameter dtype, timesteps in fp32."""
-    if not cfg.bf16:
-        return chunks
-    from megatron.core.transformer.module import Float16Module
-
-    return [Float16Module(cfg, c) for c in chunks]
-
-
-def wrap_ddp(cfg: SD3Config, chunks: list[SD3Model], use_distributed_optimizer: bool = False,
-             overlap_grad_reduce: bool = False) -> list[DistributedDataParallel]:
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
-        use_distributed_optimizer=use_distributed_optimizer, check_for_nan_in_grad=False,
-        bucket_size=None)
-    return [DistributedDataParallel(config=cfg, ddp_config=ddp_config, module=m,
-                                    disable_bucketing=i > 0) for i, m in enumerate(chunks)]
-
-
-def use_fused_torch_adam(optimizer, device_types=("cuda",)) -> int:
-    """Run megatron's torch-AdamW fallback as torch's fused kernel.
-
-    megatron-core takes Transformer Engine's or apex's ``FusedAdam`` when one is installed and
-    otherwise falls back to ``torch.optim.AdamW``, which then runs its ``foreach`` path: about ten
-    passes over the fp32 master weights and moments per step. Torch's own ``fused=True`` kernel
-    makes it one pass, with the same update rule (what megatron wants from FusedAdam). Applied
-    to every plain torch Adam/AdamW inside ``optimizer`` whose parameters all sit on
-    ``device_types``; returns how many were switched.
-    """
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    n = 0
-    for opt in inner:
-        torch_opt = getattr(opt, "optimizer", None)
-        if type(torch_opt) not in (torch.optim.Adam, torch.optim.AdamW):
-            continue  # TE/apex FusedAdam, SGD, ...: left as megatron built it
-        params = [p for g in torch_opt.param_groups for p in g["params"]]
-        if not params or any(p.device.type not in device_types for p in params):
-            continue
-        for group in torch_opt.param_groups:
-            group["fused"], group["foreach"] = True, False
-        torch_opt.defaults.update(fused=True, foreach=False)
-        n += 1
-    return n
-
-
-def build_optimizer(cfg: SD3Config, ddp_chunks, opt_config: OptimizerConfig):
-    multi_tensor.install()  # torch _foreach kernels where megatron lacks apex/TE's (no-op with them)
-    optimizer = get_megatron_optimizer(opt_config, ddp_chunks)
-    use_fused_torch_adam(optimizer)
-    # How Megatron-LM's training loop wires DDP and the optimizer into the schedules.
-    cfg.no_sync_func = [m.no_sync for m in ddp_chunks] if len(ddp_chunks) > 1 else ddp_chunks[0].no_sync
-    cfg.finalize_model_grads_func = finalize_model_grads
-    cfg.grad_scale_func = optimizer.scale_loss
-    if ddp_chunks[0].ddp_config.overlap_grad_reduce:
-        sync = [m.start_grad_sync for m in ddp_chunks]
-        cfg.grad_sync_func = sync if len(sync) > 1 else sync[0]
-    return optimizer
+from megatron_sd3.training.build import device, unwrap
 
 
 @dataclass
@@ -187,35 +83,30 @@ class TrainStep:
         start = consumed_samples + ps.get_data_parallel_rank() * (self.gbs // self.dp) + m * self.mbs
         return list(range(start, start + self.mbs))
 
-    def _global_weights(self, microbatches) -> tuple[float, float]:
-        """(W, T): denoise weight and text-recon element count of the whole global batch."""
-        cfg = self.cfg
-        w = 0.0
-        for mb in microbatches:
-            latents = mb["latents"]
-            m = expand_mask(mb.get("mask"), latents)
-            w += float(latents.numel()) if m is None else float(m.sum())
-        t = torch.tensor([w], dtype=torch.float64, device=device())
+    def _global_weights(self, microbatches) -> dict[str, float]:
+        """Each enabled loss term's weight over the whole global batch (this DP rank's
+        microbatches, all-reduced over DP)."""
+        terms = enabled_loss_terms(self.cfg)
+        w = [sum(t.batch_weight(self.cfg, mb) for mb in microbatches) for t in terms]
+        t = torch.tensor(w, dtype=torch.float64, device=device())
         dist.all_reduce(t, group=ps.get_data_parallel_group())
-        text = float(self.gbs * cfg.text_seq_len * cfg.hidden_size)
-        return float(t[0]), text
+        return {term.name: float(v) for term, v in zip(terms, t)}
 
     # -- the megatron forward step ---------------------------------------------------------------
-    def _loss_func(self, latents, target, mask, W, T, output):
+    def _loss_func(self, latents, target, mask, weights, output):
         cfg = self.cfg
-        pred, final_tokens, target_tokens = split_output(output)
-        dsum, dweight = denoise_terms(pred, target.to(pred.device), mask, cfg.pseudo_huber_c)
-        loss = dsum * (self.gbs / W)
-        report = {"denoise_loss": torch.stack([dsum.detach(), dweight.detach().to(dsum.dtype)])}
-        if cfg.text_recon:
-            tsum, tcount = text_recon_terms(final_tokens, target_tokens)
-            loss = loss + cfg.text_recon_gamma * tsum * (self.gbs / T)
-            report["text_recon_loss"] = torch.stack([tsum.detach(), tcount.to(tsum.dtype)])
+        inp = loss_inputs(output, target, mask, cfg)
+        loss, report = None, {}
+        for term in enabled_loss_terms(cfg):
+            s, w = term.terms(inp)
+            v = term.weight(cfg) * s * (self.gbs / weights[term.name])
+            loss = v if loss is None else loss + v
+            report[term.name] = torch.stack([s.detach(), w.detach().to(s.dtype)])
         count = torch.tensor(latents.shape[0], dtype=torch.int, device=loss.device)
         return loss, count, report
 
     def _forward_step(self, state, data_iterator, model):
-        latent_hw, consumed, W, T = state["latent_hw"], state["consumed"], state["W"], state["T"]
+        latent_hw, consumed, weights = state["latent_hw"], state["consumed"], state["weights"]
         dev = device()
         inner = unwrap(model)
         m_idx = state["m"]
@@ -239,7 +130,7 @@ class TrainStep:
             return output, None
         mask = mb.get("mask")
         mask = None if mask is None else mask.to(flow.target.device)
-        return output, partial(self._loss_func, mb["latents"], flow.target, mask, W, T)
+        return output, partial(self._loss_func, mb["latents"], flow.target, mask, weights)
 
     # -- one iteration ---------------------------------------------------------------------------
     def __call__(self, microbatches: Optional[list[dict]], consumed_samples: int) -> StepResult:
@@ -249,9 +140,9 @@ class TrainStep:
         if needs_data and (microbatches is None or len(microbatches) != self.num_microbatches):
             raise ValueError(f"expected {self.num_microbatches} microbatches on this stage")
         latent_hw = self._broadcast_latent_hw(microbatches)
-        W, T = self._global_weights(microbatches) if self.last else (1.0, 1.0)
+        weights = self._global_weights(microbatches) if self.last else {}
         layout = self.layout(latent_hw)
-        state = {"latent_hw": latent_hw, "consumed": consumed_samples, "W": W, "T": T, "m": 0}
+        state = {"latent_hw": latent_hw, "consumed": consumed_samples, "weights": weights, "m": 0}
         if not self.forward_only:
             for m in self.chunks:
                 m.zero_grad_buffer()
@@ -284,22 +175,26 @@ class TrainStep:
         return result
 
     def reduce_report(self, reports) -> dict[str, float]:
-        """Per-component global means, on every rank (computed on the last stage, broadcast)."""
-        keys = ["denoise_loss", "text_recon_loss"]
-        tot = torch.zeros(len(keys), 2, dtype=torch.float64, device=device())
+        """``loss`` and every registered term's global mean, on every rank (computed on the last
+        stage, broadcast). A disabled term reports 0; an enabled one with no weight NaN."""
+        terms = loss_terms()
+        tot = torch.zeros(len(terms), 2, dtype=torch.float64, device=device())
         if self.last:
             for r in reports:
-                for i, k in enumerate(keys):
-                    if k in r:
-                        tot[i] += r[k].double()
+                for i, term in enumerate(terms):
+                    if term.name in r:
+                        tot[i] += r[term.name].double()
             dist.all_reduce(tot, group=ps.get_data_parallel_group())
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(tot, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
-        denoise = float(tot[0, 0] / tot[0, 1]) if tot[0, 1] > 0 else float("nan")
-        text = float(tot[1, 0] / tot[1, 1]) if tot[1, 1] > 0 else 0.0
-        return {"loss": denoise + self.cfg.text_recon_gamma * text, "denoise_loss": denoise,
-                "text_recon_loss": text}
+        means = {}
+        for i, term in enumerate(terms):
+            if not term.enabled(self.cfg):
+                means[term.name] = 0.0
+            else:
+                means[term.name] = float(tot[i, 0] / tot[i, 1]) if tot[i, 1] > 0 else float("nan")
+        return {"loss": total_of(means, self.cfg), **means}
 
 
 def microbatch_stream(iterator: Iterator[dict], num_microbatches: int) -> list[dict]:
