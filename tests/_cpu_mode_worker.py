@@ -1,5 +1,5 @@
 """Worker for tests/test_cpu_mode.py: the real SD3Model (tiny preset) through the production wiring
-(``megatron_sd3.training.step``: build_model, wrap_float16, wrap_ddp, build_optimizer, TrainStep)
+(``megatron_sd3.training.build.build_training`` and ``training.step.TrainStep``)
 on CPU (gloo, ``megatron_sd3.testing.cpu_mode``), then a dist_checkpointing save/load/resume.
 
     python tests/_cpu_mode_worker.py --cases plain --save-reference REF.pt ...      # 1 process
@@ -76,13 +76,12 @@ def check_rng_tracker(seed, tp_rank):
     torch.set_rng_state(state)
 
 
-def build_training(opts, init_seed):
+def build_layout(opts, init_seed):
     """The production wiring for one layout: (chunks, ddp chunks, optimizer, TrainStep)."""
-    from megatron.core.optimizer import OptimizerConfig
-
     from megatron_sd3.config import make_config
     from megatron_sd3.training.parallel_layout import pipeline_config_fields
-    from megatron_sd3.training.step import TrainStep, build_model, build_optimizer, wrap_ddp, wrap_float16
+    from megatron_sd3.training.build import build_training
+    from megatron_sd3.training.step import TrainStep
 
     dtype = torch.bfloat16 if opts.bf16 else torch.float32
     parallel = dict(tensor_model_parallel_size=opts.tp, pipeline_model_parallel_size=opts.pp,
@@ -95,12 +94,10 @@ def build_training(opts, init_seed):
         parallel.update(bf16=True, params_dtype=dtype, pipeline_dtype=dtype)
     cfg = make_config("tiny", num_layers=NUM_LAYERS, zero_init_adaln=False, init_seed=init_seed,
                       parallel=parallel)
-    chunks = wrap_float16(cfg, build_model(cfg))
-    ddp = wrap_ddp(cfg, chunks, use_distributed_optimizer=opts.distributed_optimizer,
-                   overlap_grad_reduce=opts.overlap_grad_reduce)
-    opt = build_optimizer(cfg, ddp, OptimizerConfig(
-        optimizer="adam", lr=LR, weight_decay=0.01, clip_grad=CLIP, bf16=opts.bf16,
-        params_dtype=dtype, use_distributed_optimizer=opts.distributed_optimizer))
+    built = build_training(cfg, optimizer=dict(lr=LR, weight_decay=0.01, clip_grad=CLIP),
+                           use_distributed_optimizer=opts.distributed_optimizer,
+                           overlap_grad_reduce=opts.overlap_grad_reduce)
+    chunks, ddp, opt = built.chunks, built.ddp, built.optimizer
     step = TrainStep(cfg, ddp, opt, global_batch_size=GBS, micro_batch_size=MBS, seed=SEED)
     return chunks, ddp, opt, step
 
@@ -131,7 +128,7 @@ def train(step, it):
 
 def full_params(chunks):
     from megatron_sd3.convert import gather_full_state_dict
-    from megatron_sd3.training.step import unwrap
+    from megatron_sd3.training.build import unwrap
 
     out = {}
     for c in chunks:
@@ -198,7 +195,7 @@ def checkpoint_round_trip(name, opts, chunks, step, ref, tol, tag, t_case):
     torch.distributed.barrier()
 
     # A fresh model/optimizer with other weights, then load.
-    chunks2, _, opt2, step2 = build_training(opts, init_seed=SEED + 1)
+    chunks2, _, opt2, step2 = build_layout(opts, init_seed=SEED + 1)
     load_strategy = None
     if opts.fully_parallel_load:
         load_strategy = fully_parallel("FullyParallelLoadStrategyWrapper",
@@ -238,7 +235,7 @@ def run_case(name, opts):
     assert info.cpu_mode and info.backend == "gloo" and cpu_mode.is_cpu_mode_enabled()
     check_rng_tracker(seed=1234, tp_rank=info.tp_rank)
     tag = f"[{name}] rank {info.rank}"
-    chunks, _, _, step = build_training(opts, init_seed=SEED)
+    chunks, _, _, step = build_layout(opts, init_seed=SEED)
 
     if opts.save_reference:  # the single-process reference: STEPS + 1 steps, params after each
         assert info.world_size == 1, "the reference is a single-process run"
@@ -249,7 +246,7 @@ def run_case(name, opts):
         torch.save({"losses": losses, "params": params}, opts.save_reference)
         report(f"{tag}: reference of {STEPS + 1} steps written")
         # ... and the same checks as any layout, against it (the same process: exact)
-        chunks, _, _, step = build_training(opts, init_seed=SEED)
+        chunks, _, _, step = build_layout(opts, init_seed=SEED)
     ref = torch.load(opts.reference or opts.save_reference)
     # bf16 is a smoke test of the mixed-precision paths: params track the fp32 reference to ~%
     tol = 5e-2 if opts.bf16 else 1e-5
