@@ -112,6 +112,9 @@ def validate(a) -> None:
         raise GenerateError("--prompt-embeds needs --output-latents FILE.safetensors")
     if a.clip_model and not a.prompts:
         raise GenerateError("--clip-model scores decoded images against their prompts; it needs --prompts")
+    if a.clip_model and not os.path.isfile(os.path.join(a.clip_model, "config.json")):
+        raise GenerateError(f"--clip-model {a.clip_model}: no config.json there; give a local transformers "
+                            f"CLIPModel folder (CLIPModel.save_pretrained + CLIPProcessor.save_pretrained)")
     if a.steps < 1:
         raise GenerateError(f"--steps must be >= 1, got {a.steps}")
     if a.shift <= 0:
