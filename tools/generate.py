@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts", help="text file, one prompt a line (or .jsonl with a prompt field)")
     src.add_argument("--prompt-embeds", help="safetensors with prompt_embeds [N,T,D] and pooled_prompt_embeds [N,P]")
     p.add_argument("--sd3-root", help="diffusers SD3 folder (vae/, text_encoder{,_2,_3}/, tokenizer{,_2,_3}/)")
+    p.add_argument("--encoder-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="text encoders and VAE (default as preprocessing: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--output-dir", help="PNGs, grid.png and samples.json (with --prompts)")
     p.add_argument("--output-latents", help="safetensors: latents [N,C,h,w] and the starting noise")
     p.add_argument("--noise", help="safetensors with noise [N,C,h,w]: replaces the seeded starting noise")
@@ -148,8 +150,8 @@ def prepare_inputs(a, cfg, device):
         if cfg.text_seq_len <= clip_len:
             raise GenerateError(f"the model's text_seq_len {cfg.text_seq_len} leaves no T5 tokens after "
                                 f"{clip_len} CLIP tokens: this checkpoint was not trained on SD3 text")
-        enc = Encoders(EncoderPaths.from_sd3_root(a.sd3_root), device, torch.float32,
-                       t5_len=cfg.text_seq_len - clip_len)
+        dtype = getattr(torch, a.encoder_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        enc = Encoders(EncoderPaths.from_sd3_root(a.sd3_root), device, dtype, t5_len=cfg.text_seq_len - clip_len)
         embeds, pooled = enc.encode_prompts(prompts)
         embeds, pooled = embeds.float().cpu(), pooled.float().cpu()
     n = embeds.shape[0]
