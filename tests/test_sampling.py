@@ -162,11 +162,19 @@ def test_generate_matches_diffusers_one_process(setup):
 
 @pytest.mark.timeout(300)
 def test_generate_matches_diffusers_pipeline_parallel(setup):
-    """PP=2 (forward-only pipeline schedule; 2N = 4 guided rows in two microbatches of 3, the last
-    padded), and PP=1 x DP=2 (the prompts split over two model replicas)."""
+    """PP=2: the forward-only pipeline schedule, 2N = 4 guided rows in two microbatches of 3 (the
+    last padded)."""
     out = setup["tmp"] / "pp2.safetensors"
     run_ranks(GEN, 2, _args(setup, out, "--pipeline-model-parallel-size", "2", "--micro-batch-size", "3"),
               timeout=240)
+    assert _rel(load_file(str(out))["latents"], setup["ref"]) <= 1e-5
+
+
+@pytest.mark.timeout(300)
+def test_generate_matches_diffusers_tensor_and_data_parallel(setup):
+    """TP=2, and DP=2 (the prompts split over two model replicas)."""
+    out = setup["tmp"] / "tp2.safetensors"
+    run_ranks(GEN, 2, _args(setup, out, "--tensor-model-parallel-size", "2"), timeout=240)
     assert _rel(load_file(str(out))["latents"], setup["ref"]) <= 1e-5
     out = setup["tmp"] / "dp2.safetensors"
     run_ranks(GEN, 2, _args(setup, out), timeout=240)
