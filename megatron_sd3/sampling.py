@@ -18,12 +18,12 @@
   velocity over the pipeline group so every stage keeps the same latents.
 * ``build_inference_model(load, ...)``: the one place that builds the model and loads a
   checkpoint (saved under any layout) for inference, EMA weights optionally.
+* ``decode_latents(vae, latents, ...)``: uint8 images, as diffusers' SD3 pipeline decodes.
 * ``latent_preview(latents)``: a cheap RGB preview of SD3 latents (the linear map SD3
   previewers use), without the VAE.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -251,6 +251,16 @@ def build_inference_model(load: str, *, ema: bool = False, transformer_impl: str
     return chunks, cfg, common
 
 
+# -- latents -> images ---------------------------------------------------------------------------------
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, scaling_factor: float, shift_factor: float) -> torch.Tensor:
+    """Model-space latents -> uint8 ``[N, 3, H, W]``, as diffusers' SD3 pipeline decodes:
+    ``vae.decode(z / scaling + shift)``, then ``(x / 2 + 0.5)`` clamped, times 255, rounded."""
+    p = next(vae.parameters())
+    x = vae.decode(latents.to(p.device, p.dtype) / scaling_factor + shift_factor).sample.float().cpu()
+    return ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 # -- preview ----------------------------------------------------------------------------------------
 # SD3 latent -> RGB: the linear map SD3 previewers apply to (scaled) latents, 16 x 3, plus a bias.
 SD3_LATENT_RGB_FACTORS = (
@@ -274,6 +284,6 @@ def latent_preview(latents: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "flow_match_schedule", "euler_step", "guided", "uncond_inputs", "seeded_noise", "euler_sample",
-    "ModelVelocity", "sample", "build_inference_model", "latent_preview",
+    "ModelVelocity", "sample", "build_inference_model", "decode_latents", "latent_preview",
     "SD3_LATENT_RGB_FACTORS", "SD3_LATENT_RGB_BIAS",
 ]

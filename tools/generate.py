@@ -187,16 +187,6 @@ def prepare_inputs(a, cfg, device):
     return {"embeds": embeds, "pooled": pooled, "noise": noise, "prompts": prompts}, (enc, scorer)
 
 
-def to_images(enc, latents):
-    """Model-space latents -> uint8 [N, 3, H, W] with the VAE, as diffusers' SD3 pipeline decodes."""
-    import torch
-
-    with torch.no_grad():
-        z = latents.to(enc.device, enc.dtype) / enc.scaling_factor + enc.shift_factor
-        x = enc.vae.decode(z).sample.float().cpu()
-    return ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 def save_pngs(images, out_dir: str) -> list[str]:
     from PIL import Image
 
@@ -276,7 +266,9 @@ def write_outputs(a, inputs, latents, enc, scorer, common) -> None:
         save_file({"latents": latents.contiguous(), "noise": inputs["noise"].contiguous()}, a.output_latents)
         print(f"wrote {a.output_latents} (latents {list(latents.shape)})")
     if enc is not None:
-        images = to_images(enc, latents)
+        from megatron_sd3.sampling import decode_latents
+
+        images = decode_latents(enc.vae, latents, enc.scaling_factor, enc.shift_factor)
         paths = save_pngs(images, a.output_dir)
         summary["samples"] = [{"prompt": p, "png": os.path.basename(f),
                                "seed": None if a.noise else a.seed + i}
