@@ -97,25 +97,28 @@ def _env():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A checkpoint (converted from a random diffusers model by a PP=2 layout), prompt embeddings,
-    and the same checkpoint exported to diffusers, sampled by diffusers' pipeline."""
+    """A checkpoint (converted from a random diffusers model on one process; the parallel runs
+    reload it under other layouts), prompt embeddings, and the same checkpoint exported to
+    diffusers, sampled by diffusers' pipeline."""
     from test_parity import _random_diffusers
 
+    from megatron_sd3.config import config_to_dict
+    from megatron_sd3.convert import (diffusers_config, ensure_single_process_parallel_state, sd3_from_diffusers,
+                                      sd3_to_diffusers_state_dict)
+    from megatron_sd3.training import checkpointing
+
     tmp = tmp_path_factory.mktemp("sampling")
-    d = _random_diffusers(num_layers=2, qk_norm="rms_norm", dual_attention_layers=(0,))
-    d.save_pretrained(tmp / "base")
+    ensure_single_process_parallel_state()
+    converted = sd3_from_diffusers(_random_diffusers(num_layers=2, qk_norm="rms_norm", dual_attention_layers=(0,)),
+                                   text_seq_len=T)
     ck = str(tmp / "ck")
-    run_ranks("tools/convert_diffusers_sd3.py", 2, ["to-megatron", "--diffusers", str(tmp / "base"),
-                                                    "--text-seq-len", str(T), "--save", ck,
-                                                    "--pipeline-model-parallel-size", "2"], timeout=200)
+    checkpointing.save_checkpoint(ck, 0, [converted], None, None, None, consumed_samples=0, skipped_iters=0,
+                                  model_config=config_to_dict(converted.config), run_config=None)
     g = torch.Generator().manual_seed(3)
     embeds = {"prompt_embeds": torch.randn(N, T, D, generator=g), "pooled_prompt_embeds": torch.randn(N, P, generator=g)}
     save_file(embeds, str(tmp / "embeds.safetensors"))
 
     # export: the checkpoint loaded on one process, as tools/convert_diffusers_sd3.py to-diffusers does
-    from megatron_sd3.convert import diffusers_config, ensure_single_process_parallel_state, sd3_to_diffusers_state_dict
-
-    ensure_single_process_parallel_state()
     chunks, cfg, _ = sampling.build_inference_model(ck)
     exported = SD3Transformer2DModel(**diffusers_config(cfg))
     exported.load_state_dict(sd3_to_diffusers_state_dict(chunks[0]), strict=True)
