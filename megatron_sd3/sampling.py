@@ -133,7 +133,7 @@ class ModelVelocity:
     def __init__(self, model_chunks, micro_batch_size: Optional[int] = None):
         from megatron.core import parallel_state as ps
 
-        from megatron_sd3.training.step import unwrap
+        from megatron_sd3.training.build import unwrap
 
         self.chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
         if len(self.chunks) != 1:
@@ -230,7 +230,7 @@ def build_inference_model(load: str, *, ema: bool = False, transformer_impl: str
     from megatron_sd3.training import checkpointing as ckpt
     from megatron_sd3.training.ema import EMA
     from megatron_sd3.training.parallel_layout import pipeline_config_fields
-    from megatron_sd3.training.step import build_model
+    from megatron_sd3.training.build import build_model
 
     d = ckpt.resolve_load(load, None)
     common = ckpt.load_common(d)
