@@ -23,7 +23,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.enums import AttnBackend
 
-from megatron_sd3.arguments import effective_config
+from megatron_sd3.arguments import effective_config, optional_kernels
 from megatron_sd3.config import ConfigError, config_to_dict, make_config, model_fields
 from megatron_sd3.distributed import initialize_distributed
 from megatron_sd3.flops import mmdit_flops_per_sample
@@ -223,6 +223,7 @@ def pretrain(args, plan) -> int:
     _print0(f"  world size {info.world_size} = TP {cfg.tensor_model_parallel_size} x PP "
             f"{cfg.pipeline_model_parallel_size} x DP {dp}  ({info.backend}, "
             f"{'CPU mode' if info.cpu_mode else info.device})")
+    _print0(f"  {optional_kernels()}")
     _print0("-------------------- end of arguments ---------------------")
 
     chunks = wrap_float16(cfg, build_model(cfg, transformer_impl=args.transformer_impl))
@@ -387,6 +388,10 @@ def main(argv=None) -> int:
     except errors as e:
         print(f"pretrain_sd3.py: error: {e}", file=sys.stderr, flush=True)
         return 2
+    if args.check_config:
+        print(f"pretrain_sd3.py: checks passed (world size {os.environ.get('WORLD_SIZE', '1')}, "
+              f"data-parallel size {plan['dp']})", file=sys.stderr, flush=True)
+        return 0
     try:
         return pretrain(args, plan)
     except (ConfigError, ckpt.CheckpointError, ShardError) as e:
