@@ -151,9 +151,9 @@ export NNODES MASTER_ADDR MASTER_PORT
 
 # ---- 2. one task of our own srun step (or of a user's `srun --ntasks-per-node=1 launch.sh`) ------
 if [[ ${LAUNCH_STAGE:-} == node || -n ${SLURM_STEP_ID:-} ]]; then
-    # our own srun step was checked by the batch shell; a user's srun checks on every node and
-    # lets node 0 say why
-    if [[ ${LAUNCH_STAGE:-} != node ]]; then
+    # our own srun step was checked by the batch shell when it could count the ranks; otherwise
+    # (a user's srun, salloc on a login node) every node checks and node 0 says why
+    if [[ ${LAUNCH_CHECKED:-0} != 1 ]]; then
         check_config "${SLURM_STEP_NUM_NODES:-$NNODES}" "$([[ ${SLURM_NODEID:-0} == 0 ]] && echo 1 || echo 0)" "$@"
     fi
     exec_torchrun "${SLURM_STEP_NUM_NODES:-$NNODES}" "${SLURM_NODEID:?SLURM_NODEID not set}" "$@"
@@ -168,9 +168,15 @@ fi
 # ---- 4. several nodes (or salloc on a login node): one torchrun per node through srun ----------
 # srun answers SIGTERM with SIGKILL to its tasks, so the batch shell must never pass SIGTERM to
 # srun: it asks slurmctld to signal the job's steps instead (scancel without --full/--batch).
-check_config "$NNODES" 1 "$@"
+# The checks run here when this shell can count the ranks per node (a batch job runs on the first
+# node of its allocation), else on the nodes (below, stage 2).
+checked=0
+if [[ -n ${GPUS_PER_NODE:-} || -n ${SLURM_GPUS_ON_NODE:-} || -n ${SLURMD_NODENAME:-} ]]; then
+    check_config "$NNODES" 1 "$@"
+    checked=1
+fi
 srun_args=(--nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1
-           --export=ALL,LAUNCH_STAGE=node)
+           --export=ALL,LAUNCH_STAGE=node,LAUNCH_CHECKED=$checked)
 [[ -n ${SLURM_CPUS_ON_NODE:-} ]] && srun_args+=(--cpus-per-task="$SLURM_CPUS_ON_NODE")
 log "srun ${srun_args[*]} on ${SLURM_JOB_NODELIST:-?}, rendezvous $MASTER_ADDR:$MASTER_PORT"
 srun "${srun_args[@]}" bash "$ROOT/launch.sh" "$@" &

@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every check that needs no process group (flags, TOML, parallel layout, "
                         "data, checkpoint to resume) and exit; launch.sh does this before starting ranks")
     for section in SECTIONS.values():
-        g = p.add_argument_group(f"{section.title} [TOML [{section.name}]]")
+        g = p.add_argument_group(f"{section.title} (TOML [{section.name}])")
         for f in section.fields:
             kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=_help(section, f))
             if f.type is bool:

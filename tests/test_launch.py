@@ -56,7 +56,7 @@ def events(save: Path):
 def base_env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     for k in ("NNODES", "GPUS_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "EXTRA_ARGS",
-              "LAUNCH_SRUN", "LAUNCH_STAGE", "LAUNCH_ROOT"):
+              "LAUNCH_SRUN", "LAUNCH_STAGE", "LAUNCH_ROOT", "LAUNCH_CHECK", "LAUNCH_CHECKED"):
         env.pop(k, None)
     env.update(ENTRY=str(ENTRY), CONFIG=CONFIG, PYTHONUNBUFFERED="1")
     env.update({k: str(v) for k, v in extra.items()})
