@@ -26,7 +26,13 @@
 #   ENTRY           script torchrun runs; default <repo>/pretrain_sd3.py (tests put a stand-in here)
 #   EXTRA_ARGS      more arguments, word-split, placed before "$@"
 #   LAUNCH_SRUN     1: always go through srun, even for one node already in a batch job (below)
+#   LAUNCH_CHECK    0: skip the checks run once before the ranks start (below); default 1
+#   OMP_NUM_THREADS threads per rank; 1 when several ranks share a node (torchrun's default)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun waits for ranks after SIGTERM before SIGKILL (30)
+#
+# Before any rank starts, `ENTRY --check-config ARGS` runs once (WORLD_SIZE = nodes x ranks per
+# node): a bad flag, TOML key, parallel layout, data path or checkpoint is one line and a non-zero
+# exit here, not one traceback per rank.
 #
 # How it starts the ranks:
 #   outside SLURM            exec torchrun --nproc-per-node=GPUS_PER_NODE on this machine.
@@ -84,11 +90,38 @@ ranks_per_node() {
     if [[ ${n:-0} -gt 0 ]]; then echo "$n"; else echo 2; fi
 }
 
+# The entry's arguments: --config CONFIG, EXTRA_ARGS, then the caller's.
+entry_args() {
+    ENTRY_ARGS=()
+    [[ -n $CONFIG ]] && ENTRY_ARGS+=(--config "$CONFIG")
+    # shellcheck disable=SC2206  # EXTRA_ARGS is meant to be word-split
+    [[ -n $EXTRA_ARGS ]] && ENTRY_ARGS+=($EXTRA_ARGS)
+    ENTRY_ARGS+=("$@")
+}
+
+# The entry's checks, once for the whole job: $1 = nnodes, $2 = print (1) or not (0), then the
+# entry's arguments. Exits with the entry's status (its one-line error on stderr) when they fail.
+check_config() {
+    local nnodes=$1 loud=$2 world rc=0
+    shift 2
+    [[ ${LAUNCH_CHECK:-1} == 0 ]] && return 0
+    world=$((nnodes * $(ranks_per_node)))
+    entry_args "$@"
+    if [[ $loud == 1 ]]; then
+        WORLD_SIZE=$world "$PYTHON" "$ENTRY" --check-config "${ENTRY_ARGS[@]}" || rc=$?
+    else
+        WORLD_SIZE=$world "$PYTHON" "$ENTRY" --check-config "${ENTRY_ARGS[@]}" >/dev/null 2>&1 || rc=$?
+    fi
+    if [[ $rc -ne 0 ]]; then exit "$rc"; fi
+}
+
 # exec torchrun for one node: $1 = nnodes, $2 = node rank, then the entry's arguments.
 exec_torchrun() {
     local nnodes=$1 node_rank=$2 nproc
     shift 2
     nproc=$(ranks_per_node)
+    # torchrun's own default for several ranks, set here so that it does not print a banner about it
+    if [[ $nproc -gt 1 && -z ${OMP_NUM_THREADS:-} ]]; then export OMP_NUM_THREADS=1; fi
     local -a cmd=("$PYTHON" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc")
     if [[ $nnodes -eq 1 && -z ${MASTER_PORT:-} ]]; then
         cmd+=(--standalone)
@@ -96,17 +129,15 @@ exec_torchrun() {
         cmd+=(--node-rank="$node_rank" --master-addr="${MASTER_ADDR:-127.0.0.1}"
               --master-port="${MASTER_PORT:-29500}")
     fi
-    cmd+=("$ENTRY")
-    [[ -n $CONFIG ]] && cmd+=(--config "$CONFIG")
-    # shellcheck disable=SC2206  # EXTRA_ARGS is meant to be word-split
-    [[ -n $EXTRA_ARGS ]] && cmd+=($EXTRA_ARGS)
-    cmd+=("$@")
+    entry_args "$@"
+    cmd+=("$ENTRY" "${ENTRY_ARGS[@]}")
     log "node $node_rank/$nnodes on $(hostname): ${cmd[*]}"
     exec "${cmd[@]}"
 }
 
 # ---- 1. outside SLURM ---------------------------------------------------------------------------
 if [[ -z ${SLURM_JOB_ID:-} ]]; then
+    check_config "${NNODES:-1}" 1 "$@"
     exec_torchrun "${NNODES:-1}" "${NODE_RANK:-0}" "$@"
 fi
 
@@ -120,19 +151,32 @@ export NNODES MASTER_ADDR MASTER_PORT
 
 # ---- 2. one task of our own srun step (or of a user's `srun --ntasks-per-node=1 launch.sh`) ------
 if [[ ${LAUNCH_STAGE:-} == node || -n ${SLURM_STEP_ID:-} ]]; then
+    # our own srun step was checked by the batch shell when it could count the ranks; otherwise
+    # (a user's srun, salloc on a login node) every node checks and node 0 says why
+    if [[ ${LAUNCH_CHECKED:-0} != 1 ]]; then
+        check_config "${SLURM_STEP_NUM_NODES:-$NNODES}" "$([[ ${SLURM_NODEID:-0} == 0 ]] && echo 1 || echo 0)" "$@"
+    fi
     exec_torchrun "${SLURM_STEP_NUM_NODES:-$NNODES}" "${SLURM_NODEID:?SLURM_NODEID not set}" "$@"
 fi
 
 # ---- 3. batch shell on the (only) node: torchrun directly, so every signal reaches it ----------
 if [[ -n ${SLURMD_NODENAME:-} && $NNODES -eq 1 && ${LAUNCH_SRUN:-0} != 1 ]]; then
+    check_config 1 1 "$@"
     exec_torchrun 1 0 "$@"
 fi
 
 # ---- 4. several nodes (or salloc on a login node): one torchrun per node through srun ----------
 # srun answers SIGTERM with SIGKILL to its tasks, so the batch shell must never pass SIGTERM to
 # srun: it asks slurmctld to signal the job's steps instead (scancel without --full/--batch).
+# The checks run here when this shell can count the ranks per node (a batch job runs on the first
+# node of its allocation), else on the nodes (below, stage 2).
+checked=0
+if [[ -n ${GPUS_PER_NODE:-} || -n ${SLURM_GPUS_ON_NODE:-} || -n ${SLURMD_NODENAME:-} ]]; then
+    check_config "$NNODES" 1 "$@"
+    checked=1
+fi
 srun_args=(--nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1
-           --export=ALL,LAUNCH_STAGE=node)
+           --export=ALL,LAUNCH_STAGE=node,LAUNCH_CHECKED=$checked)
 [[ -n ${SLURM_CPUS_ON_NODE:-} ]] && srun_args+=(--cpus-per-task="$SLURM_CPUS_ON_NODE")
 log "srun ${srun_args[*]} on ${SLURM_JOB_NODELIST:-?}, rendezvous $MASTER_ADDR:$MASTER_PORT"
 srun "${srun_args[@]}" bash "$ROOT/launch.sh" "$@" &

@@ -2,197 +2,220 @@
 
 Precedence: built-in defaults < ``--config FILE.toml`` < flags given on the command line.
 
-The TOML file has a ``[model]`` section (the seed's keys and the architecture, checked by
-``megatron_sd3.config``) and any of the sections below, whose keys are the flags' names with
-underscores (``[training] micro_batch_size = 2``). Unknown sections and keys, wrong types and
-impossible values are one-line errors naming the key, before any work starts.
+The run configuration is declared once, in ``SECTIONS``: each TOML section (``[model]``,
+``[parallel]``, ``[training]``, ...) is a list of ``Field`` declarations (name, type, default,
+help, choices, range check). The flags (``--micro-batch-size``), the TOML keys of the section
+(``[training] micro_batch_size = 2``) and the entries of ``effective_config`` are all made from
+them, so a new setting is one ``Field(...)`` line in its section. Unknown sections, keys and
+flags (with a close-match hint), wrong types, choices and ranges are one-line errors naming the
+key or flag, before any work starts.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import json
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from megatron_sd3.config import MODEL_KEYS, ConfigError, check_model_fields, load_toml
-
-# section -> flags it may hold (everything except [model], which config.py owns)
-SECTIONS: dict[str, list[str]] = {
-    "parallel": ["tensor_model_parallel_size", "pipeline_model_parallel_size", "pipeline_layers",
-                 "num_virtual_stages_per_pipeline_rank",
-                 "use_distributed_optimizer", "overlap_grad_reduce"],
-    "training": ["micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr", "lr_warmup_iters",
-                 "lr_decay_iters", "lr_decay_style", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
-                 "clip_grad", "seed", "bf16", "ema_decay", "ema_update_interval", "max_skipped_iters"],
-    "flow": ["timestep_sampling", "logit_mean", "logit_std", "timestep_shift", "text_dropout"],
-    "data": ["data_path", "mock_data", "mock_num_samples", "mock_latent_size", "mock_with_mask"],
-    "checkpoint": ["save", "load", "save_interval", "exit_signal_handler", "exit_duration_in_mins",
-                   "no_load_optim", "no_load_rng"],
-    "logging": ["log_interval", "metrics_file", "tensorboard_dir", "no_progress"],
-    "fp8": ["transformer_impl", "attention_backend", "torch_compile", "fp8_format", "fp8_recipe", "fp8_amax_history_len", "first_last_layers_bf16"],
-}
+from megatron_sd3.config import (
+    MODEL_FIELDS, ConfigError, Field, above, at_least, check_model_fields, check_table, load_toml)
 
 
-def _kebab(name: str) -> str:
-    return "--" + name.replace("_", "-")
+@dataclass
+class Section:
+    """A TOML section and the argparse group of its flags."""
+
+    name: str
+    title: str
+    fields: list[Field]
+
+
+def _ema_decay(v) -> Optional[str]:
+    return None if 0 <= v < 1 else "in [0, 1) (0 = off)"
+
+
+F = Field
+SECTIONS: dict[str, Section] = {s.name: s for s in [
+    Section("model", "model: the preset and what overrides it", MODEL_FIELDS),
+    Section("parallel", "parallelism", [
+        F("tensor_model_parallel_size", int, 1, "tensor-parallel ranks", check=at_least(1)),
+        F("pipeline_model_parallel_size", int, 1, "pipeline stages", check=at_least(1)),
+        F("pipeline_layers", str, None, "blocks per pipeline stage, e.g. 8,7 (default: balanced)"),
+        F("num_virtual_stages_per_pipeline_rank", int, None,
+          "interleaved 1F1B: model chunks per pipeline rank (equal blocks per stage)"),
+        F("use_distributed_optimizer", bool, False, "megatron's distributed optimizer"),
+        F("overlap_grad_reduce", bool, False, "overlap the gradient reduction with the backward pass"),
+    ]),
+    Section("training", "training", [
+        F("micro_batch_size", int, 1, "samples per microbatch", check=at_least(1)),
+        F("global_batch_size", int, None, "samples per iteration (default: micro batch x data-parallel size)",
+          check=at_least(1)),
+        F("train_iters", int, 100, "iterations to train", check=at_least(1)),
+        F("lr", float, 1e-4, "peak learning rate", check=at_least(0)),
+        F("min_lr", float, 0.0, "learning rate at the end of the decay", check=at_least(0)),
+        F("lr_warmup_iters", int, 0, "linear warmup iterations", check=at_least(0)),
+        F("lr_decay_iters", int, None, "decay length (default: train-iters)", check=at_least(1)),
+        F("lr_decay_style", str, "cosine", "learning-rate decay",
+          choices=("constant", "linear", "cosine", "inverse-square-root", "WSD")),
+        F("weight_decay", float, 0.0, "AdamW weight decay", check=at_least(0)),
+        F("adam_beta1", float, 0.9, "Adam beta1"),
+        F("adam_beta2", float, 0.999, "Adam beta2"),
+        F("adam_eps", float, 1e-8, "Adam epsilon", check=above(0)),
+        F("clip_grad", float, 1.0, "gradient-norm clipping (0 = off)", check=at_least(0)),
+        F("seed", int, 1234, "random seed"),
+        F("bf16", bool, False, "bf16 mixed precision (GPU; CPU runs stay fp32)"),
+        F("ema_decay", float, 0.9999, "EMA of the weights (0 = off)", check=_ema_decay),
+        F("ema_update_interval", int, 1, "iterations between EMA updates", check=at_least(1)),
+        F("max_skipped_iters", int, 10, "stop after this many NaN/Inf iterations in a row", check=at_least(1)),
+    ]),
+    Section("flow", "flow matching", [
+        F("timestep_sampling", str, "logit_normal", "timestep distribution", choices=("logit_normal", "uniform")),
+        F("logit_mean", float, 0.0, "mean of the logit-normal timesteps"),
+        F("logit_std", float, 1.0, "standard deviation of the logit-normal timesteps", check=above(0)),
+        F("timestep_shift", float, 1.0, "SD3's timestep shift", check=above(0)),
+        F("text_dropout", float, 0.0, "probability of dropping the text (CFG)",
+          check=lambda v: None if 0 <= v <= 1 else "in [0, 1]"),
+    ]),
+    Section("data", "data (one source: --data-path or --mock-data; one given as a flag replaces the TOML's)", [
+        F("data_path", str, None, "dataset directory made by tools/preprocess_data.py", exclusive="data source"),
+        F("mock_data", bool, False, "deterministic synthetic data (as Megatron-LM)", exclusive="data source"),
+        F("mock_num_samples", int, 100_000, "samples of the synthetic dataset", check=at_least(1)),
+        F("mock_latent_size", str, None, "HxW of mock latents, e.g. 32x32 (default: the model's sample size)"),
+        F("mock_with_mask", bool, False, "synthetic samples carry a loss mask"),
+    ]),
+    Section("checkpoint", "checkpointing", [
+        F("save", str, None, "checkpoint directory"),
+        F("load", str, None, "checkpoint directory to resume from"),
+        F("save_interval", int, None, "iterations between checkpoints (default: at the end only)",
+          check=at_least(1)),
+        F("exit_signal_handler", bool, False, "on SIGTERM: save and exit 0"),
+        F("exit_duration_in_mins", float, None, "save and exit after this long", check=above(0)),
+        F("no_load_optim", bool, False, "resume the weights only, not the optimizer", negatable=False),
+        F("no_load_rng", bool, False, "do not restore the random states", negatable=False),
+    ]),
+    Section("logging", "logging", [
+        F("log_interval", int, 10, "iterations between log lines", check=at_least(1)),
+        F("metrics_file", str, None, "JSON lines of per-iteration figures"),
+        F("tensorboard_dir", str, None, "TensorBoard event directory"),
+        F("no_progress", bool, False, "no progress bar even on a terminal", negatable=False),
+    ]),
+    Section("backend", "kernels and compilation", [
+        F("transformer_impl", str, "local", "layer filling: megatron-core's local layers or Transformer Engine",
+          choices=("local", "transformer_engine")),
+        F("attention_backend", str, "auto",
+          "attention kernel (Megatron-LM's flag): flash = FlashAttention-2, fused = cuDNN, "
+          "unfused/local = plain math, auto = the framework's choice",
+          choices=("auto", "flash", "fused", "unfused", "local")),
+        F("torch_compile", bool, False, "torch.compile each joint block (fuses the elementwise work around "
+          "the GEMMs; torchao FP8 needs it to be faster than bf16)"),
+    ]),
+    Section("fp8", "FP8", [
+        F("fp8_format", str, None, "FP8 GEMMs in the joint blocks (default: off)", choices=("e4m3", "hybrid")),
+        F("fp8_recipe", str, None, "default: delayed with transformer_engine, tensorwise with local (torchao)",
+          choices=("tensorwise", "delayed")),
+        F("fp8_amax_history_len", int, 1, "amax history of delayed scaling", check=at_least(1)),
+        F("first_last_layers_bf16", bool, False, "keep the first and last joint blocks in bf16"),
+    ]),
+]}
+del F
+
+
+def fields() -> dict[str, Field]:
+    """Every declared field by name (names are unique across sections)."""
+    return {f.name: f for s in SECTIONS.values() for f in s.fields}
+
+
+def _help(section: Section, f: Field) -> str:
+    text = f.help
+    if f.default is None and section.name == "model" and f.name != "preset":
+        text += " (default: the preset's)"
+    elif f.default is not None and not (f.type is bool and f.default is False):
+        text += f" (default: {f.default})"
+    return text.replace("%", "%%")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the bad flag, without the usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pretrain_sd3.py",
+    """The flags of every declared field; values not given are absent from the namespace."""
+    p = _OneLineParser(
+        prog="pretrain_sd3.py", allow_abbrev=False,
+        usage="%(prog)s [--config FILE.toml] [--check-config] [FLAG ...]",
         description="Pretrain sd3_light (SD3 MMDiT) with tensor, pipeline and data parallelism on "
-                    "megatron-core. Flags override the --config TOML, which overrides the defaults.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="TOML preset ([model] plus [training], [parallel], ... sections)")
-
-    m = p.add_argument_group("model (the TOML [model] section)")
-    m.add_argument("--preset", default="tiny", help="base architecture: tiny, sd3_light, sd3_medium, sd35_medium, sd35_large")
-    m.add_argument("--text-recon-gamma", type=float, default=None, help="weight of the text reconstruction loss; 0 = off")
-    m.add_argument("--text-recon-target-layer", type=int, default=None,
-                   help="0: text tokens after context_embedder; k: text output of joint block k")
-    m.add_argument("--pseudo-huber-c", type=float, default=None, help="pseudo-Huber denoise loss constant (MSE when unset)")
-    m.add_argument("--num-layers", type=int, default=None,
-                   help="joint blocks: the preset's first N (its dual attention on those that remain)")
-    m.add_argument("--hidden-size", type=int, default=None)
-    m.add_argument("--num-attention-heads", type=int, default=None)
-
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-layers", type=str, default=None,
-                   help="blocks per pipeline stage, e.g. 8,7 (default: balanced)")
-    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
-                   help="interleaved 1F1B: model chunks per pipeline rank (equal blocks per stage)")
-    g.add_argument("--use-distributed-optimizer", action="store_true", help="megatron's distributed optimizer")
-    g.add_argument("--overlap-grad-reduce", action="store_true")
-
-    t = p.add_argument_group("training")
-    t.add_argument("--micro-batch-size", type=int, default=1)
-    t.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data-parallel size")
-    t.add_argument("--train-iters", type=int, default=100)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--min-lr", type=float, default=0.0)
-    t.add_argument("--lr-warmup-iters", type=int, default=0)
-    t.add_argument("--lr-decay-iters", type=int, default=None, help="default: train-iters")
-    t.add_argument("--lr-decay-style", default="cosine", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--adam-beta1", type=float, default=0.9)
-    t.add_argument("--adam-beta2", type=float, default=0.999)
-    t.add_argument("--adam-eps", type=float, default=1e-8)
-    t.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
-    t.add_argument("--seed", type=int, default=1234)
-    t.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU; CPU runs stay fp32)")
-    t.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights (0 = off)")
-    t.add_argument("--ema-update-interval", type=int, default=1)
-    t.add_argument("--max-skipped-iters", type=int, default=10,
-                   help="stop after this many NaN/Inf iterations in a row")
-
-    f = p.add_argument_group("flow matching")
-    f.add_argument("--timestep-sampling", default="logit_normal", choices=["logit_normal", "uniform"])
-    f.add_argument("--logit-mean", type=float, default=0.0)
-    f.add_argument("--logit-std", type=float, default=1.0)
-    f.add_argument("--timestep-shift", type=float, default=1.0)
-    f.add_argument("--text-dropout", type=float, default=0.0, help="probability of dropping the text (CFG)")
-
-    d = p.add_argument_group("data")
-    d.add_argument("--data-path", default=None, help="dataset directory made by tools/preprocess_data.py")
-    d.add_argument("--mock-data", action="store_true", help="deterministic synthetic data (as Megatron-LM)")
-    d.add_argument("--mock-num-samples", type=int, default=100_000)
-    d.add_argument("--mock-latent-size", type=str, default=None, help="HxW of mock latents, e.g. 32x32")
-    d.add_argument("--mock-with-mask", action="store_true")
-
-    c = p.add_argument_group("checkpointing")
-    c.add_argument("--save", default=None, help="checkpoint directory")
-    c.add_argument("--load", default=None, help="checkpoint directory to resume from")
-    c.add_argument("--save-interval", type=int, default=None)
-    c.add_argument("--exit-signal-handler", action="store_true", help="on SIGTERM: save and exit 0")
-    c.add_argument("--exit-duration-in-mins", type=float, default=None, help="save and exit after this long")
-    c.add_argument("--no-load-optim", action="store_true")
-    c.add_argument("--no-load-rng", action="store_true")
-
-    lg = p.add_argument_group("logging")
-    lg.add_argument("--log-interval", type=int, default=10)
-    lg.add_argument("--metrics-file", default=None, help="JSON lines of per-iteration figures")
-    lg.add_argument("--tensorboard-dir", default=None)
-    lg.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
-
-    q = p.add_argument_group("FP8 / backends")
-    q.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"])
-    q.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "fused", "unfused", "local"],
-                   help="attention kernel (Megatron-LM's flag): flash = FlashAttention-2, fused = cuDNN, "
-                        "unfused/local = plain math, auto = the framework's choice")
-    q.add_argument("--torch-compile", action="store_true",
-                   help="torch.compile each joint block (fuses the elementwise work around the GEMMs; "
-                        "torchao FP8 needs it to be faster than bf16)")
-    q.add_argument("--fp8-format", default=None, choices=["e4m3", "hybrid"], help="FP8 GEMMs in the joint blocks")
-    q.add_argument("--fp8-recipe", default=None, choices=["tensorwise", "delayed"],
-                   help="default: delayed with transformer_engine, tensorwise with local (torchao)")
-    q.add_argument("--fp8-amax-history-len", type=int, default=1)
-    q.add_argument("--first-last-layers-bf16", action="store_true")
+                    "megatron-core. Flags override the --config TOML, which overrides the defaults. "
+                    "Each group below is a TOML section of the same keys with underscores.")
+    p.add_argument("--config", default=None,
+                   help="TOML preset: [" + "], [".join(SECTIONS) + "] sections")
+    p.add_argument("--check-config", action="store_true",
+                   help="run every check that needs no process group (flags, TOML, parallel layout, "
+                        "data, checkpoint to resume) and exit; launch.sh does this before starting ranks")
+    for section in SECTIONS.values():
+        g = p.add_argument_group(f"{section.title} (TOML [{section.name}])")
+        for f in section.fields:
+            kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=_help(section, f))
+            if f.type is bool:
+                kw["action"] = argparse.BooleanOptionalAction if f.negatable else "store_true"
+            elif f.type is list:
+                kw.update(type=int, nargs="*", metavar="N")
+            else:
+                kw["type"] = f.type
+                if f.choices:
+                    kw["metavar"] = "{" + ",".join(map(str, f.choices)) + "}"
+            g.add_argument(f.flag, **kw)
     return p
 
 
-def _check_section(name: str, table: Any, allowed: list[str], parser, path) -> dict:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path}: [{name}] must be a table")
-    out = {}
-    for key, value in table.items():
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{path} [{name}]: unknown key '{key}'{hint}; valid keys: {', '.join(allowed)}")
-        action = next(a for a in parser._actions if a.dest == key)
-        want = bool if isinstance(action, (argparse._StoreTrueAction,)) else (action.type or str)
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if value is not None and not (isinstance(value, want) and (want is bool or not isinstance(value, bool))):
-            raise ConfigError(f"{path} [{name}]: '{key}' must be {want.__name__}, got {type(value).__name__} {value!r}")
-        if action.choices and value not in action.choices:
-            raise ConfigError(f"{path} [{name}]: '{key}' must be one of {list(action.choices)}, got {value!r}")
-        out[key] = value
-    return out
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    flags = [a for a in extras if a.startswith("-")] or extras
+    known = [o for a in parser._actions for o in a.option_strings]
+    parts = []
+    for a in flags:
+        close = difflib.get_close_matches(a.split("=", 1)[0], known, n=1)
+        parts.append(a + (f" (did you mean {close[0]}?)" if close else ""))
+    return "unrecognized arguments: " + ", ".join(parts)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Defaults < TOML < command line; then ``validate``. Errors exit with a one-line message."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # which flags the user actually typed: parse again with every default suppressed
-    typed = argparse.ArgumentParser(add_help=False)
-    for a in parser._actions:
-        if a.option_strings and a.dest != "help":
-            kw = {"dest": a.dest, "default": argparse.SUPPRESS}
-            if isinstance(a, argparse._StoreTrueAction):
-                kw["action"] = "store_true"
-            else:
-                kw["type"] = a.type
-            typed.add_argument(*a.option_strings, **kw)
-    explicit = set(vars(typed.parse_known_args(argv)[0]))
+    """Defaults < TOML < command line; then ``validate``. Errors exit 2 with a one-line message.
 
-    model_fields: dict[str, Any] = {}
+    Every declared field is an attribute of the result; ``args.model`` holds the checked [model]
+    fields that were given (TOML or flags) plus ``preset``."""
+    parser = build_parser()
+    ns, extras = parser.parse_known_args(argv)
+    if extras:
+        parser.error(_unrecognized(parser, extras))
+    given = vars(ns)
+    declared = fields()
     try:
-        if args.config:
-            data = load_toml(args.config)
-            for section, table in data.items():
-                if section == "model":
-                    fields = check_model_fields(table, where=f"{args.config} [model]")
-                    model_fields.update(fields)
-                    continue
+        from_toml: dict[str, Any] = {}
+        if ns.config:
+            for section, table in load_toml(ns.config).items():
                 if section not in SECTIONS:
-                    close = difflib.get_close_matches(section, [*SECTIONS, "model"], n=1)
+                    close = difflib.get_close_matches(section, list(SECTIONS), n=1)
                     hint = f" (did you mean [{close[0]}]?)" if close else ""
-                    raise ConfigError(f"{args.config}: unknown section [{section}]{hint}; "
-                                      f"valid: model, {', '.join(SECTIONS)}")
-                for key, value in _check_section(section, table, SECTIONS[section], parser, args.config).items():
-                    if key not in explicit:
-                        setattr(args, key, value)
-        for key in ("preset", "text_recon_gamma", "text_recon_target_layer", "pseudo_huber_c",
-                    "num_layers", "hidden_size", "num_attention_heads"):
-            if key in explicit or (key == "preset" and "preset" not in model_fields):
-                value = getattr(args, key)
-                if value is not None:
-                    model_fields[key] = value
-        args.model = check_model_fields(model_fields, where="model")
+                    raise ConfigError(f"{ns.config}: unknown section [{section}]{hint}; "
+                                      f"valid: {', '.join(SECTIONS)}")
+                from_toml.update(check_table(table, SECTIONS[section].fields, f"{ns.config} [{section}]"))
+        from_cli = {name: declared[name].checked(v, declared[name].flag)
+                    for name, v in given.items() if name in declared}
+        # alternatives (the data source): one given on the command line replaces the TOML's
+        replaced = {declared[n].exclusive for n in from_cli} - {None}
+        from_toml = {n: v for n, v in from_toml.items()
+                     if n in from_cli or declared[n].exclusive not in replaced}
+        chosen = {**from_toml, **from_cli}
+        args = argparse.Namespace(config=ns.config, check_config=ns.check_config)
+        for name, f in declared.items():
+            setattr(args, name, chosen.get(name, f.default))
+        model = {"preset": args.preset}
+        model.update((f.name, chosen[f.name]) for f in MODEL_FIELDS if f.name in chosen)
+        args.model = check_model_fields(model, where="model")
         validate(args)
     except ConfigError as e:
         parser.exit(2, f"pretrain_sd3.py: error: {e}\n")
@@ -200,28 +223,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def validate(args) -> None:
-    """Cross-flag rules that need no process group."""
+    """Cross-flag rules that need no process group (single-value ranges are in the fields)."""
     def bad(msg):
         raise ConfigError(msg)
 
-    if args.train_iters < 1:
-        bad(f"--train-iters must be >= 1, got {args.train_iters}")
-    if args.micro_batch_size < 1:
-        bad(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
-    if args.lr < 0 or args.min_lr < 0 or args.min_lr > args.lr:
+    if args.min_lr > args.lr:
         bad(f"need 0 <= --min-lr <= --lr, got lr={args.lr} min_lr={args.min_lr}")
-    if args.lr_warmup_iters < 0:
-        bad(f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
     decay_iters = args.lr_decay_iters or args.train_iters
     if args.lr_warmup_iters >= decay_iters and args.lr_decay_style != "constant":
         bad(f"--lr-warmup-iters {args.lr_warmup_iters} must be < the decay length {decay_iters} "
             f"(--lr-decay-iters, default --train-iters); lower the warmup or set --lr-decay-iters")
-    if not 0 <= args.ema_decay < 1:
-        bad(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.ema_update_interval < 1 or args.log_interval < 1:
-        bad("--ema-update-interval and --log-interval must be >= 1")
-    if args.save_interval is not None and args.save_interval < 1:
-        bad(f"--save-interval must be >= 1, got {args.save_interval}")
     if args.save_interval and not args.save:
         bad("--save-interval needs --save DIR")
     if args.exit_signal_handler and not args.save:
@@ -247,12 +258,30 @@ def validate(args) -> None:
 
 
 def effective_config(args) -> dict[str, Any]:
-    """The run's configuration as printed at start and saved beside the checkpoints."""
-    model_flags = {"preset", "text_recon_gamma", "text_recon_target_layer", "pseudo_huber_c", "num_layers",
-                   "hidden_size", "num_attention_heads"}  # their effective values are under "model"
-    out = {k: v for k, v in vars(args).items() if k != "model" and k not in model_flags}
+    """The run's configuration as printed at start and saved beside the checkpoints: ``config``,
+    every declared field outside [model], and ``model`` (the checked model fields)."""
+    out: dict[str, Any] = {"config": args.config}
+    for section in SECTIONS.values():
+        if section.name != "model":
+            out.update((f.name, getattr(args, f.name)) for f in section.fields)
     out["model"] = dict(args.model)
     return json.loads(json.dumps(out, default=list))
 
 
-__all__ = ["build_parser", "parse_args", "validate", "effective_config", "SECTIONS", "MODEL_KEYS"]
+def optional_kernels() -> str:
+    """One line on Transformer Engine and apex, for the arguments block (megatron-core falls back
+    to torch without them)."""
+    te = importlib.util.find_spec("transformer_engine") is not None
+    try:
+        from megatron.core.models.backends import HAVE_APEX
+    except ImportError:
+        HAVE_APEX = False
+    state = (f"Transformer Engine {'installed' if te else 'not installed'}, "
+             f"apex {'installed' if HAVE_APEX else 'not installed'}")
+    if not te and not HAVE_APEX:
+        state += ": megatron-core uses torch's Adam, norms and multi-tensor ops"
+    return state
+
+
+__all__ = ["Section", "SECTIONS", "fields", "build_parser", "parse_args", "validate", "effective_config",
+           "optional_kernels"]

@@ -19,7 +19,7 @@ import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,34 +123,127 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-# The keys a TOML ``[model]`` section may hold, with their types. ``preset`` picks the base.
-MODEL_KEYS: dict[str, type | tuple] = {
-    "preset": str,
-    "num_layers": int,
-    "hidden_size": int,
-    "num_attention_heads": int,
-    "ffn_hidden_size": int,
-    "in_channels": int,
-    "patch_size": int,
-    "sample_size": int,
-    "pos_embed_max_size": int,
-    "joint_attention_dim": int,
-    "pooled_projection_dim": int,
-    "text_seq_len": int,
-    "qk_norm": bool,
-    "dual_attention_layers": (list, tuple),
-    "context_pre_only_last": bool,
-    "zero_init_adaln": bool,
-    "text_recon_gamma": (int, float),
-    "text_recon_target_layer": int,
-    "pseudo_huber_c": (int, float),
-    "init_seed": int,
-}
-_POSITIVE = {
-    "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "in_channels",
-    "patch_size", "sample_size", "pos_embed_max_size", "joint_attention_dim",
-    "pooled_projection_dim", "text_seq_len",
-}
+# ---- configuration fields: one declaration gives a flag, a TOML key and an effective-config entry --
+@dataclass(frozen=True)
+class Field:
+    """One configuration value. ``megatron_sd3.arguments`` makes its command-line flag (Megatron-LM's
+    name: ``--`` + the name with dashes), the TOML key of its section checks against it, and the
+    run's effective configuration lists it.
+
+    ``type`` is ``bool``, ``int``, ``float``, ``str`` or ``list`` (a list of integers).
+    ``default`` None with ``section="model"`` means "the preset's value". ``check`` returns what
+    the value must be (e.g. ``">= 1"``) when it is not acceptable, else None. A bool field gets
+    ``--NAME`` and ``--no-NAME`` unless ``negatable`` is false. Fields with the same ``exclusive``
+    tag are alternatives: one given on the command line drops the others' TOML values.
+    """
+
+    name: str
+    type: type
+    default: Any = None
+    help: str = ""
+    choices: Optional[tuple] = None
+    check: Optional[Callable[[Any], Optional[str]]] = None
+    negatable: bool = True
+    exclusive: Optional[str] = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def type_name(self) -> str:
+        return "list of integers" if self.type is list else self.type.__name__
+
+    def coerce(self, value: Any) -> tuple[Any, Optional[str]]:
+        """(normalised value, None) or (value, what it must be). TOML booleans are not numbers."""
+        if value is None:
+            return None, None
+        t = self.type
+        if t is bool:
+            ok = isinstance(value, bool)
+        elif t is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif t is list:
+            ok = isinstance(value, (list, tuple)) and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in value)
+            value = tuple(value) if ok else value
+        else:
+            ok = isinstance(value, t) and not isinstance(value, bool)
+        if not ok:
+            return value, f"{self.type_name()}, got {type(value).__name__} {value!r}"
+        if self.choices is not None and value not in self.choices:
+            return value, (f"one of {', '.join(map(str, self.choices))}; got {value!r}"
+                           f"{_suggest(str(value), [str(c) for c in self.choices])}")
+        problem = self.check(value) if self.check else None
+        if problem:
+            return value, f"{problem}, got {value!r}"
+        return value, None
+
+    def checked(self, value: Any, where: str) -> Any:
+        """The normalised value, or a ConfigError naming ``where`` (a TOML section or a flag)."""
+        value, problem = self.coerce(value)
+        if problem:
+            raise ConfigError(f"{where} must be {problem}")
+        return value
+
+
+def at_least(lo, note: str = "") -> Callable[[Any], Optional[str]]:
+    return lambda v: None if v >= lo else f">= {lo}{note}"
+
+
+def above(lo, note: str = "") -> Callable[[Any], Optional[str]]:
+    return lambda v: None if v > lo else f"> {lo}{note}"
+
+
+def check_table(table: Any, fields: Sequence[Field], where: str) -> dict[str, Any]:
+    """Check one TOML section against its fields: unknown keys (with a close match), types,
+    choices, ranges. Returns the normalised values."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    by_name = {f.name: f for f in fields}
+    out = {}
+    for key, value in table.items():
+        if key not in by_name:
+            raise ConfigError(f"{where}: unknown key '{key}'{_suggest(key, by_name)}; "
+                              f"valid keys: {', '.join(sorted(by_name))}")
+        out[key] = by_name[key].checked(value, f"{where}: '{key}'")
+    return out
+
+
+def _block_indices(v) -> Optional[str]:
+    return None if all(i >= 0 for i in v) else "a list of block indices >= 0"
+
+
+# The [model] section: architecture (over the preset's values) and the seed's loss fields.
+# Every one is also a flag; None = the preset's value.
+MODEL_FIELDS: list[Field] = [
+    Field("preset", str, "tiny", "base architecture", choices=tuple(PRESETS)),
+    Field("num_layers", int, None, "joint blocks: the preset's first N (its dual attention on those "
+          "that remain)", check=above(0)),
+    Field("hidden_size", int, None, "transformer width", check=above(0)),
+    Field("num_attention_heads", int, None, "attention heads", check=above(0)),
+    Field("ffn_hidden_size", int, None, "MLP width (4 x hidden size in every preset)", check=above(0)),
+    Field("in_channels", int, None, "latent channels", check=above(0)),
+    Field("patch_size", int, None, "latent patch side", check=above(0)),
+    Field("sample_size", int, None, "latent side the position table is normalised to", check=above(0)),
+    Field("pos_embed_max_size", int, None, "side of the position table in patches", check=above(0)),
+    Field("joint_attention_dim", int, None, "width of the text-encoder tokens", check=above(0)),
+    Field("pooled_projection_dim", int, None, "width of the pooled text vector", check=above(0)),
+    Field("text_seq_len", int, None, "text tokens per sample", check=above(0)),
+    Field("qk_norm", bool, None, "RMSNorm on queries and keys (SD3.5)"),
+    Field("dual_attention_layers", list, None, "0-based blocks with MMDiT-X's second, image-only "
+          "attention", check=_block_indices),
+    Field("context_pre_only_last", bool, None, "the last block drops the text stream (full SD3 layouts)"),
+    Field("zero_init_adaln", bool, None, "adaLN-Zero: zero the modulation and output-head weights"),
+    Field("text_recon_gamma", float, None, "weight of the text reconstruction loss; 0 = off",
+          check=at_least(0, " (0 turns it off)")),
+    Field("text_recon_target_layer", int, None,
+          "0: text tokens after context_embedder; k: text output of joint block k", check=at_least(0)),
+    Field("pseudo_huber_c", float, None, "pseudo-Huber denoise loss constant (MSE when unset)",
+          check=above(0, " (omit it for MSE)")),
+    Field("init_seed", int, None, "seed of the layout-independent initialisation (default: --seed)"),
+]
+MODEL_KEYS: dict[str, Field] = {f.name: f for f in MODEL_FIELDS}
 
 
 def _suggest(key: str, choices) -> str:
@@ -160,38 +253,7 @@ def _suggest(key: str, choices) -> str:
 
 def check_model_fields(fields: dict[str, Any], where: str = "[model]") -> dict[str, Any]:
     """Check keys, types and ranges of model fields; returns a normalised copy."""
-    out = {}
-    for key, value in fields.items():
-        if key not in MODEL_KEYS:
-            raise ConfigError(
-                f"{where}: unknown key '{key}'{_suggest(key, MODEL_KEYS)}; "
-                f"valid keys: {', '.join(sorted(MODEL_KEYS))}"
-            )
-        want = MODEL_KEYS[key]
-        if want is bool:
-            ok = isinstance(value, bool)
-        else:  # TOML booleans are not numbers here
-            ok = isinstance(value, want) and not isinstance(value, bool)
-        if not ok:
-            tname = "/".join(t.__name__ for t in want) if isinstance(want, tuple) else want.__name__
-            raise ConfigError(f"{where}: '{key}' must be {tname}, got {type(value).__name__} {value!r}")
-        if key in _POSITIVE and value <= 0:
-            raise ConfigError(f"{where}: '{key}' must be > 0, got {value}")
-        if key == "preset" and value not in PRESETS:
-            raise ConfigError(f"{where}: unknown preset '{value}'{_suggest(value, PRESETS)}; "
-                              f"choose one of {', '.join(PRESETS)}")
-        if key == "text_recon_gamma" and value < 0:
-            raise ConfigError(f"{where}: 'text_recon_gamma' must be >= 0 (0 turns it off), got {value}")
-        if key == "text_recon_target_layer" and value < 0:
-            raise ConfigError(f"{where}: 'text_recon_target_layer' must be >= 0, got {value}")
-        if key == "pseudo_huber_c" and value <= 0:
-            raise ConfigError(f"{where}: 'pseudo_huber_c' must be > 0 (omit it for MSE), got {value}")
-        if key == "dual_attention_layers":
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
-                raise ConfigError(f"{where}: 'dual_attention_layers' must be a list of block indices >= 0")
-            value = tuple(value)
-        out[key] = float(value) if key in ("text_recon_gamma", "pseudo_huber_c") else value
-    return out
+    return check_table(fields, MODEL_FIELDS, where)
 
 
 def check_model_consistency(f: dict[str, Any]) -> None:
@@ -314,6 +376,6 @@ def config_to_dict(cfg: SD3Config) -> dict[str, Any]:
 
 __all__ = [
     "ConfigError", "SD3Config", "PRESETS", "MODEL_KEYS", "make_config", "model_fields",
-    "check_model_fields", "check_model_consistency", "load_toml", "model_config_from_toml",
+    "check_model_fields", "check_model_consistency", "Field", "MODEL_FIELDS", "check_table", "at_least", "above", "load_toml", "model_config_from_toml",
     "config_to_dict", "gelu_tanh",
 ]

@@ -7,7 +7,8 @@ and SLURM care about:
     (`iter_0000007/`, `latest_checkpointed_iteration.txt` written last, atomically);
   - `--load DIR`: resume from the latest checkpoint's iteration;
   - `--exit-signal-handler`: on SIGTERM all ranks agree (all-reduce of the flag), save, exit 0;
-  - `--train-iters N`: stop after iteration N (and save).
+  - `--train-iters N`: stop after iteration N (and save);
+  - `--check-config`: no process group, exit 0 (launch.sh runs this once before the ranks).
 Every rank appends one JSON line per event to DIR/events.jsonl so tests can see what happened.
 Unknown flags (the real entry's `--config` etc.) are accepted and recorded.
 """
@@ -33,6 +34,7 @@ def parse():
     p.add_argument("--save-interval", type=int, default=1)
     p.add_argument("--exit-signal-handler", action="store_true")
     p.add_argument("--config")
+    p.add_argument("--check-config", action="store_true")
     p.add_argument("--iter-time", type=float, default=0.05, help="seconds of 'work' per iteration")
     args, unknown = p.parse_known_args()
     return args, unknown
@@ -41,7 +43,8 @@ def parse():
 def event(save, **kw):
     if not save:
         return
-    kw.update(rank=dist.get_rank(), time=time.time(), pid=os.getpid())
+    os.makedirs(save, exist_ok=True)
+    kw.update(rank=dist.get_rank() if dist.is_initialized() else None, time=time.time(), pid=os.getpid())
     with open(os.path.join(save, "events.jsonl"), "a") as f:
         f.write(json.dumps(kw) + "\n")
 
@@ -73,6 +76,10 @@ def save_checkpoint(save, it, value):
 
 def main():
     args, unknown = parse()
+    if args.check_config:
+        event(args.save, event="check", world_size=int(os.environ.get("WORLD_SIZE", "0")),
+              slurm_job=os.environ.get("SLURM_JOB_ID"))
+        return 0
     dist.init_process_group("gloo")
     got_signal = []
     if args.exit_signal_handler:

@@ -56,7 +56,7 @@ def events(save: Path):
 def base_env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     for k in ("NNODES", "GPUS_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "EXTRA_ARGS",
-              "LAUNCH_SRUN", "LAUNCH_STAGE", "LAUNCH_ROOT"):
+              "LAUNCH_SRUN", "LAUNCH_STAGE", "LAUNCH_ROOT", "LAUNCH_CHECK", "LAUNCH_CHECKED"):
         env.pop(k, None)
     env.update(ENTRY=str(ENTRY), CONFIG=CONFIG, PYTHONUNBUFFERED="1")
     env.update({k: str(v) for k, v in extra.items()})
@@ -95,6 +95,11 @@ def test_local_run_two_cpu_ranks(tmp_path):
     assert latest_iteration(save) == SHORT_ITERS
     assert "--standalone" in r.stderr
     if STAND_IN:
+        checks = [e for e in events(save) if e["event"] == "check"]
+        assert [e["world_size"] for e in checks] == [expected_world_size()], checks
+    else:
+        assert r.stderr.count("checks passed") == 1, r.stderr
+    if STAND_IN:
         starts = [e for e in events(save) if e["event"] == "start"]
         assert sorted(e["rank"] for e in starts) == list(range(expected_world_size()))
         assert all(e["world_size"] == expected_world_size() for e in starts)
@@ -102,6 +107,51 @@ def test_local_run_two_cpu_ranks(tmp_path):
         # EXTRA_ARGS come before the caller's arguments.
         argv = starts[0]["argv"]
         assert argv.index("--save-interval") < argv.index("--save")
+
+
+def _launch_real(tmp_path, args, timeout=170, **env):
+    """launch.sh with the real entry, whatever ENTRY above says."""
+    e = base_env(ENTRY=str(ROOT / "pretrain_sd3.py"), CONFIG=str(ROOT / "configs" / "sd3_light_tiny.toml"),
+                 **env)
+    return subprocess.run(["bash", str(LAUNCH), *args], env=e, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("args, message", [
+    (["--train-iter", "3"], "unrecognized arguments: --train-iter (did you mean --train-iters?)"),
+    (["--tensor-model-parallel-size", "4"], "world size 2 is not divisible by TP x PP"),
+    (["--data-path", "/nonexistent/data"], "manifest /nonexistent/data/manifest.json: missing"),
+], ids=["misspelt-flag", "layout", "data-path"])
+def test_bad_input_through_launch_sh_is_one_line(tmp_path, args, message):
+    """The entry's checks run once before torchrun: one error line, no usage dump, no per-rank
+    copies, no torchrun traceback, and torchrun never starts."""
+    r = _launch_real(tmp_path, [*args, "--train-iters", "8"], GPUS_PER_NODE=2)
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and message in errors[0], r.stderr
+    assert "usage:" not in r.stderr and "Traceback" not in r.stderr
+    assert "torch.distributed.run" not in r.stderr and not r.stdout.strip()
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("ranks, args", [
+    (2, ["--pipeline-model-parallel-size", "2"]),
+    (1, ["--fp8-format", "hybrid"]),  # torchao's FP8 path
+], ids=["demo-pp2", "fp8"])
+def test_demo_run_is_quiet(tmp_path, ranks, args):
+    """The demo through launch.sh: no warning on stderr from any rank (megatron's TE/apex fallbacks,
+    torchao's extensions, torch's pytree notices, torchrun's OMP banner); the arguments block says
+    once whether Transformer Engine and apex are installed."""
+    r = _launch_real(tmp_path, [*args, "--train-iters", "3", "--lr-warmup-iters", "1", "--mock-data",
+                                "--save", str(tmp_path / "ckpt"), "--no-progress"],
+                     timeout=380, GPUS_PER_NODE=ranks)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    noisy = [line for line in r.stderr.splitlines()
+             if not line.startswith(("launch.sh: ", "pretrain_sd3.py: checks passed"))]
+    assert not noisy, "\n".join(noisy[:40])
+    assert sum("Transformer Engine" in line for line in r.stdout.splitlines()) == 1, r.stdout
+    assert "stopped: finished at iteration 3/3" in r.stdout
 
 
 # ---- SLURM ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.enums import AttnBackend
 
-from megatron_sd3.arguments import effective_config
+from megatron_sd3.arguments import effective_config, optional_kernels
 from megatron_sd3.config import ConfigError, config_to_dict, make_config, model_fields
 from megatron_sd3.distributed import initialize_distributed
 from megatron_sd3.flops import model_flops_per_sample
@@ -243,6 +243,7 @@ def pretrain(args, plan) -> int:
     _print0(f"  world size {info.world_size} = TP {cfg.tensor_model_parallel_size} x PP "
             f"{cfg.pipeline_model_parallel_size} x DP {dp}  ({info.backend}, "
             f"{'CPU mode' if info.cpu_mode else info.device})")
+    _print0(f"  {optional_kernels()}")
     _print0("-------------------- end of arguments ---------------------")
 
     built = build_training(cfg, transformer_impl=args.transformer_impl, optimizer=optimizer_options(args),
@@ -388,6 +389,10 @@ def main(argv=None) -> int:
     except errors as e:
         print(f"pretrain_sd3.py: error: {e}", file=sys.stderr, flush=True)
         return 2
+    if args.check_config:
+        print(f"pretrain_sd3.py: checks passed (world size {os.environ.get('WORLD_SIZE', '1')}, "
+              f"data-parallel size {plan['dp']})", file=sys.stderr, flush=True)
+        return 0
     try:
         return pretrain(args, plan)
     except (ConfigError, ckpt.CheckpointError, ShardError) as e:
