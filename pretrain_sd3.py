@@ -23,7 +23,7 @@ QUIET_WARNINGS = (
     (r"full scope is deprecated", "megatron"),
     (r"(Warning: )?tp_group is None", "megatron"),
     # torch.compile tracing the small lru_cache'd FP8 config builders (pure functions)
-    (r"Dynamo detected a call to a `functools.lru_cache`-wrapped function at 'fp8\.py", "torch"),
+    (r"Dynamo detected a call to a `functools.lru_cache`-wrapped function at 'torchao\.py", "torch"),
 )
 QUIET_LOGS = {
     # torchao's optional CUDA extensions (MXFP8, CUTLASS sm90a) that this model does not use

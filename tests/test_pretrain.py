@@ -133,7 +133,7 @@ def _main(argv, capsys):
      "text_recon_target_layer = 4 gives no meaningful target"),
     (["--config", "configs/sd3_light_tiny.toml", "--load", "/nonexistent/ckpt"], "no checkpoint there"),
     (["--mock-data", "--lr", "1e-3", "--min-lr", "1e-2"], "need 0 <= --min-lr <= --lr"),
-    (["--config", "configs/sd3_light_tiny.toml", "--data-path", "x"], "exactly one data source"),
+    (["--config", "configs/sd3_light_tiny.toml", "--data-path", "x", "--mock-data"], "exactly one data source"),
     (["--mock-data", "--pipeline-model-parallel-size", "1", "--pipeline-layers", "3,1"],
      "--pipeline-layers has 2 entries for 1 pipeline stages"),
     (["--mock-data", "--fp8-format", "hybrid", "--fp8-recipe", "delayed"], "delayed needs --transformer-impl"),
