@@ -29,6 +29,7 @@ SECTIONS: dict[str, list[str]] = {
     "checkpoint": ["save", "load", "save_interval", "exit_signal_handler", "exit_duration_in_mins",
                    "no_load_optim", "no_load_rng"],
     "logging": ["log_interval", "metrics_file", "tensorboard_dir", "no_progress"],
+    "recompute": ["recompute_granularity", "recompute_method", "recompute_num_layers"],
     "fp8": ["transformer_impl", "attention_backend", "torch_compile", "fp8_format", "fp8_recipe", "fp8_amax_history_len", "first_last_layers_bf16"],
 }
 
@@ -115,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--metrics-file", default=None, help="JSON lines of per-iteration figures")
     lg.add_argument("--tensorboard-dir", default=None)
     lg.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+
+    r = p.add_argument_group("activation recomputation (megatron_sd3/recompute.py)")
+    r.add_argument("--recompute-granularity", default=None, choices=["full", "selective"],
+                   help="full: recompute whole joint blocks; selective: keep the GEMM outputs, "
+                        "recompute norms/modulation, qk-norm + concat and GELU")
+    r.add_argument("--recompute-method", default=None, choices=["uniform", "block"],
+                   help="full: uniform = units of --recompute-num-layers blocks; block = the first "
+                        "--recompute-num-layers blocks of each stage")
+    r.add_argument("--recompute-num-layers", type=int, default=None)
+    r.add_argument("--recompute-modules", nargs="+", default=None,
+                   help="selective: any of layernorm qk_norm mlp_act (default: all)")
 
     q = p.add_argument_group("FP8 / backends")
     q.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"])
@@ -239,6 +251,15 @@ def validate(args) -> None:
             args.pipeline_layers = [int(v) for v in str(args.pipeline_layers).split(",")]
         except ValueError:
             bad(f"--pipeline-layers must be comma-separated integers, got {args.pipeline_layers!r}")
+    from megatron_sd3.recompute import check_recompute_fields
+
+    problem = check_recompute_fields(args.recompute_granularity, args.recompute_method,
+                                     args.recompute_num_layers, args.recompute_modules)
+    if problem:
+        bad(problem)
+    if args.recompute_granularity == "selective" and args.torch_compile:
+        bad("--recompute-granularity selective is for eager runs: with --torch-compile the compiler "
+            "already recomputes the elementwise work; use --recompute-granularity full or drop it")
     if args.fp8_recipe is None:
         args.fp8_recipe = "delayed" if args.transformer_impl == "transformer_engine" else "tensorwise"
     if args.fp8_format and args.transformer_impl == "local" and args.fp8_recipe == "delayed":

@@ -73,7 +73,20 @@ class SD3Config(TransformerConfig):
 
     def __post_init__(self):
         self.dual_attention_layers = tuple(int(i) for i in self.dual_attention_layers)
+        # selective recompute: the joint block's own --recompute-modules (recompute.py), which
+        # megatron's check does not know; it sees none and they are put back after it.
+        from megatron_sd3.recompute import SELECTIVE_MODULES, check_recompute_fields
+
+        modules = self.recompute_modules
+        if self.recompute_granularity == "selective":
+            modules = list(SELECTIVE_MODULES) if modules is None else list(modules)
+            problem = check_recompute_fields("selective", self.recompute_method, self.recompute_num_layers, modules)
+            if problem:
+                raise ConfigError(problem)
+            self.recompute_modules = []
         super().__post_init__()
+        if self.recompute_granularity == "selective":
+            self.recompute_modules = modules
 
     # -- derived sizes -------------------------------------------------------------------------
     @property
