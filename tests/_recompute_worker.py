@@ -27,6 +27,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--vpp", type=int, default=None, help="virtual stages per pipeline rank")
     ap.add_argument("--gammas", default="0,0.5")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -40,7 +41,8 @@ def main():
     from megatron_sd3.training.parallel_layout import pipeline_config_fields
     from megatron_sd3.training.step import TrainStep, build_model, build_optimizer, unwrap, wrap_ddp
 
-    info = initialize_distributed(a.tp, a.pp, seed=1234)
+    info = initialize_distributed(a.tp, a.pp, vpp=a.vpp, seed=1234)
+    vpp = dict(virtual_pipeline_model_parallel_size=a.vpp, overlap_p2p_comm=True, batch_p2p_comm=False) if a.vpp else {}
     gbs, mbs, layers = 4, 1, 4
     ds = MockDataset(100, latent_size=(8, 6), in_channels=16, text_len=16, text_dim=32, pooled_dim=32, seed=5)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -50,7 +52,7 @@ def main():
             cfg = make_config("tiny", num_layers=layers, zero_init_adaln=False, text_recon_gamma=gamma,
                               text_recon_target_layer=1 if gamma else 0,
                               parallel=dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                                            **pipeline_config_fields(layers, a.pp, None), **rec))
+                                            **pipeline_config_fields(layers, a.pp, None), **vpp, **rec))
             chunks = build_model(cfg)
             ddp = wrap_ddp(cfg, chunks)
             opt = build_optimizer(cfg, ddp, OptimizerConfig(optimizer="adam", lr=3e-3, clip_grad=1.0,

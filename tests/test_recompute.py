@@ -1,6 +1,7 @@
 """Activation recomputation: every mode gives the plain run's losses and gradients.
 
-Under PP = 2 and TP = 2 (gloo, CPU), with text reconstruction off and on, each mode (full
+Under PP = 2, TP = 2 (gloo, CPU), with text reconstruction off and on, and interleaved PP = 2 x 2
+virtual stages (on), each mode (full
 uniform / block, selective) trains the same two steps as the run without recomputation; losses,
 first-step gradients agree to 1e-6 (fp32, relative to each
 tensor's largest entry) and the parameters after two Adam steps to 1e-5 (relative norm). In one
@@ -34,7 +35,8 @@ def _close(a, b, what, tol=1e-6):
     assert err <= tol * float(b.abs().max()) + 1e-12, (what, err, float(b.abs().max()))
 
 
-@pytest.mark.parametrize("layout", [("--pp", "2"), ("--tp", "2")], ids=["pp2", "tp2"])
+@pytest.mark.parametrize("layout", [("--pp", "2"), ("--tp", "2"), ("--pp", "2", "--vpp", "2", "--gammas", "0.5")],
+                         ids=["pp2", "tp2", "pp2_vpp2"])
 def test_every_mode_matches_the_plain_run(root, layout):
     for r, rank in enumerate(_run(2, layout, root)):
         res = rank["results"]
@@ -120,3 +122,61 @@ def test_config_keeps_the_selective_modules():
     assert cfg.recompute_modules == ["mlp_act"]
     with pytest.raises(ConfigError, match="unknown for the joint block"):
         make_config("tiny", parallel=dict(recompute_granularity="selective", recompute_modules=["mlp"]))
+
+
+def _fp8_grads(parallel):
+    from megatron_sd3.config import make_config
+    from megatron_sd3.memory import sample_inputs
+    from megatron_sd3.models.sd3_model import SD3Model
+
+    cfg = make_config("tiny", zero_init_adaln=False, text_recon_gamma=0.5, text_recon_target_layer=1,
+                      parallel=dict(fp8="hybrid", **parallel))
+    model = SD3Model(cfg)
+    calls = []
+    orig = torch._scaled_mm
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return orig(*a, **kw)
+
+    torch._scaled_mm = counted
+    try:
+        vel, final, target = model(**sample_inputs(cfg, (8, 8), 2))
+        (vel.square().mean() + (final - target).square().mean()).backward()
+    finally:
+        torch._scaled_mm = orig
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+
+@pytest.mark.parametrize("parallel", [FULL, dict(recompute_granularity="selective")], ids=["full", "selective"])
+def test_fp8_local_backend_recomputes_in_fp8(single_process, parallel):
+    """torchao FP8 (the local backend): the recomputed forward runs its GEMMs in FP8 again, so the
+    gradients are the FP8 run's (up to FP8 rounding flips from fp32 reassociation; a recompute
+    outside FP8 would differ by the FP8 error, several %), and full recomputation repeats the
+    forward GEMMs."""
+    want, n_plain = _fp8_grads({})
+    got, n = _fp8_grads(parallel)
+    for k in want:
+        _close(got[k], want[k], k, tol=1e-3)
+    gemms_forward = n_plain // 3  # output, grad input, grad weight per GEMM
+    assert n == (n_plain + gemms_forward if parallel is FULL else n_plain), (n, n_plain)
+
+
+def test_full_recompute_with_torch_compile(single_process):
+    from megatron_sd3.config import make_config
+    from megatron_sd3.memory import sample_inputs
+    from megatron_sd3.models.sd3_model import SD3Model
+
+    def grads(parallel, compiled):
+        cfg = make_config("tiny", num_layers=1, zero_init_adaln=False, parallel=parallel)
+        model = SD3Model(cfg)
+        if compiled:
+            for block in model.blocks:
+                block.compile()
+        model(**sample_inputs(cfg, (8, 8), 2)).square().mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    want = grads({}, compiled=False)
+    got = grads(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1), compiled=True)
+    for k in want:  # compiled kernels fuse differently: close, not bitwise
+        _close(got[k], want[k], k, tol=1e-4)
