@@ -4,7 +4,8 @@ with every activation-recompute mode, in one process group.
 For each text-reconstruction weight in ``--gammas`` and each mode (none, full uniform 1 and 2,
 full block 1, selective) it builds the model afresh (same initialisation), runs two steps and
 records the losses, the gradients of the first step (DDP's ``main_grad``, this rank's shards,
-by local name) and the parameters after the second. Writes ``OUT/rank{R}.pt``.
+by local name), the parameters after the second and, with one stage, the bytes this rank saves
+for backward in one forward next to the planner's figure. Writes ``OUT/rank{R}.pt``.
 """
 import argparse
 import os
@@ -73,6 +74,11 @@ def main():
                              if p.requires_grad}
             params = {n: p.detach().clone() for c in chunks for n, p in unwrap(c).named_parameters()}
             results[(gamma, mode)] = {"losses": losses, "grads": grads, "params": params}
+            if a.pp == 1:  # one stage: this rank's saved bytes next to the planner's, under TP
+                from megatron_sd3.memory import measure_saved_bytes, planned_saved_bytes
+
+                results[(gamma, mode)]["saved"] = (measure_saved_bytes(unwrap(chunks[0]), (8, 6), 2),
+                                                   planned_saved_bytes(cfg, (8, 6), 2, tp=a.tp))
     torch.save({"results": results}, os.path.join(a.out, f"rank{info.rank}.pt"))
 
 

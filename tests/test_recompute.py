@@ -51,6 +51,11 @@ def test_every_mode_matches_the_plain_run(root, layout):
             for n, w in want["params"].items():  # after two Adam steps, as tests/test_parallel.py
                 rel = float((got["params"][n] - w).norm() / w.norm().clamp(min=1e-12))
                 assert rel <= 1e-5, (r, gamma, mode, "param", n, rel)
+            if "saved" in got:  # the planner under TP: head-sized tensors split over the ranks
+                measured, planned = got["saved"]
+                for part, want_bytes in planned.items():
+                    if want_bytes:
+                        assert abs(measured[part] / want_bytes - 1) <= 0.10, (r, gamma, mode, part)
         if gamma > 0:  # the recon loss was on and trained something
             assert res[(gamma, "none")]["losses"][0]["text_recon_loss"] > 0
 

@@ -114,7 +114,8 @@ def time_modes(preset, overrides, px, micro_batch, rounds):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="sd3_light")
-    p.add_argument("--resolutions", type=int, nargs="+", default=[256, 1024], help="image sides in pixels")
+    p.add_argument("--resolutions", type=int, nargs="*", default=[256, 1024],
+                   help="image sides in pixels to measure (none: timing only)")
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--timing-resolution", type=int, default=256, help="0: no timing")
     p.add_argument("--rounds", type=int, default=2, help="timed rounds (after one warm-up round)")
