@@ -20,6 +20,7 @@ Goals: whole model full <= 25% of none; selective <= 60% of none at <= 10% extra
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -72,6 +73,7 @@ def measure(preset, overrides, px, micro_batch):
             model = SD3Model(cfg)
         got = measure_saved_bytes(model, (side, side), micro_batch)
         del model
+        gc.collect()  # one sd3_light probe model at a time (a few GB each on CPU)
         plan = planned_saved_bytes(cfg, (side, side), micro_batch)
         blocks = [{"kind": ("dual" if k[0] else "plain") + ("" if k[1] else ", no text out"),
                    "count": kinds[k], "measured": got.get(i + 1, 0), "planned": plan[i + 1]}
