@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Activation memory of the joint blocks with each recompute mode: measured and planned.
 
-    python tools/bench_memory.py                      # sd3_light, 256 and 1024 px (several minutes)
+    python tools/bench_memory.py                      # sd3_light, 256 and 1024 px (~10 min, ~12 GB)
     python tools/bench_memory.py --preset tiny --resolutions 64 128 --timing-resolution 64
 
 Measured: the bytes autograd saves for backward during one forward (saved-tensor hooks,
@@ -120,8 +120,9 @@ def main(argv=None) -> int:
                    help="image sides in pixels to measure (none: timing only)")
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--timing-resolution", type=int, default=256, help="0: no timing")
-    p.add_argument("--rounds", type=int, default=2, help="timed rounds (after one warm-up round)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--rounds", type=int, default=4, help="timed rounds (after one warm-up round)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: steadier ratios on a small shared box; 0: all cores)")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     bad = [r for r in a.resolutions + ([a.timing_resolution] if a.timing_resolution else []) if r <= 0 or r % 16]
