@@ -185,3 +185,14 @@ def test_full_recompute_with_torch_compile(single_process):
     got = grads(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1), compiled=True)
     for k in want:  # compiled kernels fuse differently: close, not bitwise
         _close(got[k], want[k], k, tol=1e-4)
+
+
+def test_pretrain_runs_with_recompute_flags_and_reports_memory():
+    from _ranks import run_ranks
+
+    log = run_ranks("pretrain_sd3.py", 1, ["--mock-data", "--mock-latent-size", "8x6", "--train-iters", "2",
+                                           "--log-interval", "1", "--global-batch-size", "4", "--micro-batch-size", "2",
+                                           "--recompute-granularity", "selective", "--recompute-modules", "layernorm",
+                                           "mlp_act", "--no-progress"], timeout=300)[0]
+    assert "theoretical memory, recompute selective (layernorm, mlp_act), latents 8x6, 2 microbatches" in log
+    assert "iteration        2/       2" in log
