@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) tools/bench_throughput.py
 	$(PY) tools/bench_attention.py
 	$(PY) tools/bench_data.py
+	$(PY) tools/bench_memory.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

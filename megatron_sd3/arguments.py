@@ -101,6 +101,18 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
         F("tensorboard_dir", str, None, "TensorBoard event directory"),
         F("no_progress", bool, False, "no progress bar even on a terminal", negatable=False),
     ]),
+    Section("recompute", "activation recomputation (megatron_sd3/recompute.py)", [
+        F("recompute_granularity", str, None,
+          "full: recompute whole joint blocks; selective: keep the GEMM outputs, recompute "
+          "norms/modulation, qk-norm + concat and GELU", choices=("full", "selective")),
+        F("recompute_method", str, None,
+          "full: uniform = units of --recompute-num-layers blocks; block = the first "
+          "--recompute-num-layers blocks of each stage", choices=("uniform", "block")),
+        F("recompute_num_layers", int, None, "blocks per recompute unit (uniform) or blocks recomputed (block)",
+          check=at_least(1)),
+        F("recompute_modules", list, None, "selective: any of layernorm qk_norm mlp_act (default: all)",
+          item=str),
+    ]),
     Section("backend", "kernels and compilation", [
         F("transformer_impl", str, "local", "layer filling: megatron-core's local layers or Transformer Engine",
           choices=("local", "transformer_engine")),
@@ -163,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
             if f.type is bool:
                 kw["action"] = argparse.BooleanOptionalAction if f.negatable else "store_true"
             elif f.type is list:
-                kw.update(type=int, nargs="*", metavar="N")
+                kw.update(type=f.item, nargs="*", metavar="N" if f.item is int else "NAME")
             else:
                 kw["type"] = f.type
                 if f.choices:
@@ -250,6 +262,15 @@ def validate(args) -> None:
             args.pipeline_layers = [int(v) for v in str(args.pipeline_layers).split(",")]
         except ValueError:
             bad(f"--pipeline-layers must be comma-separated integers, got {args.pipeline_layers!r}")
+    from megatron_sd3.recompute import check_recompute_fields
+
+    problem = check_recompute_fields(args.recompute_granularity, args.recompute_method,
+                                     args.recompute_num_layers, args.recompute_modules)
+    if problem:
+        bad(problem)
+    if args.recompute_granularity == "selective" and args.torch_compile:
+        bad("--recompute-granularity selective is for eager runs: with --torch-compile the compiler "
+            "already recomputes the elementwise work; use --recompute-granularity full or drop it")
     if args.fp8_recipe is None:
         args.fp8_recipe = "delayed" if args.transformer_impl == "transformer_engine" else "tensorwise"
     if args.fp8_format and args.transformer_impl == "local" and args.fp8_recipe == "delayed":

@@ -73,7 +73,20 @@ class SD3Config(TransformerConfig):
 
     def __post_init__(self):
         self.dual_attention_layers = tuple(int(i) for i in self.dual_attention_layers)
+        # selective recompute: the joint block's own --recompute-modules (recompute.py), which
+        # megatron's check does not know; it sees none and they are put back after it.
+        from megatron_sd3.recompute import SELECTIVE_MODULES, check_recompute_fields
+
+        modules = self.recompute_modules
+        if self.recompute_granularity == "selective":
+            modules = list(SELECTIVE_MODULES) if modules is None else list(modules)
+            problem = check_recompute_fields("selective", self.recompute_method, self.recompute_num_layers, modules)
+            if problem:
+                raise ConfigError(problem)
+            self.recompute_modules = []
         super().__post_init__()
+        if self.recompute_granularity == "selective":
+            self.recompute_modules = modules
 
     # -- derived sizes -------------------------------------------------------------------------
     @property
@@ -130,7 +143,8 @@ class Field:
     name: ``--`` + the name with dashes), the TOML key of its section checks against it, and the
     run's effective configuration lists it.
 
-    ``type`` is ``bool``, ``int``, ``float``, ``str`` or ``list`` (a list of integers).
+    ``type`` is ``bool``, ``int``, ``float``, ``str`` or ``list`` (of ``item``: integers unless
+    said otherwise).
     ``default`` None with ``section="model"`` means "the preset's value". ``check`` returns what
     the value must be (e.g. ``">= 1"``) when it is not acceptable, else None. A bool field gets
     ``--NAME`` and ``--no-NAME`` unless ``negatable`` is false. Fields with the same ``exclusive``
@@ -145,13 +159,16 @@ class Field:
     check: Optional[Callable[[Any], Optional[str]]] = None
     negatable: bool = True
     exclusive: Optional[str] = None
+    item: type = int
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
     def type_name(self) -> str:
-        return "list of integers" if self.type is list else self.type.__name__
+        if self.type is list:
+            return "list of integers" if self.item is int else "list of strings"
+        return self.type.__name__
 
     def coerce(self, value: Any) -> tuple[Any, Optional[str]]:
         """(normalised value, None) or (value, what it must be). TOML booleans are not numbers."""
@@ -165,7 +182,7 @@ class Field:
             value = float(value) if ok else value
         elif t is list:
             ok = isinstance(value, (list, tuple)) and all(
-                isinstance(i, int) and not isinstance(i, bool) for i in value)
+                isinstance(i, self.item) and not isinstance(i, bool) for i in value)
             value = tuple(value) if ok else value
         else:
             ok = isinstance(value, t) and not isinstance(value, bool)

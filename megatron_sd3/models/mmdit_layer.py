@@ -31,6 +31,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import divide
 
 from megatron_sd3.config import SD3Config
+from megatron_sd3.recompute import Region, release_all, selective_modules
 
 
 @dataclass
@@ -79,31 +80,46 @@ class JointAttention(MegatronModule):
             submodules.core_attention, config=config, layer_number=layer_number,
             attn_mask_type=AttnMaskType.no_mask, attention_type="self")
 
-    def _qkv(self, pre: str, hidden: torch.Tensor):
-        out, _ = getattr(self, pre + "linear_qkv")(hidden)
+    def _qkv_norm(self, pre: str, out: torch.Tensor, norm: bool = True):
         s, b = out.shape[:2]
         q, k, v = out.view(s, b, self.heads_local, 3, self.head_dim).unbind(dim=3)
-        return getattr(self, pre + "q_layernorm")(q), getattr(self, pre + "k_layernorm")(k), v
+        if norm:  # IdentityOp when the config has no qk-norm
+            q = getattr(self, pre + "q_layernorm")(q)
+            k = getattr(self, pre + "k_layernorm")(k)
+        return q, k, v
+
+    def _joint_qkv(self, qkv: torch.Tensor, qkv_c: torch.Tensor, n_pad: int):
+        q, k, v = self._qkv_norm("", qkv)
+        qc, kc, vc = self._qkv_norm("context_", qkv_c)
+        if n_pad:
+            qc, kc, vc = qc[:-n_pad], kc[:-n_pad], vc[:-n_pad]
+        # Concatenated batch-major ([b, S, n, d], handed on as an [S, b, n, d] view): the
+        # attention kernel then reads each head's sequence with a stride of one row of h
+        # (as diffusers' layout) rather than b rows; same values, ~2% of a CPU step.
+        return tuple(torch.cat([t.transpose(0, 1) for t in pair], dim=1).transpose(0, 1)
+                     for pair in ((q, qc), (k, kc), (v, vc)))
 
     def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None,
                 text_len: Optional[int] = None):
         """``text_len``: how many of ``c``'s tokens are real when the text stream is padded (FP8
         GEMM alignment). The pads are left out of the attention sequence itself, so no mask is
         needed and the fused (flash/cuDNN) kernels stay usable; their attention output is zero."""
-        q, k, v = self._qkv("", x)
         n_img = x.shape[0]
-        n_pad = 0
+        n_pad = 0 if not self.with_context or text_len is None else c.shape[0] - text_len
+        # selective "qk_norm": the qk-norms and the concatenation are dropped once the attention
+        # kernel has saved them and recomputed from the kept qkv GEMM outputs (recompute.py)
+        region = Region("qk_norm" in selective_modules(self.config)
+                        and (self.with_context or self.config.qk_norm))
+        qkv = self.linear_qkv(x)[0]
         if self.with_context:
-            qc, kc, vc = self._qkv("context_", c)
-            if text_len is not None and text_len < c.shape[0]:
-                n_pad = c.shape[0] - text_len
-                qc, kc, vc = qc[:text_len], kc[:text_len], vc[:text_len]
-            # Concatenated batch-major ([b, S, n, d], handed on as an [S, b, n, d] view): the
-            # attention kernel then reads each head's sequence with a stride of one row of h
-            # (as diffusers' layout) rather than b rows; same values, ~2% of a CPU step.
-            q, k, v = (torch.cat([t.transpose(0, 1) for t in pair], dim=1).transpose(0, 1)
-                       for pair in ((q, qc), (k, kc), (v, vc)))
+            q, k, v = region(lambda a, b: self._joint_qkv(a, b, n_pad), qkv, self.context_linear_qkv(c)[0])
+        elif region.active:  # v stays a view of the kept GEMM output
+            q, k = region(lambda t: self._qkv_norm("", t)[:2], qkv)
+            v = self._qkv_norm("", qkv, norm=False)[2]
+        else:
+            q, k, v = self._qkv_norm("", qkv)
         out = self.core_attention(q, k, v, attention_mask=None, attn_mask_type=AttnMaskType.no_mask)
+        region.release(out)
         x_out, _ = self.linear_proj(out[:n_img])
         c_out = out[n_img:]
         if n_pad:
@@ -147,6 +163,7 @@ class MMDiTLayer(MegatronModule):
         keeps_text = not self.context_pre_only
         self.text_output = text_output and keeps_text
         self.use_dual_attention = (layer_number - 1) in config.dual_attention_layers
+        self.recompute = selective_modules(config)  # selective recomputation (recompute.py)
         # adaLN modulation stays outside FP8 and TP (as NeMo's DiT): small, replicated.
         self.adaln = nn.Linear(h, (9 if self.use_dual_attention else 6) * h)
         # context_pre_only: diffusers' AdaLayerNormContinuous (scale, shift) only.
@@ -170,10 +187,27 @@ class MMDiTLayer(MegatronModule):
             for p in [*self.context_mlp.parameters(), *self.attention.context_linear_proj.parameters()]:
                 p.requires_grad_(False)
 
-    @staticmethod
-    def _mlp(mlp, t):
-        out, bias = mlp(t)
+    def _mlp(self, mlp, t):
+        if "mlp_act" not in self.recompute:
+            out, bias = mlp(t)
+            return out if bias is None else out + bias
+        # selective "mlp_act": megatron's MLP (unfused, ungated) with the GELU output dropped
+        # once linear_fc2 has saved it, recomputed from linear_fc1's kept output
+        h, bias = mlp.linear_fc1(t)
+        if bias is not None:
+            h = h + bias
+        region = Region(True)
+        a = region(mlp.activation_func, h)
+        out, bias = mlp.linear_fc2(a)
+        region.release(out)
         return out if bias is None else out + bias
+
+    def _modulated(self, regions, t, shift, scale):
+        """``LN(t) * (1 + scale) + shift``; selective "layernorm" drops it after its GEMM."""
+        region = Region("layernorm" in self.recompute)
+        regions.append(region)
+        eps = self.config.layernorm_epsilon
+        return region(lambda t_, shift_, scale_: _modulate(t_, shift_, scale_, eps), t, shift, scale)
 
     def forward(self, x, c, y, text_len: Optional[int] = None):
         """x [S_img, B, h], c [S_txt, B, h], y [B, h] -> (x, c or None). ``text_len``: the real
@@ -183,25 +217,42 @@ class MMDiTLayer(MegatronModule):
         mod = self.adaln(sy).chunk(9 if self.use_dual_attention else 6, dim=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
         cmod = self.context_adaln(sy)
+        regions = []  # selective recompute: released once their consumer has run
         if self.context_pre_only:
             c_scale, c_shift = cmod.chunk(2, dim=-1)
-            c_in = _modulate(c, c_shift, c_scale, eps)
+            c_in = self._modulated(regions, c, c_shift, c_scale)
         else:
             c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod.chunk(6, dim=-1)
-            c_in = _modulate(c, c_shift_msa, c_scale_msa, eps)
+            c_in = self._modulated(regions, c, c_shift_msa, c_scale_msa)
 
-        x_norm = _norm(x, eps)
-        x_attn, c_attn = self.attention(x_norm * (1 + scale_msa[None]) + shift_msa[None], c_in,
-                                        text_len=text_len)
+        if "layernorm" in self.recompute:
+            x_in = self._modulated(regions, x, shift_msa, scale_msa)
+        else:
+            x_norm = _norm(x, self.config.layernorm_epsilon)
+            x_in = x_norm * (1 + scale_msa[None]) + shift_msa[None]
+        x_attn, c_attn = self.attention(x_in, c_in, text_len=text_len)
+        release_all(regions, x_attn)
+        x_res = x
         x = x + gate_msa[None] * x_attn
         if self.use_dual_attention:
             shift2, scale2, gate2 = mod[6:]
-            x2, _ = self.attention2(x_norm * (1 + scale2[None]) + shift2[None])
+            if "layernorm" in self.recompute:
+                regions = []
+                x2, _ = self.attention2(self._modulated(regions, x_res, shift2, scale2))
+                release_all(regions, x2)
+            else:
+                x2, _ = self.attention2(x_norm * (1 + scale2[None]) + shift2[None])
             x = x + gate2[None] * x2
-        x = x + gate_mlp[None] * self._mlp(self.mlp, _modulate(x, shift_mlp, scale_mlp, eps))
+        x = x + gate_mlp[None] * self._modulated_mlp(self.mlp, x, shift_mlp, scale_mlp)
 
         if not self.text_output:
             return x, None
         c = c + c_gate_msa[None] * self.attention.project_context(c_attn)
-        c = c + c_gate_mlp[None] * self._mlp(self.context_mlp, _modulate(c, c_shift_mlp, c_scale_mlp, eps))
+        c = c + c_gate_mlp[None] * self._modulated_mlp(self.context_mlp, c, c_shift_mlp, c_scale_mlp)
         return x, c
+
+    def _modulated_mlp(self, mlp, t, shift, scale):
+        regions = []
+        out = self._mlp(mlp, self._modulated(regions, t, shift, scale))
+        release_all(regions, out)
+        return out

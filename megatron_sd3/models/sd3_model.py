@@ -136,11 +136,8 @@ class SD3Model(MegatronModule):
         # megatron's TransformerBlock policy: one context for the pass (delayed recipe) or one
         # per block (otherwise), as the backend says.
         with self.backend.pass_fp8_context(cfg):
-            for block in self.blocks:
-                with self.backend.layer_fp8_context(cfg, block.layer_number - 1):
-                    x, c = block(x, c, y, text_len=text_len)
-                if cfg.text_recon and block.layer_number == cfg.text_recon_target_layer:
-                    target = c.detach()
+            x, c, block_target = self._blocks_forward(x, c, y, text_len)
+        target = block_target if block_target is not None else target
 
         if not self.post_process:
             return layout.pack(x, c, target, y)
@@ -149,6 +146,46 @@ class SD3Model(MegatronModule):
             return velocity
         n = cfg.text_seq_len
         return velocity, c[:n].transpose(0, 1), target[:n].transpose(0, 1)
+
+    def _run_blocks(self, start: int, end: int, text_len):
+        """Blocks ``start..end-1`` of this stage as one function of (x, c, y) -> (x, c, target)."""
+        cfg = self.config
+
+        def forward(x, c, y):
+            target = None
+            for block in self.blocks[start:end]:
+                with self.backend.layer_fp8_context(cfg, block.layer_number - 1):
+                    x, c = block(x, c, y, text_len=text_len)
+                if cfg.text_recon and block.layer_number == cfg.text_recon_target_layer:
+                    target = c.detach()
+            return x, c, target
+
+        return forward
+
+    def _blocks_forward(self, x, c, y, text_len):
+        """This stage's blocks, under ``--recompute-granularity full`` through megatron-core's
+        checkpointing with the loop of megatron's ``TransformerBlock._checkpointed_forward``:
+        ``uniform`` checkpoints units of ``recompute_num_layers`` blocks, ``block`` the first
+        ``recompute_num_layers`` blocks of the stage (recompute.py)."""
+        cfg, n = self.config, len(self.blocks)
+        if cfg.recompute_granularity != "full" or not torch.is_grad_enabled() or n == 0:
+            return self._run_blocks(0, n, text_len)(x, c, y)
+        from megatron_sd3.recompute import checkpoint_handler
+
+        target, k = None, cfg.recompute_num_layers
+        if cfg.recompute_method == "uniform":
+            units = [(i, min(i + k, n), True) for i in range(0, n, k)]
+        else:  # "block"
+            units = [(i, i + 1, i < k) for i in range(n)]
+        for start, end, recompute in units:
+            fn = self._run_blocks(start, end, text_len)
+            if recompute:
+                x, c, t = checkpoint_handler(cfg, self.transformer_impl, fn, x, c, y)
+                t = None if t is None else t.detach()
+            else:
+                x, c, t = fn(x, c, y)
+            target = t if t is not None else target
+        return x, c, target
 
     # -- checkpointing -------------------------------------------------------------------------
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):

@@ -27,6 +27,7 @@ from megatron_sd3.distributed import initialize_distributed
 from megatron_sd3.flops import model_flops_per_sample
 from megatron_sd3.flow_matching import FlowMatchingConfig
 from megatron_sd3.loss import loss_terms
+from megatron_sd3.memory import report_at_start
 from megatron_sd3.training import checkpointing as ckpt
 from megatron_sd3.training.build import build_training, device, use_fused_torch_adam
 from megatron_sd3.training.parallel_layout import LayoutError, check_layout, pipeline_config_fields, stage_layers
@@ -144,6 +145,9 @@ def setup(args, plan):
                         fp8_amax_history_len=args.fp8_amax_history_len,
                         first_last_layers_bf16=args.first_last_layers_bf16)
     parallel["attention_backend"] = AttnBackend[args.attention_backend]
+    if args.recompute_granularity:  # activation recomputation (megatron_sd3/recompute.py)
+        parallel.update(recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+                        recompute_num_layers=args.recompute_num_layers, recompute_modules=args.recompute_modules)
     fields.update(init_seed=fields.get("init_seed", args.seed))
     cfg = make_config(preset, parallel=parallel, **fields)
     return info, cfg, dp
@@ -245,6 +249,7 @@ def pretrain(args, plan) -> int:
             f"{'CPU mode' if info.cpu_mode else info.device})")
     _print0(f"  {optional_kernels()}")
     _print0("-------------------- end of arguments ---------------------")
+    report_at_start(cfg, args, dp, _print0)  # theoretical memory per rank (megatron_sd3/memory.py)
 
     built = build_training(cfg, transformer_impl=args.transformer_impl, optimizer=optimizer_options(args),
                            use_distributed_optimizer=args.use_distributed_optimizer,

@@ -1,0 +1,198 @@
+"""Activation recomputation: every mode gives the plain run's losses and gradients.
+
+Under PP = 2, TP = 2 (gloo, CPU), with text reconstruction off and on, and interleaved PP = 2 x 2
+virtual stages (on), each mode (full
+uniform / block, selective) trains the same two steps as the run without recomputation; losses,
+first-step gradients agree to 1e-6 (fp32, relative to each
+tensor's largest entry) and the parameters after two Adam steps to 1e-5 (relative norm). In one
+process: full recomputation replays the forward's random numbers (megatron's RNG-state
+checkpointing) and leaves the RNG where the plain run leaves it, and the flags are checked.
+"""
+import functools
+
+import pytest
+import torch
+
+from _ranks import run_training_worker
+
+WORKER = "tests/_recompute_worker.py"
+
+
+@functools.lru_cache(maxsize=None)
+def _run(nproc: int, args: tuple, root: str):
+    ranks, _ = run_training_worker(WORKER, nproc, list(args), root, timeout=600)
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("recompute"))
+
+
+def _close(a, b, what, tol=1e-6):
+    """max |a - b| <= tol x max |b| (fp32 reassociation noise is ~1e-7 of that)."""
+    err = float((a - b).abs().max()) if a.numel() else 0.0
+    assert err <= tol * float(b.abs().max()) + 1e-12, (what, err, float(b.abs().max()))
+
+
+@pytest.mark.parametrize("layout", [("--pp", "2"), ("--tp", "2"), ("--pp", "2", "--vpp", "2", "--gammas", "0.5")],
+                         ids=["pp2", "tp2", "pp2_vpp2"])
+def test_every_mode_matches_the_plain_run(root, layout):
+    for r, rank in enumerate(_run(2, layout, root)):
+        res = rank["results"]
+        for (gamma, mode), got in res.items():
+            want = res[(gamma, "none")]
+            for g, w in zip(got["losses"], want["losses"]):
+                for k in ("loss", "denoise_loss", "text_recon_loss"):
+                    assert abs(g[k] - w[k]) <= 1e-6 * max(1.0, abs(w[k])), (r, gamma, mode, k, g[k], w[k])
+            assert got["grads"].keys() == want["grads"].keys() and want["grads"]
+            for n in want["grads"]:
+                _close(got["grads"][n], want["grads"][n], (r, gamma, mode, "grad", n))
+            for n, w in want["params"].items():  # after two Adam steps, as tests/test_parallel.py
+                rel = float((got["params"][n] - w).norm() / w.norm().clamp(min=1e-12))
+                assert rel <= 1e-5, (r, gamma, mode, "param", n, rel)
+            if "saved" in got:  # the planner under TP: head-sized tensors split over the ranks
+                measured, planned = got["saved"]
+                for part, want_bytes in planned.items():
+                    if want_bytes:
+                        assert abs(measured[part] / want_bytes - 1) <= 0.10, (r, gamma, mode, part)
+        if gamma > 0:  # the recon loss was on and trained something
+            assert res[(gamma, "none")]["losses"][0]["text_recon_loss"] > 0
+
+
+def _one_process_grads(single_process, parallel, dropout_p=0.0):
+    """Gradients of a tiny model (gamma > 0) whose MLPs apply dropout to linear_fc2."""
+    from megatron_sd3.config import make_config
+    from megatron_sd3.memory import sample_inputs
+    from megatron_sd3.models.sd3_model import SD3Model
+
+    cfg = make_config("tiny", zero_init_adaln=False, text_recon_gamma=0.5, text_recon_target_layer=1,
+                      parallel=parallel)
+    model = SD3Model(cfg)
+    if dropout_p:
+        for block in model.blocks:
+            block.mlp.linear_fc2.register_forward_hook(
+                lambda m, i, o: (torch.nn.functional.dropout(o[0], dropout_p, training=True), o[1]))
+    inputs = sample_inputs(cfg, (8, 6), 2)
+    torch.manual_seed(7)
+    vel, final, target = model(**inputs)
+    (vel.square().mean() + (final - target).square().mean()).backward()
+    after = torch.rand(1)  # where the RNG stands after forward + backward
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, after
+
+
+FULL = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2)
+
+
+def test_full_recompute_replays_the_random_numbers(single_process):
+    want, want_rng = _one_process_grads(single_process, {}, dropout_p=0.3)
+    got, got_rng = _one_process_grads(single_process, FULL, dropout_p=0.3)
+    assert got.keys() == want.keys()
+    for n in want:
+        _close(got[n], want[n], n)
+    assert torch.equal(got_rng, want_rng), "the recomputation moved the RNG"
+
+
+def test_selective_recompute_with_dropout_outside_its_regions(single_process):
+    want, _ = _one_process_grads(single_process, {}, dropout_p=0.3)
+    got, _ = _one_process_grads(single_process, dict(recompute_granularity="selective"), dropout_p=0.3)
+    for n in want:
+        _close(got[n], want[n], n)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--recompute-granularity", "full"], "needs --recompute-method"),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform"], "needs --recompute-num-layers"),
+    (["--recompute-method", "block"], "need --recompute-granularity"),
+    (["--recompute-granularity", "selective", "--recompute-num-layers", "2"], "drop --recompute-method"),
+    (["--recompute-granularity", "selective", "--recompute-modules", "core_attn"], "choose from layernorm"),
+    (["--recompute-granularity", "selective", "--torch-compile"], "eager runs"),
+])
+def test_bad_recompute_flags_are_one_line_errors(flags, message, capsys):
+    from megatron_sd3.arguments import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--mock-data", *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_config_keeps_the_selective_modules():
+    from megatron_sd3.config import ConfigError, make_config
+
+    cfg = make_config("tiny", parallel=dict(recompute_granularity="selective"))
+    assert cfg.recompute_modules == ["layernorm", "qk_norm", "mlp_act"]
+    cfg = make_config("tiny", parallel=dict(recompute_granularity="selective", recompute_modules=["mlp_act"]))
+    assert cfg.recompute_modules == ["mlp_act"]
+    with pytest.raises(ConfigError, match="unknown for the joint block"):
+        make_config("tiny", parallel=dict(recompute_granularity="selective", recompute_modules=["mlp"]))
+
+
+def _fp8_grads(parallel):
+    from megatron_sd3.config import make_config
+    from megatron_sd3.memory import sample_inputs
+    from megatron_sd3.models.sd3_model import SD3Model
+
+    cfg = make_config("tiny", zero_init_adaln=False, text_recon_gamma=0.5, text_recon_target_layer=1,
+                      parallel=dict(fp8="hybrid", **parallel))
+    model = SD3Model(cfg)
+    calls = []
+    orig = torch._scaled_mm
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return orig(*a, **kw)
+
+    torch._scaled_mm = counted
+    try:
+        vel, final, target = model(**sample_inputs(cfg, (8, 8), 2))
+        (vel.square().mean() + (final - target).square().mean()).backward()
+    finally:
+        torch._scaled_mm = orig
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+
+@pytest.mark.parametrize("parallel", [FULL, dict(recompute_granularity="selective")], ids=["full", "selective"])
+def test_fp8_local_backend_recomputes_in_fp8(single_process, parallel):
+    """torchao FP8 (the local backend): the recomputed forward runs its GEMMs in FP8 again, so the
+    gradients are the FP8 run's (up to FP8 rounding flips from fp32 reassociation; a recompute
+    outside FP8 would differ by the FP8 error, several %), and full recomputation repeats the
+    forward GEMMs."""
+    want, n_plain = _fp8_grads({})
+    got, n = _fp8_grads(parallel)
+    for k in want:
+        _close(got[k], want[k], k, tol=1e-3)
+    gemms_forward = n_plain // 3  # output, grad input, grad weight per GEMM
+    assert n == (n_plain + gemms_forward if parallel is FULL else n_plain), (n, n_plain)
+
+
+def test_full_recompute_with_torch_compile(single_process):
+    from megatron_sd3.config import make_config
+    from megatron_sd3.memory import sample_inputs
+    from megatron_sd3.models.sd3_model import SD3Model
+
+    def grads(parallel, compiled):
+        cfg = make_config("tiny", num_layers=1, zero_init_adaln=False, parallel=parallel)
+        model = SD3Model(cfg)
+        if compiled:
+            for block in model.blocks:
+                block.compile()
+        model(**sample_inputs(cfg, (8, 8), 2)).square().mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    want = grads({}, compiled=False)
+    got = grads(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1), compiled=True)
+    for k in want:  # compiled kernels fuse differently: close, not bitwise
+        _close(got[k], want[k], k, tol=1e-4)
+
+
+def test_pretrain_runs_with_recompute_flags_and_reports_memory():
+    from _ranks import run_ranks
+
+    log = run_ranks("pretrain_sd3.py", 1, ["--mock-data", "--mock-latent-size", "8x6", "--train-iters", "2",
+                                           "--log-interval", "1", "--global-batch-size", "4", "--micro-batch-size", "2",
+                                           "--recompute-granularity", "selective", "--recompute-modules", "layernorm",
+                                           "mlp_act", "--no-progress"], timeout=300)[0]
+    assert "theoretical memory, recompute selective (layernorm, mlp_act), latents 8x6, 2 microbatches" in log
+    assert "iteration        2/       2" in log
