@@ -27,7 +27,8 @@ SECTIONS: dict[str, list[str]] = {
     "flow": ["timestep_sampling", "logit_mean", "logit_std", "timestep_shift", "text_dropout"],
     "data": ["data_path", "mock_data", "mock_num_samples", "mock_latent_size", "mock_with_mask"],
     "checkpoint": ["save", "load", "save_interval", "exit_signal_handler", "exit_duration_in_mins",
-                   "no_load_optim", "no_load_rng"],
+                   "no_load_optim", "no_load_rng", "exit_interval", "ckpt_step", "async_save",
+                   "distributed_timeout_minutes"],
     "logging": ["log_interval", "metrics_file", "tensorboard_dir", "no_progress"],
     "fp8": ["transformer_impl", "attention_backend", "torch_compile", "fp8_format", "fp8_recipe", "fp8_amax_history_len", "first_last_layers_bf16"],
 }
@@ -109,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--exit-duration-in-mins", type=float, default=None, help="save and exit after this long")
     c.add_argument("--no-load-optim", action="store_true")
     c.add_argument("--no-load-rng", action="store_true")
+    # crash-safe resume (Megatron-LM's names; see megatron_sd3/training/checkpointing.py)
+    c.add_argument("--exit-interval", type=int, default=None, help="save and exit at iteration N (a multiple of N)")
+    c.add_argument("--ckpt-step", type=int, default=None, help="load iter_N of --load instead of the latest")
+    c.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background (dist_checkpointing's async save)")
+    c.add_argument("--distributed-timeout-minutes", type=float, default=10,
+                   help="a collective or rendezvous waiting longer for a peer ends the rank with an error")
 
     lg = p.add_argument_group("logging")
     lg.add_argument("--log-interval", type=int, default=10)
@@ -224,6 +232,11 @@ def validate(args) -> None:
         bad(f"--save-interval must be >= 1, got {args.save_interval}")
     if args.save_interval and not args.save:
         bad("--save-interval needs --save DIR")
+    for flag in ("exit_interval", "distributed_timeout_minutes"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            bad(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    if args.async_save and not args.save:
+        bad("--async-save needs --save DIR")
     if args.exit_signal_handler and not args.save:
         bad("--exit-signal-handler saves on SIGTERM and needs --save DIR")
     if bool(args.data_path) == bool(args.mock_data):
