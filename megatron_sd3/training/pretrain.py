@@ -404,6 +404,13 @@ def main(argv=None) -> int:
     except (ConfigError, ckpt.CheckpointError, ShardError) as e:
         print(f"pretrain_sd3.py: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:  # a collective failed: a peer died or hung (one line, not a traceback)
+        from megatron_sd3.training.watchdog import peer_failure
+
+        if peer_failure(e) is None:
+            raise
+        print(f"pretrain_sd3.py: error: {peer_failure(e)}", file=sys.stderr, flush=True)
+        return 1
     finally:
         from megatron_sd3.distributed import destroy_distributed
 

@@ -76,3 +76,19 @@ def watch_parent(grace_s: float = GRACE_S, poll_s: float = 1.0) -> bool:
     _thread = threading.Thread(target=_watch, args=(parent, grace_s, poll_s), name="parent-watch", daemon=True)
     _thread.start()
     return True
+
+
+_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting",
+               "timed out", "Socket Timeout", "NCCL", "ProcessGroupGloo")
+
+
+def peer_failure(e: BaseException) -> Optional[str]:
+    """The one line for a collective that failed because a peer died or hung; None for other errors."""
+    import torch.distributed as dist
+
+    text = str(e).strip()
+    if not (isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(s in text for s in _PEER_SIGNS))):
+        return None
+    first = text.splitlines()[0][:200] if text else type(e).__name__
+    return (f"a peer rank died or stopped responding ({first}); this rank stops too "
+            f"(a hung peer is given --distributed-timeout-minutes)")
