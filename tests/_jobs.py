@@ -7,6 +7,7 @@ started), so no process outlives the test; use the job as a context manager.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +41,18 @@ class Job:
             if all(p.poll() is not None for p in self.procs):
                 return [p.returncode for p in self.procs]
             time.sleep(0.05)
+        return None
+
+    def wait_for(self, pattern, timeout, rank=0):
+        """Wait until rank ``rank``'s log matches ``pattern`` (then None) or every rank has exited
+        (then their return codes, as ``wait``)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if re.search(pattern, self.log(rank)):
+                return None
+            if all(p.poll() is not None for p in self.procs):
+                return [p.returncode for p in self.procs]
+            time.sleep(0.02)
         return None
 
     def log(self, rank=0):
