@@ -43,7 +43,7 @@ def phase(log: str) -> str:
     return f"iteration {n + 1}"
 
 
-def crash_and_requeue(tmp_path, kills, seed, extra=()):
+def crash_and_requeue(tmp_path, kills, seed, extra=(), reach=2):
     ref_dir, work = tmp_path / "ref", tmp_path / "crash"
     ref_dir.mkdir()
     work.mkdir()
@@ -66,9 +66,9 @@ def crash_and_requeue(tmp_path, kills, seed, extra=()):
             break
         target = rng.choice(["start-up", "iteration", "save", "save"])
         if target == "iteration":  # a little past the resume point, so that several kills fit
-            n = min(rng.randint(start + 1, start + 2), ITERS - 1)
+            n = min(rng.randint(start + 1, start + reach), ITERS - 1)
         else:
-            n = min(rng.choice((start + 2, start + 4)), ITERS)
+            n = min(rng.choice(range(start + 2, start + 2 * reach + 1, 2)), ITERS)
         delay, rank = rng.uniform(0.0, 1.0), rng.randrange(2)
         with Job(command(str(work), extra), 2, str(work), f"run{k}") as job:
             if target == "start-up":
@@ -115,7 +115,8 @@ def test_random_kills_then_same_command_is_bit_exact(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_random_kills_with_async_save(tmp_path):
-    table = crash_and_requeue(tmp_path, kills=5, seed=11, extra=("--async-save",))
+    # an asynchronous save counts once finalised, iterations later: the kills aim further ahead
+    table = crash_and_requeue(tmp_path, kills=6, seed=11, extra=("--async-save",), reach=4)
     assert sum(row[-1].startswith("killed") for row in table) >= 3
 
 
