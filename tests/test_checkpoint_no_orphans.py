@@ -93,6 +93,7 @@ def test_ranks_of_a_killed_torchrun_exit(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
+    family = []
     with open(tmp_path / "torchrun.log", "w") as log:
         launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                                      "--master-port", str(free_port()), ENTRY, *LONG, "--metrics-file", m,
@@ -102,7 +103,7 @@ def test_ranks_of_a_killed_torchrun_exit(tmp_path):
         assert _wait_training(m, lambda: launcher.poll() is None), (tmp_path / "torchrun.log").read_text()[-3000:]
         ranks = _children(launcher.pid)
         assert len(ranks) == 2, ranks
-        family = ranks + [c for r in ranks for c in _children(r)]  # checkpoint writer helpers too
+        family += ranks + [c for r in ranks for c in _children(r)]  # checkpoint writer helpers too
         launcher.kill()
         launcher.wait()
         deadline = time.time() + 60
@@ -110,9 +111,16 @@ def test_ranks_of_a_killed_torchrun_exit(tmp_path):
             time.sleep(0.2)
         left = [p for p in family if _alive(p)]
         assert not left, f"processes {left} of the job still run 60 s after torchrun died"
-    finally:
-        try:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    finally:  # torchrun starts each rank in a session of its own: kill those groups as well
+        groups = {launcher.pid}
+        for p in family:
+            try:
+                groups.add(os.getpgid(p))
+            except ProcessLookupError:
+                pass
+        for pgid in groups:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         launcher.wait()
