@@ -94,6 +94,12 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
         F("exit_duration_in_mins", float, None, "save and exit after this long", check=above(0)),
         F("no_load_optim", bool, False, "resume the weights only, not the optimizer", negatable=False),
         F("no_load_rng", bool, False, "do not restore the random states", negatable=False),
+        # crash-safe resume (megatron_sd3/training/checkpointing.py)
+        F("exit_interval", int, None, "save and exit at iteration N (a multiple of N)", check=above(0)),
+        F("ckpt_step", int, None, "load iter_N of --load instead of the latest"),
+        F("async_save", bool, False, "write checkpoints in the background (dist_checkpointing's async save)"),
+        F("distributed_timeout_minutes", float, 10.0,
+          "a collective or rendezvous waiting longer for a peer ends the rank with an error", check=above(0)),
     ]),
     Section("logging", "logging", [
         F("log_interval", int, 10, "iterations between log lines", check=at_least(1)),
@@ -247,6 +253,8 @@ def validate(args) -> None:
             f"(--lr-decay-iters, default --train-iters); lower the warmup or set --lr-decay-iters")
     if args.save_interval and not args.save:
         bad("--save-interval needs --save DIR")
+    if args.async_save and not args.save:
+        bad("--async-save needs --save DIR")
     if args.exit_signal_handler and not args.save:
         bad("--exit-signal-handler saves on SIGTERM and needs --save DIR")
     if bool(args.data_path) == bool(args.mock_data):

@@ -80,7 +80,8 @@ def initialize_distributed(
     vpp: Optional[int] = None,
     seed: int = 1234,
     backend: Optional[str] = None,
-    timeout_minutes: int = 10,
+    timeout_minutes: float = 10,
+    watch_parent: Optional[bool] = None,
     **model_parallel_kwargs,
 ) -> DistInfo:
     """Initialise torch.distributed, megatron parallel_state and the RNGs; return a DistInfo.
@@ -89,6 +90,12 @@ def initialize_distributed(
     :func:`megatron_sd3.testing.cpu_mode.enable_cpu_mode`. Extra keyword arguments go to
     ``parallel_state.initialize_model_parallel``. If torch.distributed is already initialised
     (e.g. by the caller), that group is used as is.
+
+    No rank outlives its job: ``timeout_minutes`` (``--distributed-timeout-minutes``) bounds every
+    collective and the rendezvous, so a hung or dead peer ends the rank with an error; and
+    ``watch_parent`` (default: when started by a launcher, see
+    :func:`megatron_sd3.training.watchdog.launched_by_launcher`) stops the rank when its
+    launcher dies.
     """
     from megatron.core import parallel_state
 
@@ -102,6 +109,11 @@ def initialize_distributed(
         from megatron_sd3.testing import cpu_mode as _cpu_mode
 
         _cpu_mode.enable_cpu_mode()
+
+    from megatron_sd3.training import watchdog
+
+    if watch_parent if watch_parent is not None else watchdog.launched_by_launcher():
+        watchdog.watch_parent()
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:

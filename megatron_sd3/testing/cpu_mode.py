@@ -102,6 +102,9 @@ _CUDA_ALLOCATING_MODULES: Tuple[Tuple[str, str], ...] = (
      "save finalisation all-reduce on current_device()"),
     ("megatron.core.dist_checkpointing.strategies.filesystem_async",
      "torch.cuda.synchronize() before staging tensors for writing"),
+    ("megatron.core.dist_checkpointing.strategies.async_utils",
+     "async save (--async-save): torch.cuda.synchronize() before forking the writer, and the "
+     "all-ranks-done / finalisation all-reduces on current_device()"),
     ("megatron.core.tensor_parallel.layers",
      "weights on current_device() when use_cpu_initialization=False; SP all-gather buffer"),
     ("megatron.core.optimizer.distrib_optimizer",

@@ -1,26 +1,43 @@
-"""Checkpoints on megatron-core ``dist_checkpointing``, written so a crash never damages the last good one.
+"""Checkpoints on megatron-core ``dist_checkpointing``: crash at any moment, run the same command again.
 
 Layout of ``--save DIR`` (Megatron-LM's names)::
 
     DIR/iter_0000010/               one dist_checkpointing directory per saved iteration
+    DIR/iter_0000010/integrity.json every file of the checkpoint with its size and sha256
     DIR/latest_checkpointed_iteration.txt
     DIR/effective_config.json       the run's configuration
 
-A save writes ``iter_XXXXXXX.tmp/`` on all ranks, then (after a barrier) rank 0 renames it to
-``iter_XXXXXXX/`` and only then replaces the ``latest`` file atomically (write + ``os.replace``).
-A crash at any point leaves ``latest`` pointing at the previous complete checkpoint.
+A save (docs/design.md, "checkpoints"):
+
+1. rank 0 removes what interrupted saves left (``iter_*.tmp/``, and ``iter_*`` directories newer
+   than the one ``latest`` names) and makes ``iter_XXXXXXX.tmp/``;
+2. every rank writes its shards there (``dist_checkpointing.save``; with ``--async-save`` in a
+   forked writer, megatron-core's ``AsyncCallsQueue``, while training goes on);
+3. finalisation, on all ranks once every writer is done (inline, or from the queue like
+   Megatron-LM's ``maybe_finalize_async_save``): the files are checksummed (spread over the
+   ranks) into ``integrity.json``, rank 0 renames ``.tmp`` to ``iter_XXXXXXX/`` and only then
+   replaces ``latest`` atomically (write, fsync, ``os.replace``).
+
+So ``latest`` only ever names a complete, recorded checkpoint; a crash at any point leaves it on
+the previous one (or absent: the run then starts fresh and says so). A directory ``latest`` does
+not name is never loaded. Loading checks every recorded file's size before anything is read
+(preflight, one line naming the file and the newest good checkpoint) and its checksum before
+the state is loaded (spread over the ranks). ``--ckpt-step N`` loads ``iter_N`` instead.
 
 What is saved: the model (``sharded_state_dict``, blocks keyed by global index so any TP/PP
 layout reloads it), the optimizer (reshardable), the EMA weights (sharded like the model),
-and as common state the iteration, consumed samples, LR scheduler, skipped-iteration count and
-the model configuration (checked on load: a mismatch names the differing keys), plus per-rank
-RNG states (skipped, with a note, when the layout changed).
+and as common state the iteration, consumed samples, global batch size, LR scheduler,
+skipped-iteration count and the model configuration (checked on load: a mismatch names the
+differing keys), plus per-rank RNG states (skipped, with a note, when the layout changed).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -31,8 +48,11 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 LATEST = "latest_checkpointed_iteration.txt"
+INTEGRITY = "integrity.json"
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
 # Megatron-LM's metadata for reshardable optimizer state (non-distributed and distributed).
 METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
             "chained_optim_avoid_prefix": True}
@@ -44,6 +64,27 @@ class CheckpointError(RuntimeError):
 
 def iter_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
+
+
+def _iterations(root: Path) -> list[int]:
+    """Iterations of the finished (renamed) ``iter_XXXXXXX`` directories, newest first."""
+    found = [int(m.group(1)) for p in root.glob("iter_*") if (m := _ITER_RE.match(p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    """Write ``path`` atomically and durably: a temporary file, fsync, ``os.replace``, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_latest(root: str | Path) -> Optional[int]:
@@ -103,65 +144,252 @@ def _state_dict(model_chunks, optimizer, ema, common: dict, rng, *, loading: boo
     return state
 
 
-def save_checkpoint(root: str | Path, iteration: int, model_chunks, optimizer, ema, scheduler, *,
-                    consumed_samples: int, skipped_iters: int, model_config: dict, run_config: dict) -> Path:
-    """A complete training checkpoint (``optimizer=None``: weights only, e.g. converted weights)."""
-    root = Path(root)
-    final, tmp = iter_dir(root, iteration), Path(str(iter_dir(root, iteration)) + ".tmp")
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # leftovers of an interrupted save of the same iteration
-        tmp.mkdir()
+def _files(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != INTEGRITY)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _spread(items: list, fn) -> dict:
+    """``{item: fn(item)}`` with the work spread over the ranks (item i on rank i % world); all
+    ranks get the whole dict."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {it: fn(it) for i, it in enumerate(items) if i % world == rank}
+    parts: list = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _record_integrity(tmp: Path, iteration: int) -> None:
+    """All ranks: checksum the checkpoint's files; rank 0 writes ``integrity.json``."""
+    names = [_files(tmp) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(names, src=0)  # one listing, whatever each rank's view of the folder
+    sums = _spread(names[0], lambda f: {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)})
+    if dist.get_rank() == 0:
+        _fsync_write(tmp / INTEGRITY, json.dumps({"iteration": iteration, "files": sums}, indent=1, sort_keys=True))
+
+
+def _read_integrity(d: Path) -> Optional[dict]:
+    f = d / INTEGRITY
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return {INTEGRITY: {"size": -1, "sha256": ""}}  # reported as a damaged file below
+
+
+def size_problem(d: Path) -> Optional[str]:
+    """What is wrong with ``d``'s files by their recorded sizes (no data read), or None."""
+    if not (d / "metadata.json").is_file() or not (d / "common.pt").is_file():
+        return f"{d.name}/ is incomplete (metadata.json or common.pt missing)"
+    record = _read_integrity(d)
+    if record is None:
+        return None  # written before checkpoints were recorded: nothing to compare with
+    for name, rec in sorted(record.items()):
+        p = d / name
+        if name == INTEGRITY:
+            return f"{d.name}/{INTEGRITY} is unreadable"
+        if not p.is_file():
+            return f"{d.name}/{name} is missing"
+        size = p.stat().st_size
+        if size != rec["size"]:
+            return f"{d.name}/{name} is {size} bytes, {rec['size']} were written (truncated or overwritten)"
+    return None
+
+
+def newest_good(root: Path, below: Optional[int] = None) -> Optional[int]:
+    """The newest ``iter_*`` of ``root`` (below iteration ``below``) whose files are all there with
+    their recorded sizes."""
+    for it in _iterations(root):
+        if (below is None or it < below) and _read_integrity(iter_dir(root, it)) is not None \
+                and size_problem(iter_dir(root, it)) is None:
+            return it
+    return None
+
+
+def _good_hint(root: Path, below: Optional[int]) -> str:
+    good = newest_good(root, below)
+    if good is None:
+        return "no older complete checkpoint is there: drop --load to start from scratch"
+    return f"the newest good checkpoint there is iteration {good}: load it with --ckpt-step {good}"
+
+
+def _verify_checksums(d: Path) -> None:
+    """All ranks (collective): compare every recorded file's sha256, one line naming the first bad one."""
+    record = _read_integrity(d)
+    if record is None:
+        if dist.get_rank() == 0:
+            print(f" > {d}: no {INTEGRITY} (written by an older version): files not verified", flush=True)
+        return
+    got = _spread(sorted(record), lambda f: _sha256(d / f) if (d / f).is_file() else None)
+    bad = [f for f in sorted(record) if got[f] != record[f]["sha256"]]
+    if bad:
+        m = _ITER_RE.match(d.name)
+        raise CheckpointError(f"--load {d}: {bad[0]} does not match its recorded checksum (corrupt)"
+                              f"{f' and {len(bad) - 1} more files' if len(bad) > 1 else ''}; "
+                              f"{_good_hint(d.parent, int(m.group(1)) if m else None)}")
+
+
+def _cleanup_interrupted(root: Path) -> None:
+    """Rank 0, before a save: what interrupted saves left (``*.tmp`` folders, iterations newer than
+    ``latest``, which no resume loads) goes."""
+    latest = read_latest(root)
+    for p in root.glob("iter_*"):
+        m = _ITER_RE.match(p.name)
+        if p.is_dir() and (p.name.endswith(".tmp") or (m and (latest is None or int(m.group(1)) > latest))):
+            print(f" > removing {p.name}/ (left by an interrupted save)", flush=True)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _finalize_save(root: Path, iteration: int, tmp: Path, final: Path, run_config: dict) -> None:
+    """All ranks, once every shard is written: record, rename, then move ``latest``."""
+    _record_integrity(tmp, iteration)
     dist.barrier()
-    weights_only = optimizer is None
-    common = {"iteration": iteration, "consumed_samples": consumed_samples, "skipped_iters": skipped_iters,
-              "scheduler": None if weights_only else scheduler.state_dict(), "model_config": model_config,
-              "layout": _layout(), "weights_only": weights_only, "has_ema": ema is not None}
-    state = _state_dict(model_chunks, optimizer, ema, common, None if weights_only else _rng_state(),
-                        loading=False, with_optim=not weights_only)
-    dist_checkpointing.save(state, str(tmp), content_metadata=METADATA)
-    dist.barrier()
-    if rank0:
+    if dist.get_rank() == 0:
         if final.exists():
+            if read_latest(root) == iteration:  # never leave ``latest`` naming a folder being replaced
+                older = newest_good(root, iteration)
+                if older is None:
+                    (root / LATEST).unlink()
+                else:
+                    _fsync_write(root / LATEST, str(older))
             shutil.rmtree(final)
         os.replace(tmp, final)
         if run_config:
             (root / "effective_config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True))
-        tmp_latest = root / (LATEST + ".tmp")
-        tmp_latest.write_text(str(iteration))
-        os.replace(tmp_latest, root / LATEST)  # the pointer moves only after a complete write
+        _fsync_write(root / LATEST, str(iteration))  # the pointer moves only after a complete write
+        print(f" > saved checkpoint {final}", flush=True)
     dist.barrier()
+
+
+class AsyncSaver:
+    """``--async-save``: megatron-core's ``AsyncCallsQueue`` (forked writers), finalised as in
+    Megatron-LM: ``maybe_finalize(blocking=False)`` once per iteration, ``blocking=True`` before the
+    next save and at the end. A save counts only once finalised (then ``latest`` moves)."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue(persistent=False)
+
+    def schedule(self, request) -> None:
+        # the forked writer gets SIGTERM when its rank dies, so it cannot outlive it
+        request = request._replace(async_fn=functools.partial(_writer_with_parent, request.async_fn))
+        self.queue.schedule_async_request(request)
+
+    def maybe_finalize(self, blocking: bool = False) -> None:
+        if self.queue.get_num_unfinalized_calls():
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def pending(self) -> int:
+        return self.queue.get_num_unfinalized_calls()
+
+
+def _writer_with_parent(fn, *args, **kwargs):
+    from megatron_sd3.training import watchdog
+
+    watchdog.die_with_parent()
+    return fn(*args, **kwargs)
+
+
+def save_checkpoint(root: str | Path, iteration: int, model_chunks, optimizer, ema, scheduler, *,
+                    consumed_samples: int, skipped_iters: int, model_config: dict, run_config: dict,
+                    global_batch_size: Optional[int] = None, async_saver: Optional[AsyncSaver] = None) -> Path:
+    """A complete training checkpoint (``optimizer=None``: weights only, e.g. converted weights).
+    With ``async_saver`` the files are written in the background and the checkpoint counts (in
+    ``latest``) once ``async_saver.maybe_finalize`` has finalised it."""
+    root = Path(root)
+    final, tmp = iter_dir(root, iteration), Path(str(iter_dir(root, iteration)) + ".tmp")
+    if async_saver is not None:
+        async_saver.maybe_finalize(blocking=True)  # one save in flight at a time (as Megatron-LM)
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        _cleanup_interrupted(root)
+        tmp.mkdir()
+    dist.barrier()
+    weights_only = optimizer is None
+    common = {"iteration": iteration, "consumed_samples": consumed_samples, "skipped_iters": skipped_iters,
+              "global_batch_size": global_batch_size,
+              "scheduler": None if weights_only else scheduler.state_dict(), "model_config": model_config,
+              "layout": _layout(), "weights_only": weights_only, "has_ema": ema is not None}
+    state = _state_dict(model_chunks, optimizer, ema, common, None if weights_only else _rng_state(),
+                        loading=False, with_optim=not weights_only)
+    finalize = functools.partial(_finalize_save, root, iteration, tmp, final, run_config)
+    request = dist_checkpointing.save(state, str(tmp), content_metadata=METADATA,
+                                      async_sharded_save=async_saver is not None)
+    if request is None:
+        finalize()
+    else:
+        request.add_finalize_fn(finalize)
+        async_saver.schedule(request)
     return final
 
 
-def resolve_load(load: Optional[str], save: Optional[str]) -> Optional[Path]:
+def fresh_start_note(load: str) -> str:
+    """The one line a run prints when ``--load`` (== ``--save``) has no complete checkpoint."""
+    root = Path(load)
+    partial = sorted(p.name for p in root.glob("iter_*")) if root.is_dir() else []
+    if not partial:
+        return f"no checkpoint in {load} yet: starting from scratch"
+    return (f"no complete checkpoint in {load} (ignoring {', '.join(partial)} of an interrupted save, "
+            f"removed by the next save): starting from scratch")
+
+
+def resolve_load(load: Optional[str], save: Optional[str], ckpt_step: Optional[int] = None) -> Optional[Path]:
     """The checkpoint directory to resume from, or None to start fresh (with --load == --save and
-    nothing saved yet: Megatron-LM's resume-if-present idiom). Everything else wrong is an error."""
+    no complete save yet: Megatron-LM's resume-if-present idiom). Everything else wrong is an error.
+    Reads no checkpoint data (file sizes only): it runs before the process group exists."""
     if not load:
+        if ckpt_step is not None:
+            raise CheckpointError("--ckpt-step needs --load DIR")
         return None
     root = Path(load)
     same_as_save = save is not None and Path(save).resolve() == root.resolve()
-    if not root.exists() or (root.is_dir() and read_latest(root) is None and not any(root.glob("iter_*"))):
-        if same_as_save:
-            return None
-        raise CheckpointError(f"--load {root}: no checkpoint there (no {LATEST}); check the path, or drop "
-                              f"--load to start from scratch")
-    iteration = read_latest(root)
+    if ckpt_step is not None:
+        d = iter_dir(root, ckpt_step)
+        if not d.is_dir():
+            have = _iterations(root) if root.is_dir() else []
+            raise CheckpointError(f"--ckpt-step {ckpt_step}: no {d.name}/ in {root} (saved iterations: "
+                                  f"{', '.join(map(str, sorted(have))) or 'none'})")
+        problem = size_problem(d)
+        if problem:
+            raise CheckpointError(f"--load {root} --ckpt-step {ckpt_step}: {problem}; {_good_hint(root, ckpt_step)}")
+        return d
+    iteration = read_latest(root) if root.is_dir() else None
     if iteration is None:
-        raise CheckpointError(f"--load {root}: has iter_* directories but no {LATEST}, so no save completed; "
-                              f"remove the partial iter_*.tmp directories or point --load elsewhere")
+        if same_as_save:
+            return None  # nothing complete yet; whatever an interrupted save left is ignored
+        if not root.exists() or not any(root.glob("iter_*")):
+            raise CheckpointError(f"--load {root}: no checkpoint there (no {LATEST}); check the path, or drop "
+                                  f"--load to start from scratch")
+        raise CheckpointError(f"--load {root}: no {LATEST}, so no save there completed; point --load at a "
+                              f"complete checkpoint, or use --save {root} --load {root} to start fresh and "
+                              f"save there")
     d = iter_dir(root, iteration)
     if not d.is_dir():
-        raise CheckpointError(f"--load {root}: {LATEST} says iteration {iteration} but {d.name}/ is missing")
-    if not (d / "metadata.json").is_file() or not (d / "common.pt").is_file():
-        raise CheckpointError(f"--load {d}: checkpoint is incomplete (metadata.json or common.pt missing)")
+        raise CheckpointError(f"--load {root}: {LATEST} says iteration {iteration} but {d.name}/ is missing; "
+                              f"{_good_hint(root, iteration)}")
+    problem = size_problem(d)
+    if problem:
+        raise CheckpointError(f"--load {root}: {problem}; {_good_hint(root, iteration)}")
     return d
 
 
 def load_common(ckpt: Path) -> dict:
-    return dist_checkpointing.load_common_state_dict(str(ckpt))["common"]
+    try:
+        return dist_checkpointing.load_common_state_dict(str(ckpt))["common"]
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"--load {ckpt}: cannot read common.pt: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
 def check_model_config(saved: dict, current: dict, ckpt: Path) -> None:
@@ -175,11 +403,37 @@ def check_model_config(saved: dict, current: dict, ckpt: Path) -> None:
                               f"use the checkpoint's [model] settings")
 
 
+def check_resume(common: dict, model_config: dict, ckpt: Path, *, load_optim: bool,
+                 global_batch_size: Optional[int]) -> None:
+    """What a resume can and cannot change (docs/design.md, "resume"), said in one line."""
+    if common.get("weights_only"):
+        return
+    g_saved = float(common["model_config"].get("text_recon_gamma") or 0.0)
+    g_run = float(model_config.get("text_recon_gamma") or 0.0)
+    if load_optim and (g_saved > 0) != (g_run > 0) and not model_config.get("context_pre_only_last", False):
+        why = ("the last block's text-stream weights were frozen (gamma 0), so it has no optimizer state "
+               "for them" if g_saved == 0 else
+               "it holds optimizer state for the last block's text-stream weights, which gamma 0 freezes")
+        raise CheckpointError(f"--load {ckpt}: the checkpoint was trained with text_recon_gamma {g_saved:g} and "
+                              f"this run asks for {g_run:g}: {why}; resume with --text-recon-gamma "
+                              f"{g_saved:g}, or switch with --no-load-optim (its weights, a fresh optimizer)")
+    it, consumed = common["iteration"], common["consumed_samples"]
+    g_ckpt = common.get("global_batch_size") or (consumed // it if it else None)
+    if global_batch_size is not None and g_ckpt and g_ckpt != global_batch_size:
+        raise CheckpointError(f"--load {ckpt}: the checkpoint was trained with --global-batch-size {g_ckpt} and "
+                              f"this run asks for {global_batch_size}: the data order is keyed by the global "
+                              f"batch size, so samples of the epoch would repeat or be skipped; resume with "
+                              f"--global-batch-size {g_ckpt}")
+
+
 def load_checkpoint(ckpt: Path, model_chunks, optimizer, ema, scheduler, *, model_config: dict,
-                    load_optim: bool = True, load_rng: bool = True) -> dict:
-    """Restore in place; returns the common state (iteration, consumed samples, ...)."""
+                    load_optim: bool = True, load_rng: bool = True,
+                    global_batch_size: Optional[int] = None) -> dict:
+    """Restore in place; returns the common state (iteration, consumed samples, ...). Collective."""
+    _verify_checksums(ckpt)
     common = load_common(ckpt)
     check_model_config(common["model_config"], model_config, ckpt)
+    check_resume(common, model_config, ckpt, load_optim=load_optim, global_batch_size=global_batch_size)
     if common.get("weights_only"):  # converted weights: start training from them at iteration 0
         load_optim = load_rng = False
     same_layout = tuple(common.get("layout", ())) == _layout()
@@ -193,8 +447,8 @@ def load_checkpoint(ckpt: Path, model_chunks, optimizer, ema, scheduler, *, mode
     template.pop("common")
     try:
         loaded = dist_checkpointing.load(template, str(ckpt), strict="assume_ok_unexpected")
-    except Exception as e:  # a one-line reason instead of a wall of megatron internals
-        raise CheckpointError(f"--load {ckpt}: cannot read the checkpoint: {str(e).splitlines()[0][:300]}") from e
+    except (Exception, CheckpointException) as e:  # one line instead of a wall of megatron internals
+        raise CheckpointError(f"--load {ckpt}: cannot read the checkpoint: {_first_line(e)}") from e
     n = len(model_chunks)
     for i, chunk in enumerate(model_chunks):
         missing, _ = chunk.load_state_dict(loaded[_chunk_key(i, n, "model")], strict=False)

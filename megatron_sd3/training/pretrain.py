@@ -123,14 +123,14 @@ def preflight(args):
 
         load_manifest(args.data_path)
     return {"preset": preset, "fields": fields, "model_fields": mf, "dp": dp,
-            "load_dir": ckpt.resolve_load(args.load, args.save)}
+            "load_dir": ckpt.resolve_load(args.load, args.save, args.ckpt_step)}
 
 
 def setup(args, plan):
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     preset, fields, mf, dp = plan["preset"], plan["fields"], plan["model_fields"], plan["dp"]
     vpp = args.num_virtual_stages_per_pipeline_rank
-    info = initialize_distributed(tp, pp, vpp=vpp, seed=args.seed)
+    info = initialize_distributed(tp, pp, vpp=vpp, seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
     bf16 = bool(args.bf16 and torch.cuda.is_available())
     if args.bf16 and not bf16:
         _print0(" > --bf16 asked for without CUDA: this CPU run stays in fp32")
@@ -265,13 +265,13 @@ def pretrain(args, plan) -> int:
     if load_dir is not None:
         common = ckpt.load_checkpoint(load_dir, models, optimizer, ema, scheduler,
                                       model_config=config_to_dict(cfg), load_optim=not args.no_load_optim,
-                                      load_rng=not args.no_load_rng)
+                                      load_rng=not args.no_load_rng, global_batch_size=args.global_batch_size)
         use_fused_torch_adam(optimizer)  # loaded param groups carry the saver's "fused"/"foreach"
         iteration, consumed = common["iteration"], common["consumed_samples"]
         skipped_total = common.get("skipped_iters", 0)
         _print0(f" > resumed from {load_dir} at iteration {iteration} ({consumed} samples consumed)")
     elif args.load:
-        _print0(f" > no checkpoint in {args.load} yet: starting from scratch")
+        _print0(f" > {ckpt.fresh_start_note(args.load)}")
 
     step = TrainStep(cfg, ddp, optimizer, global_batch_size=args.global_batch_size,
                      micro_batch_size=args.micro_batch_size, seed=args.seed,
@@ -299,14 +299,18 @@ def pretrain(args, plan) -> int:
     t_log, samples_log, flops_log = time.time(), 0, 0.0
     exit_reason, code = "finished", 0
 
+    async_saver = ckpt.AsyncSaver() if args.async_save else None
+
     def save(it):
         if args.save:
-            path = ckpt.save_checkpoint(args.save, it, models, optimizer, ema, scheduler,
-                                        consumed_samples=consumed, skipped_iters=skipped_total,
-                                        model_config=config_to_dict(cfg), run_config=run_config)
-            _print0(f" > saved checkpoint {path}")
+            ckpt.save_checkpoint(args.save, it, models, optimizer, ema, scheduler,
+                                 consumed_samples=consumed, skipped_iters=skipped_total,
+                                 model_config=config_to_dict(cfg), run_config=run_config,
+                                 global_batch_size=args.global_batch_size, async_saver=async_saver)
 
     while iteration < args.train_iters:
+        if async_saver is not None:
+            async_saver.maybe_finalize(blocking=False)
         mbs = microbatch_stream(data_iter, step.num_microbatches) if data_iter is not None else None
         res = step(mbs, consumed)
         iteration += 1
@@ -353,6 +357,12 @@ def pretrain(args, plan) -> int:
                 save(iteration)
             exit_reason = "signal"
             break
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            _print0(f" > --exit-interval {args.exit_interval}: saving and exiting at iteration {iteration}")
+            if not (args.save_interval and iteration % args.save_interval == 0):
+                save(iteration)
+            exit_reason = "exit-interval"
+            break
         if args.exit_duration_in_mins:
             t = torch.tensor([time.time() - start], device=device())
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -365,6 +375,8 @@ def pretrain(args, plan) -> int:
         if args.save and not (args.save_interval and iteration % args.save_interval == 0):
             save(iteration)
 
+    if async_saver is not None:
+        async_saver.maybe_finalize(blocking=True)
     if data_iter is not None:
         data_iter.close()
     metrics.close()
@@ -403,6 +415,13 @@ def main(argv=None) -> int:
     except (ConfigError, ckpt.CheckpointError, ShardError) as e:
         print(f"pretrain_sd3.py: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:  # a collective failed: a peer died or hung (one line, not a traceback)
+        from megatron_sd3.training.watchdog import peer_failure
+
+        if peer_failure(e) is None:
+            raise
+        print(f"pretrain_sd3.py: error: {peer_failure(e)}", file=sys.stderr, flush=True)
+        return 1
     finally:
         from megatron_sd3.distributed import destroy_distributed
 

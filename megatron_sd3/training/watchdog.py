@@ -1,0 +1,94 @@
+"""No rank outlives its job: a parent-death watch for launched ranks.
+
+A rank started by a launcher (torchrun, or any launcher that sets ``WORLD_SIZE`` > 1) must not
+keep running, or keep waiting in a collective, once that launcher is gone. ``watch_parent()``:
+
+1. asks the kernel (Linux ``prctl(PR_SET_PDEATHSIG, SIGTERM)``, through ctypes) to send SIGTERM
+   when the parent dies: the rank stops at once, or with ``--exit-signal-handler`` saves at the
+   end of the iteration and exits;
+2. starts a daemon thread that polls ``os.getppid()`` every second (the portable fallback, and the
+   guard for a parent that died before step 1): when the parent is gone it sends SIGTERM itself
+   and, if the process is still alive ``grace_s`` seconds later (a save that cannot complete, a
+   collective with a dead peer), SIGKILLs it.
+
+A peer that died or hangs is the other half: every collective then fails (gloo: connection
+closed) or times out after ``--distributed-timeout-minutes`` (the process-group timeout given to
+``torch.distributed.init_process_group`` and megatron's ``initialize_model_parallel``).
+
+``die_with_parent()`` is step 1 alone, for helper processes a rank forks (the asynchronous
+checkpoint writer), so they cannot outlive the rank either.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Optional
+
+PR_SET_PDEATHSIG = 1
+GRACE_S = 30.0  # like torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT: SIGTERM, then SIGKILL
+
+_thread: Optional[threading.Thread] = None
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Linux: the kernel sends ``sig`` to this process when its parent exits. False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except OSError:
+        return False
+
+
+def launched_by_launcher(env=os.environ) -> bool:
+    """torchrun's workers, or several ranks started by some launcher (as tests/_ranks.py does).
+    A single ``python pretrain_sd3.py`` (nohup, a shell) is left alone."""
+    return "TORCHELASTIC_RUN_ID" in env or int(env.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def _watch(parent: int, grace_s: float, poll_s: float) -> None:
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    print(f" > rank process {os.getpid()}: its launcher (pid {parent}) is gone; stopping "
+          f"(SIGTERM now, SIGKILL in {grace_s:.0f} s)", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(grace_s)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def watch_parent(grace_s: float = GRACE_S, poll_s: float = 1.0) -> bool:
+    """Arm the watch (once per process). Returns whether it is armed."""
+    global _thread
+    if _thread is not None:
+        return True
+    parent = os.getppid()
+    if parent == 1:  # already orphaned (or started by init): nothing to watch
+        return False
+    die_with_parent(signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+    _thread = threading.Thread(target=_watch, args=(parent, grace_s, poll_s), name="parent-watch", daemon=True)
+    _thread.start()
+    return True
+
+
+_PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting",
+               "timed out", "Socket Timeout", "NCCL", "ProcessGroupGloo")
+
+
+def peer_failure(e: BaseException) -> Optional[str]:
+    """The one line for a collective that failed because a peer died or hung; None for other errors."""
+    import torch.distributed as dist
+
+    text = str(e).strip()
+    if not (isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(s in text for s in _PEER_SIGNS))):
+        return None
+    first = text.splitlines()[0][:200] if text else type(e).__name__
+    return (f"a peer rank died or stopped responding ({first}); this rank stops too "
+            f"(a hung peer is given --distributed-timeout-minutes)")

@@ -1,0 +1,126 @@
+"""No rank outlives its job: a rank whose peer died or hangs, or whose launcher died, exits in
+bounded time (``--distributed-timeout-minutes`` and the parent-death watch of
+megatron_sd3/training/watchdog.py)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from _jobs import ENTRY, Job, metrics_records
+from _ranks import ROOT, free_port
+
+LONG = ["--config", "configs/sd3_light_tiny.toml", "--pipeline-model-parallel-size", "2", "--log-interval", "1",
+        "--no-progress", "--train-iters", "100000"]
+
+
+def _wait_training(metrics, job_alive, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and job_alive():
+        if len(metrics_records(metrics)) >= 2:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _wait_exit(proc, timeout):
+    t0 = time.time()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    return time.time() - t0
+
+
+@pytest.mark.timeout(600)
+def test_rank_whose_peer_died_exits(tmp_path):
+    m = str(tmp_path / "m.jsonl")
+    with Job([*LONG, "--metrics-file", m], 2, str(tmp_path), "peer") as job:
+        assert _wait_training(m, lambda: job.procs[0].poll() is None), job.log(0)[-3000:]
+        os.kill(job.procs[1].pid, signal.SIGKILL)
+        took = _wait_exit(job.procs[0], 120)
+        assert took is not None, "rank 0 still runs 120 s after its peer died"
+        assert job.procs[0].returncode == 1, job.log(0)[-3000:]
+        assert "error: a peer rank died or stopped responding" in job.log(0)
+        print(f"\nrank 0 exited {took:.1f} s after its peer was killed (code {job.procs[0].returncode})")
+
+
+@pytest.mark.timeout(600)
+def test_rank_whose_peer_hangs_exits_after_the_distributed_timeout(tmp_path):
+    """A peer that is alive but stuck (SIGSTOP) keeps its sockets open: only the process-group
+    timeout ends the wait. 0.25 minutes here; megatron's default of 10 would outlast the test."""
+    m = str(tmp_path / "m.jsonl")
+    with Job([*LONG, "--metrics-file", m, "--distributed-timeout-minutes", "0.25"], 2, str(tmp_path), "hang") as job:
+        assert _wait_training(m, lambda: job.procs[0].poll() is None), job.log(0)[-3000:]
+        os.kill(job.procs[1].pid, signal.SIGSTOP)
+        took = _wait_exit(job.procs[0], 150)
+        assert took is not None, "rank 0 still waits 150 s after its peer hung (timeout 15 s)"
+        assert job.procs[0].returncode == 1
+        log = job.log(0)
+        assert "error: a peer rank died or stopped responding" in log and "Traceback" not in log, log[-3000:]
+        print(f"\nrank 0 exited {took:.1f} s after its peer hung (code {job.procs[0].returncode}); "
+              f"last lines:\n{job.log(0)[-600:]}")
+
+
+def _children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(600)
+def test_ranks_of_a_killed_torchrun_exit(tmp_path):
+    """torchrun SIGKILLed (it cannot stop its ranks): the ranks and what they started go too."""
+    m = str(tmp_path / "m.jsonl")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    family = []
+    with open(tmp_path / "torchrun.log", "w") as log:
+        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                     "--master-port", str(free_port()), ENTRY, *LONG, "--metrics-file", m,
+                                     "--save", str(tmp_path / "ck"), "--save-interval", "3"],
+                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+    try:
+        assert _wait_training(m, lambda: launcher.poll() is None), (tmp_path / "torchrun.log").read_text()[-3000:]
+        ranks = _children(launcher.pid)
+        assert len(ranks) == 2, ranks
+        family += ranks + [c for r in ranks for c in _children(r)]  # checkpoint writer helpers too
+        launcher.kill()
+        launcher.wait()
+        deadline = time.time() + 60
+        while time.time() < deadline and any(_alive(p) for p in family):
+            time.sleep(0.2)
+        left = [p for p in family if _alive(p)]
+        assert not left, f"processes {left} of the job still run 60 s after torchrun died"
+    finally:  # torchrun starts each rank in a session of its own: kill those groups as well
+        groups = {launcher.pid}
+        for p in family:
+            try:
+                groups.add(os.getpgid(p))
+            except ProcessLookupError:
+                pass
+        for pgid in groups:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        launcher.wait()
