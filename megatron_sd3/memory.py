@@ -109,7 +109,7 @@ def block_activation_bytes(cfg, layer_number: int, n_img: int, micro_batch: int,
     ``mode``: ``none``, ``selective`` or ``full`` (a block that is checkpointed; default from the
     config, where ``full`` means this block's unit is recomputed). Counts in units of
     ``tokens x micro_batch x hidden`` elements, per stream, of what autograd keeps (see
-    docs/design.md's memory section; checked against :func:`saved_bytes_by_part` by the tests):
+    docs/design.md, section "Memory"; checked against :func:`saved_bytes_by_part` by the tests):
 
     ====================  ===============================  ================================
     part                  none                             selective

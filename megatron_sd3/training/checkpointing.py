@@ -7,7 +7,7 @@ Layout of ``--save DIR`` (Megatron-LM's names)::
     DIR/latest_checkpointed_iteration.txt
     DIR/effective_config.json       the run's configuration
 
-A save (docs/design.md, "checkpoints"):
+A save (docs/design.md, section "Checkpoints"):
 
 1. rank 0 removes what interrupted saves left (``iter_*.tmp/``, and ``iter_*`` directories newer
    than the one ``latest`` names) and makes ``iter_XXXXXXX.tmp/``;
@@ -405,7 +405,7 @@ def check_model_config(saved: dict, current: dict, ckpt: Path) -> None:
 
 def check_resume(common: dict, model_config: dict, ckpt: Path, *, load_optim: bool,
                  global_batch_size: Optional[int]) -> None:
-    """What a resume can and cannot change (docs/design.md, "resume"), said in one line."""
+    """What a resume can and cannot change (docs/design.md, section "Resume"), said in one line."""
     if common.get("weights_only"):
         return
     g_saved = float(common["model_config"].get("text_recon_gamma") or 0.0)
