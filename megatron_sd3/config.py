@@ -274,7 +274,7 @@ def check_model_fields(fields: dict[str, Any], where: str = "[model]") -> dict[s
 
 
 def check_model_consistency(f: dict[str, Any]) -> None:
-    """Cross-field rules, said before any model is built (DESIGN.md §2)."""
+    """Cross-field rules, said before any model is built (docs/design.md, section "Text reconstruction")."""
     n, hidden, heads = f["num_layers"], f["hidden_size"], f["num_attention_heads"]
     if hidden % heads:
         raise ConfigError(f"[model]: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
@@ -329,7 +329,8 @@ def make_config(preset: str = "tiny", *, parallel: Optional[dict] = None, **over
     p = dict(parallel or {})
     params_dtype = p.pop("params_dtype", torch.float32)
     if p.get("fp8"):
-        # FP8 GEMMs want token counts in multiples of 16: pad the text stream (DESIGN.md §4).
+        # FP8 GEMMs want token counts in multiples of 16: pad the text stream
+        # (docs/design.md, section "Activation packing").
         p.setdefault("text_pad_multiple", 16)
         # megatron's default recipe is "delayed" (TE only); the torchao backend is tensorwise.
         p.setdefault("fp8_recipe", "tensorwise")

@@ -58,7 +58,7 @@ def set_seed(seed: int) -> None:
 
     Same as Megatron-LM's ``_set_random_seed`` except that no pipeline-rank offset is added: the
     model seeds its initialisation per global layer and the data draws per sample, and the
-    default generator must not depend on the layout (DESIGN.md section 8).
+    default generator must not depend on the layout (docs/design.md, section "Layout-independent randomness").
     Needs parallel_state to be initialised (the tracker seeds from the TP/EP rank).
     """
     random.seed(seed)

@@ -1,15 +1,15 @@
-"""FP8 training of the whole model through the real training path (issue 6, "Correctness on CPU").
+"""FP8 training of the whole model through the real training path, on CPU.
 
 The tiny preset (4 joint blocks, hidden 64) is trained on CPU with megatron-core's schedules,
 DDP and optimizer (``TrainStep``), FP8 GEMMs from the local backend (torchao float8 inside
 megatron's parallel linears), by ``tests/_fp8_train_worker.py`` in 1 or 2 gloo processes.
-Text is 13 tokens per sample, so FP8 mode pads the text stream to 16 (pads masked out of
-attention and of the text-recon loss) while the fp32 reference runs unpadded.
+Text is 13 tokens per sample, so FP8 mode pads the text stream to 16 (pads sliced out of the
+attention sequence and left out of the text-recon loss) while the fp32 reference runs unpadded.
 
-Bounds (measured on the 2-core CPU machine, 2026-11):
+Bounds (and what a 2-core CPU measured):
 
 * FP8 (hybrid, fp32 params) vs fp32, 20 steps: |loss_fp8 - loss_fp32| / loss_fp32 <= 2 %
-  ("a few percent", issue 6) at every step; measured max 9.6e-5.
+  at every step; measured max 9.6e-5.
 * FP8 TP=2 vs FP8 on one rank (agreed amax, so identical scales; only the row-parallel
   all-reduce's summation order differs, which can flip an FP8 rounding): losses rel <= 1e-5
   (measured 8e-7), grad norms rel <= 1e-4 (1.5e-6), all parameters after 3 steps

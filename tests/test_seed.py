@@ -1,4 +1,5 @@
-"""The seed's minimal check, verbatim apart from the import (shared/seed/)."""
+"""The seed specification's minimal check of the text-reconstruction loss, verbatim apart from the
+import (docs/design.md, section "Text reconstruction")."""
 import torch
 from megatron_sd3.models.sd3_light import LightSD3Pipeline
 
