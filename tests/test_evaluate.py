@@ -167,3 +167,29 @@ def test_bad_validation_input_is_one_line(capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.timeout(600)
+def test_preprocess_prompts_writes_sample_embeddings(tmp_path):
+    pytest.importorskip("diffusers")
+    import importlib.util
+
+    from _data_fixtures import build_tiny_sd3_encoders
+    from megatron_sd3.data.preprocess import EncoderPaths, Encoders
+    from megatron_sd3.training.evaluate import load_prompt_embeds
+
+    root = build_tiny_sd3_encoders(tmp_path / "sd3")
+    (tmp_path / "prompts.txt").write_text("a red cat\n\nthe blue sky\n")
+    spec = importlib.util.spec_from_file_location("preprocess_data", os.path.join(ROOT, "tools", "preprocess_data.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "p.safetensors"
+    assert tool.main(["--prompts", str(tmp_path / "prompts.txt"), "--output", str(out), "--sd3-root", str(root),
+                      "--t5-len", "8", "--quiet"]) == 0
+    text, pooled, prompts = load_prompt_embeds(str(out))
+    assert prompts == ["a red cat", "the blue sky"]
+    want_t, want_p = Encoders(EncoderPaths.from_sd3_root(str(root)), "cpu", torch.float32, 8).encode_prompts(prompts)
+    assert torch.equal(text, want_t) and torch.equal(pooled, want_p)
+    assert tuple(text.shape) == (2, 77 + 8, 4096) and tuple(pooled.shape) == (2, 2048)
+    assert tool.main(["--prompts", str(tmp_path / "prompts.txt"), "--output", str(tmp_path / "dir"),
+                      "--sd3-root", str(root)]) == 2  # a standalone file must be a .safetensors path
