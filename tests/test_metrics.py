@@ -57,7 +57,7 @@ def test_pretrain_sends_train_eval_and_samples_to_wandb_offline(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "pretrain_sd3.py"), "--config", "configs/sd3_light_tiny.toml",
-         "--train-iters", "2", "--log-interval", "1", "--no-progress", "--mock-num-samples", "32",
+         "--train-iters", "2", "--lr-decay-iters", "8", "--log-interval", "1", "--no-progress", "--mock-num-samples", "32",
          "--valid-samples", "8", "--eval-interval", "2", "--eval-timesteps", "2", "--sample-interval", "2",
          "--sample-steps", "1", "--sample-num", "2", "--save", str(tmp_path / "ck"),
          "--wandb-project", "sd3-test", "--wandb-exp-name", "offline-check", "--wandb-save-dir", str(tmp_path / "wb")],
