@@ -193,3 +193,17 @@ def test_preprocess_prompts_writes_sample_embeddings(tmp_path):
     assert tuple(text.shape) == (2, 77 + 8, 4096) and tuple(pooled.shape) == (2, 2048)
     assert tool.main(["--prompts", str(tmp_path / "prompts.txt"), "--output", str(tmp_path / "dir"),
                       "--sd3-root", str(root)]) == 2  # a standalone file must be a .safetensors path
+
+    # --sd3-root: the training sample grid is decoded with that VAE, as tools/generate.py decodes
+    from diffusers import AutoencoderKL
+
+    from megatron_sd3.sampling import decode_latents
+    from megatron_sd3.training.evaluate import SampleGrid, grid_image
+
+    lat = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    grid = SampleGrid([], text[:2], pooled[:2], (4, 4), 16, sd3_root=str(root))
+    vae = AutoencoderKL.from_pretrained(str(root / "vae"))
+    want = decode_latents(vae, lat, vae.config.scaling_factor, vae.config.shift_factor)
+    got = grid.images(lat)
+    assert got.shape == (2, 3, 32, 32) and torch.equal(got, want)
+    assert grid_image(got).shape == (64, 128, 3)

@@ -235,7 +235,7 @@ def _sample_prompts(args, cfg, source):
             torch.stack([r["pooled_prompt_embeds"] for r in rows]).float())
 
 
-def build_side_tasks(args, cfg, ddp, models):
+def build_side_tasks(args, cfg, ddp):
     """The ``Evaluator`` (with a validation set) and the ``SampleGrid`` (with --sample-interval), or None."""
     from megatron_sd3.training.evaluate import Evaluator, SampleGrid, ValidationSet
 
@@ -350,7 +350,7 @@ def pretrain(args, plan) -> int:
     start_iteration = iteration
     handler = SignalHandler() if args.exit_signal_handler else None
     metrics = MetricsWriter(args.metrics_file, args.tensorboard_dir, wandb_settings(args), run_config)
-    evaluator, sampler = build_side_tasks(args, cfg, ddp, models)
+    evaluator, sampler = build_side_tasks(args, cfg, ddp)
     progress = (not args.no_progress) and sys.stdout.isatty() and dist.get_rank() == 0
     if evaluator is not None and args.eval_at_start:
         rec = evaluator.evaluate(iteration, ema)
