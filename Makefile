@@ -18,10 +18,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # The main job on the built-in default: tiny preset, synthetic data, PP=2 over 2 local CPU ranks
-# (all GPUs when there are some), text reconstruction on, through launch.sh like a cluster run.
+# (all GPUs when there are some), text reconstruction on, through launch.sh like a cluster run;
+# one validation at the end (16 held-out samples, 4 timesteps, EMA too) and one sample grid
+# (runs/demo/checkpoints/samples/iter_0000040.png, a latent preview).
 demo: $(STAMP)
 	CONFIG=configs/sd3_light_tiny.toml bash launch.sh --pipeline-model-parallel-size 2 \
-	    --save runs/demo/checkpoints --metrics-file runs/demo/metrics.jsonl
+	    --save runs/demo/checkpoints --metrics-file runs/demo/metrics.jsonl \
+	    --valid-samples 16 --eval-interval 40 --eval-timesteps 4 --sample-interval 40 --sample-steps 8
 
 # CPU-sized on this machine; on a GPU, tools/gpu_check.sh runs the sd3_light throughput table.
 bench: $(STAMP)

@@ -84,6 +84,34 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
         F("mock_num_samples", int, 100_000, "samples of the synthetic dataset", check=at_least(1)),
         F("mock_latent_size", str, None, "HxW of mock latents, e.g. 32x32 (default: the model's sample size)"),
         F("mock_with_mask", bool, False, "synthetic samples carry a loss mask"),
+        F("mock_classes", int, 0, "a conditional synthetic task: K classes, each a fixed text embedding "
+          "and its own latent pattern plus noise (0 = plain random samples)", check=at_least(0)),
+    ]),
+    Section("evaluation", "validation (held-out data, forward only, fixed noise)", [
+        F("valid_data_path", str, None, "validation dataset directory made by tools/preprocess_data.py"),
+        F("valid_samples", int, None, "hold out the last N samples of --data-path / the mock source "
+          "(never trained on) as the validation set", check=at_least(1)),
+        F("eval_interval", int, None, "iterations between evaluations (and one at the end)", check=at_least(1)),
+        F("eval_iters", int, 0, "validation global batches per evaluation (0 = the whole validation set, "
+          "in whole global batches)", check=at_least(0)),
+        F("eval_timesteps", int, 8, "timesteps per sample: stratified t = (i + 0.5)/K, i < K, each sample "
+          "noised with a fixed noise per (sample, t). diffusion-pipe evaluates at a few fixed quantiles of "
+          "t (e.g. 0.1, 0.5, 0.9); these are the K equal-mass quantile midpoints of a uniform t, so the mean "
+          "over them estimates the loss averaged uniformly over t", check=at_least(1)),
+        F("eval_at_start", bool, False, "evaluate once before the first iteration"),
+    ]),
+    Section("sampling", "samples during training", [
+        F("sample_interval", int, None, "iterations between sample grids (and one at the end), "
+          "written to SAVE/samples/iter_NNNNNNN.png", check=at_least(1)),
+        F("sample_prompts", str, None, "safetensors of prompt embeddings (tools/preprocess_data.py --prompts); "
+          "default: DATA/sample_prompts.safetensors, else the text of the first --sample-num "
+          "validation (or dataset) samples"),
+        F("sample_num", int, 4, "prompts taken from the data when there is no prompt file", check=at_least(1)),
+        F("sample_steps", int, 20, "Euler steps per sample", check=at_least(1)),
+        F("sample_cfg_scale", float, 4.0, "classifier-free guidance scale (<= 1: none)"),
+        F("sample_shift", float, 3.0, "timestep shift of the sampling schedule", check=above(0)),
+        F("sample_seed", int, 0, "seed of the samples' starting noise (sample i: seed + i)"),
+        F("sd3_root", str, None, "diffusers SD3 folder: decode samples with its VAE (default: a latent preview)"),
     ]),
     Section("checkpoint", "checkpointing", [
         F("save", str, None, "checkpoint directory"),
@@ -105,6 +133,10 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
         F("log_interval", int, 10, "iterations between log lines", check=at_least(1)),
         F("metrics_file", str, None, "JSON lines of per-iteration figures"),
         F("tensorboard_dir", str, None, "TensorBoard event directory"),
+        F("wandb_project", str, None, "Weights & Biases project: everything sent to TensorBoard goes there too "
+          "(needs wandb; WANDB_MODE=offline for no network)"),
+        F("wandb_exp_name", str, None, "W&B run name"),
+        F("wandb_save_dir", str, None, "W&B run directory (default: wandb's)"),
         F("no_progress", bool, False, "no progress bar even on a terminal", negatable=False),
     ]),
     Section("recompute", "activation recomputation (megatron_sd3/recompute.py)", [
@@ -265,6 +297,19 @@ def validate(args) -> None:
             assert h > 0 and w > 0
         except Exception:
             bad(f"--mock-latent-size must look like 32x32, got {args.mock_latent_size!r}")
+    if args.valid_data_path and args.valid_samples:
+        bad("give one validation set: --valid-data-path DIR or --valid-samples N")
+    if args.eval_interval and not (args.valid_data_path or args.valid_samples):
+        bad("--eval-interval needs a validation set: --valid-data-path DIR or --valid-samples N")
+    if args.eval_at_start and not (args.valid_data_path or args.valid_samples):
+        bad("--eval-at-start needs a validation set: --valid-data-path DIR or --valid-samples N")
+    if args.valid_samples and args.mock_data and args.valid_samples >= args.mock_num_samples:
+        bad(f"--valid-samples {args.valid_samples} leaves no training samples of --mock-num-samples "
+            f"{args.mock_num_samples}; hold out fewer")
+    if args.sample_interval and not args.save:
+        bad("--sample-interval writes SAVE/samples/ and needs --save DIR")
+    if (args.wandb_exp_name or args.wandb_save_dir) and not args.wandb_project:
+        bad("--wandb-exp-name / --wandb-save-dir need --wandb-project NAME")
     if args.pipeline_layers is not None:
         try:
             args.pipeline_layers = [int(v) for v in str(args.pipeline_layers).split(",")]

@@ -7,6 +7,10 @@
     torchrun --nproc-per-node 8 tools/preprocess_data.py --input list.jsonl --output DATA_DIR \
         --vae VAE_DIR --clip-l CLIP_L_DIR --clip-g CLIP_G_DIR --t5 T5_DIR --buckets auto --resolution 256
 
+    # sample prompts for pretrain_sd3.py --sample-interval: DATA_DIR/sample_prompts.safetensors with
+    # the dataset (add --prompts prompts.txt to the command above), or a standalone file:
+    python tools/preprocess_data.py --prompts prompts.txt --output prompts.safetensors --sd3-root SD3_DIR
+
 The input is a folder (images with same-name .txt captions) or a .jsonl/.csv with image, caption[, mask].
 Encoders come from local folders only. Stopping and rerunning the same command resumes. Then
 ``python -m megatron_sd3.data DATA_DIR`` verifies every shard's checksum.
@@ -22,8 +26,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, help="image folder with .txt captions, or a .jsonl/.csv list")
-    p.add_argument("--output", required=True, help="dataset folder to write (shards/, manifest.json)")
+    p.add_argument("--input", help="image folder with .txt captions, or a .jsonl/.csv list")
+    p.add_argument("--output", required=True, help="dataset folder to write (shards/, manifest.json); with "
+                   "--prompts and no --input: the prompt-embeddings .safetensors file")
+    p.add_argument("--prompts", help="text file (one prompt a line) or .jsonl: their embeddings for sampling, "
+                   "written to OUTPUT/sample_prompts.safetensors (or to OUTPUT itself without --input)")
     p.add_argument("--sd3-root", help="diffusers SD3 folder (vae/, text_encoder{,_2,_3}/, tokenizer{,_2,_3}/)")
     p.add_argument("--vae", help="AutoencoderKL folder (overrides --sd3-root)")
     p.add_argument("--clip-l", help="CLIP-L CLIPTextModelWithProjection folder")
@@ -66,6 +73,16 @@ def main(argv=None) -> int:
                   f"{', '.join('--' + m.replace('_', '-') for m in missing)})", file=sys.stderr)
             return 2
         paths = pp.EncoderPaths(a.vae, a.clip_l, a.clip_g, a.t5, a.clip_l_tokenizer, a.clip_g_tokenizer, a.t5_tokenizer)
+    if not a.input and not a.prompts:
+        print("error: give --input (images + captions) and/or --prompts (prompts to encode for sampling)",
+              file=sys.stderr)
+        return 2
+    if not a.input and not a.output.endswith(".safetensors"):
+        print(f"error: --prompts without --input writes one file: --output must end in .safetensors, "
+              f"got {a.output}", file=sys.stderr)
+        return 2
+    if not a.input:
+        return _prompts_only(a, pp, paths)
     cfg = pp.PreprocessConfig(
         input=a.input, output=a.output, encoders=paths, resolution=a.resolution, buckets=a.buckets,
         bucket_step=a.bucket_step, t5_len=a.t5_len, dtype=a.dtype, encoder_dtype=a.encoder_dtype,
@@ -79,6 +96,30 @@ def main(argv=None) -> int:
     if m is not None:
         print(f"wrote {a.output}: {m['num_samples']} samples, {len(m['shards'])} shards, "
               f"{m['num_skipped']} skipped inputs")
+        if a.prompts:
+            return _prompts_only(a, pp, paths, os.path.join(a.output, pp.SAMPLE_PROMPTS_FILE))
+    return 0
+
+
+def _prompts_only(a, pp, paths, out=None) -> int:
+    """Encode the --prompts list into one safetensors file (rank 0 of a multi-rank run only)."""
+    import torch
+
+    if pp.dist_env()[0] != 0:
+        return 0
+    out = out or a.output
+    try:
+        prompts = pp.read_prompt_list(a.prompts)
+        device = torch.device(a.device) if a.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from megatron_sd3.data import shards
+
+        dtype = shards.dtype_from_name(a.encoder_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+        enc = pp.Encoders(paths, device, dtype, a.t5_len)
+        pp.write_prompt_embeds(prompts, enc, out, dtype="float32", batch_size=a.batch_size)
+    except (pp.EncoderPathError, pp.InputError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: embeddings of {len(prompts)} prompts")
     return 0
 
 

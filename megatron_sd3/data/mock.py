@@ -15,6 +15,12 @@ Sample ``i`` depends only on ``(seed, i)``: it is drawn from a ``torch.Generator
 bucket ``bucket_ids[i]`` (also a function of ``(seed, i)`` only) and has that bucket's shape. The
 ``buckets`` / ``bucket_ids`` attributes are what :mod:`megatron_sd3.data.sampler` uses to keep every
 global batch inside one bucket; :class:`megatron_sd3.data.dataset.ShardedDataset` exposes the same.
+
+``classes = K > 0`` makes it a *conditional* task (different prompts mean visibly different images):
+sample ``i`` belongs to class ``label(i)`` (a function of ``(seed, i)``); its text is the class's fixed
+embedding (``class_prompts()``) and its latents are the class's pattern (``class_patterns(h, w)``:
+quadrant ``c % 4`` raised, the others lowered, times a per-class sign per channel) plus noise of std
+``CLASS_NOISE``. A model that follows its text turns class ``c``'s prompt into pattern ``c``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class MockDataset(torch.utils.data.Dataset):
         pooled_dim: int = 2048,
         with_mask: bool = False,
         seed: int = 1234,
+        classes: int = 0,
     ):
         if num_samples <= 0:
             raise ValueError(f"MockDataset: num_samples must be > 0, got {num_samples}")
@@ -55,6 +62,10 @@ class MockDataset(torch.utils.data.Dataset):
         self.pooled_dim = int(pooled_dim)
         self.with_mask = bool(with_mask)
         self.seed = int(seed)
+        self.classes = int(classes)
+        if self.classes < 0:
+            raise ValueError(f"MockDataset: classes must be >= 0, got {classes}")
+        self._class_cache: dict = {}
         nb = len(buckets)
         self.bucket_ids = np.array(
             [derive_seed(self.seed, i, "bucket") % nb if nb > 1 else 0 for i in range(self.num_samples)],
@@ -70,13 +81,51 @@ class MockDataset(torch.utils.data.Dataset):
             raise IndexError(f"MockDataset index {i} out of range [0, {self.num_samples})")
         g = generator(self.seed, i)
         h, w = self.buckets[int(self.bucket_ids[i])]
-        out = {
-            "latents": torch.randn(self.in_channels, h, w, generator=g),
-            "prompt_embeds": torch.randn(self.text_len, self.text_dim, generator=g),
-            "pooled_prompt_embeds": torch.randn(self.pooled_dim, generator=g),
-        }
+        if self.classes:
+            c = self.label(i)
+            if self._class_cache.get("hw") != (h, w):
+                self._class_cache = {"hw": (h, w), "prompts": self.class_prompts(),
+                                     "patterns": self.class_patterns(h, w)}
+            text, pooled = self._class_cache["prompts"]
+            out = {"latents": self._class_cache["patterns"][c] + CLASS_NOISE * torch.randn(self.in_channels, h, w,
+                                                                                       generator=g),
+                   "prompt_embeds": text[c].clone(), "pooled_prompt_embeds": pooled[c].clone()}
+        else:
+            out = {
+                "latents": torch.randn(self.in_channels, h, w, generator=g),
+                "prompt_embeds": torch.randn(self.text_len, self.text_dim, generator=g),
+                "pooled_prompt_embeds": torch.randn(self.pooled_dim, generator=g),
+            }
         if self.with_mask:
             m = (torch.rand(h, w, generator=g) > 0.3).float()
             m.view(-1)[0] = 1.0
             out["mask"] = m
         return out
+
+    # -- the conditional task (classes > 0) -------------------------------------------------------------
+    def label(self, i: int) -> int:
+        """Class of sample ``i``."""
+        if not self.classes:
+            raise ValueError("MockDataset built without classes has no labels")
+        return int(derive_seed(self.seed, int(i), "class") % self.classes)
+
+    def class_prompts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prompt_embeds [K, T, D], pooled [K, P])``: each class's fixed text."""
+        g = generator(self.seed, "class-prompts")
+        return (torch.randn(self.classes, self.text_len, self.text_dim, generator=g),
+                torch.randn(self.classes, self.pooled_dim, generator=g))
+
+    def class_patterns(self, h: int, w: int) -> torch.Tensor:
+        """``[K, C, h, w]``: each class's clean latents (what its samples are, up to noise)."""
+        g = generator(self.seed, "class-patterns")
+        signs = torch.randint(0, 2, (self.classes, self.in_channels), generator=g).float() * 2 - 1
+        out = torch.full((self.classes, self.in_channels, h, w), -0.5)
+        for c in range(self.classes):
+            q = c % 4
+            rows = slice(0, h // 2) if q < 2 else slice(h // 2, h)
+            cols = slice(0, w // 2) if q % 2 == 0 else slice(w // 2, w)
+            out[c, :, rows, cols] = 1.5
+        return out * signs[:, :, None, None]
+
+
+CLASS_NOISE = 0.2

@@ -22,6 +22,12 @@ Work is split into *units* of ``shard_size`` consecutive inputs; unit ``u`` is d
 bucket present in the unit and then ``units/uNNNNNN.json``. A restart skips units whose record and shards
 exist, whatever the number of ranks. Rank 0 then waits for all unit records (file markers: no process
 group needed) and writes ``manifest.json``. See :mod:`megatron_sd3.data.shards` for the format.
+
+Sample prompts (``--prompts FILE``): :func:`write_prompt_embeds` encodes a prompt list with the same
+text encoders into one safetensors file, ``prompt_embeds [N, T, D]`` and ``pooled_prompt_embeds
+[N, P]`` with the prompt texts in its metadata (``"prompts"``, a JSON list): the sample grid of
+``pretrain_sd3.py --sample-interval`` (``DATA/sample_prompts.safetensors``, or ``--sample-prompts``)
+and ``tools/generate.py --prompt-embeds`` read it.
 """
 
 from __future__ import annotations
@@ -533,3 +539,52 @@ def run(cfg: PreprocessConfig, rank: int | None = None, world_size: int | None =
     m = merge_manifest(out, n_units, base, listing_skipped, cfg.merge_timeout, lambda s: _log(cfg, rank, s))
     _log(cfg, rank, f"manifest: {m['num_samples']} samples in {len(m['shards'])} shards, {m['num_skipped']} skipped")
     return m
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sample prompts
+
+SAMPLE_PROMPTS_FILE = "sample_prompts.safetensors"
+
+
+def read_prompt_list(path: str | os.PathLike) -> list[str]:
+    """Prompts of a text file (one a line) or a ``.jsonl`` with a ``prompt``/``caption``/``text`` field."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--prompts {p}: file not found")
+    prompts = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix.lower() == ".jsonl":
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise InputError(f"--prompts {p}: line {n} is not JSON") from None
+            text = next((row[k] for k in ("prompt", "caption", "text") if isinstance(row, dict) and row.get(k)), None)
+            if text is None:
+                raise InputError(f"--prompts {p}: line {n} has no prompt/caption/text field")
+            prompts.append(str(text).strip())
+        else:
+            prompts.append(line.strip())
+    if not prompts:
+        raise InputError(f"--prompts {p}: no prompts in the file")
+    return prompts
+
+
+def write_prompt_embeds(prompts: list[str], encoders: "Encoders", path: str | os.PathLike,
+                        dtype: str = "float32", batch_size: int = 16) -> Path:
+    """Encode ``prompts`` (as the dataset's captions are encoded) into one safetensors file."""
+    from safetensors.torch import save_file
+
+    out_dtype = _shards.dtype_from_name(dtype)
+    embeds, pooled = [], []
+    for i in range(0, len(prompts), batch_size):
+        e, p = encoders.encode_prompts(prompts[i:i + batch_size])
+        embeds.append(e.to("cpu", out_dtype))
+        pooled.append(p.to("cpu", out_dtype))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"prompt_embeds": torch.cat(embeds).contiguous(), "pooled_prompt_embeds": torch.cat(pooled).contiguous()},
+              str(path), metadata={"prompts": json.dumps(prompts)})
+    return path

@@ -25,7 +25,9 @@ Order (all of it a function of ``(seed, dataset bucket ids, global_batch_size)``
 3. A global batch of ``G`` samples is split into ``dp_size`` contiguous slices of ``G / dp_size`` (rank ``r``
    gets slice ``r``), each cut into contiguous microbatches of ``micro_batch_size``. Concatenating the
    microbatches of rank 0, then rank 1, ... gives the global batch in order, whatever the layout.
-4. Resume: ``consumed_samples = N`` (a multiple of ``G``) starts at global batch ``N / G``; the stream is then
+4. Held-out samples: ``holdout = N`` leaves the last ``N`` samples of the dataset (the validation set
+   of ``--valid-samples``) out of every epoch: the plan only ever sees samples ``0 .. len - N - 1``.
+5. Resume: ``consumed_samples = N`` (a multiple of ``G``) starts at global batch ``N / G``; the stream is then
    exactly the stream of the uninterrupted run after ``N`` samples.
 
 :class:`GlobalBatchPlan` gives the same plan without reading any data, so pipeline stages that do not read
@@ -151,7 +153,8 @@ class DataIterator:
     """Infinite iterator over this DP rank's microbatches (see the module docstring)."""
 
     def __init__(self, dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 seed: int, consumed_samples: int = 0, keys: Sequence[str] | None = None, prefetch: int = 2):
+                 seed: int, consumed_samples: int = 0, keys: Sequence[str] | None = None, prefetch: int = 2,
+                 holdout: int = 0):
         G, mbs = int(global_batch_size), int(micro_batch_size)
         if dp_size <= 0 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"bad dp_rank/dp_size: {dp_rank}/{dp_size}")
@@ -161,7 +164,11 @@ class DataIterator:
         if consumed_samples % G != 0:
             raise ValueError(f"consumed_samples={consumed_samples} is not a multiple of the global batch size {G}")
         self.dataset = dataset
-        self.plan = GlobalBatchPlan(_bucket_ids_of(dataset), G, seed, getattr(dataset, "buckets", None))
+        ids = _bucket_ids_of(dataset)
+        if not 0 <= int(holdout) < len(ids):
+            raise ValueError(f"holdout={holdout} must leave training samples of the {len(ids)} in the dataset")
+        ids = ids[:len(ids) - int(holdout)]  # the held-out tail is never trained on
+        self.plan = GlobalBatchPlan(ids, G, seed, getattr(dataset, "buckets", None))
         self.global_batch_size, self.micro_batch_size = G, mbs
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.num_microbatches = G // (mbs * dp_size)
@@ -248,7 +255,8 @@ class DataIterator:
 
 def build_data_iterator(dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                         seed: int, consumed_samples: int = 0, keys: Sequence[str] | None = None,
-                        prefetch: int = 2) -> DataIterator:
-    """This DP rank's infinite microbatch iterator, resuming at ``consumed_samples`` (see module docstring)."""
+                        prefetch: int = 2, holdout: int = 0) -> DataIterator:
+    """This DP rank's infinite microbatch iterator, resuming at ``consumed_samples``, never touching
+    the last ``holdout`` samples (see module docstring)."""
     return DataIterator(dataset, global_batch_size, micro_batch_size, dp_rank, dp_size, seed,
-                        consumed_samples, keys, prefetch)
+                        consumed_samples, keys, prefetch, holdout)

@@ -30,6 +30,7 @@ from megatron_sd3.loss import loss_terms
 from megatron_sd3.memory import report_at_start
 from megatron_sd3.training import checkpointing as ckpt
 from megatron_sd3.training.build import build_training, device, use_fused_torch_adam
+from megatron_sd3.training.metrics import MetricsError, MetricsWriter, WandbSettings, check_wandb
 from megatron_sd3.training.parallel_layout import LayoutError, check_layout, pipeline_config_fields, stage_layers
 from megatron_sd3.training.step import TrainStep, microbatch_stream
 
@@ -55,22 +56,23 @@ def _print0(*a):
         print(*a, flush=True)
 
 
-def build_dataset(args, cfg):
-    if args.mock_data:
+def build_dataset(args, cfg, path=None):
+    if path is None and args.mock_data:
         from megatron_sd3.data.mock import MockDataset
 
         side = cfg.sample_size
         hw = tuple(int(v) for v in args.mock_latent_size.lower().split("x")) if args.mock_latent_size else (side, side)
         return MockDataset(args.mock_num_samples, latent_size=hw, in_channels=cfg.in_channels,
                            text_len=cfg.text_seq_len, text_dim=cfg.joint_attention_dim,
-                           pooled_dim=cfg.pooled_projection_dim, with_mask=args.mock_with_mask, seed=args.seed)
+                           pooled_dim=cfg.pooled_projection_dim, with_mask=args.mock_with_mask, seed=args.seed,
+                           classes=args.mock_classes)
     from megatron_sd3.data.dataset import ShardedDataset
 
-    ds = ShardedDataset(args.data_path, verify="fast")
+    ds = ShardedDataset(path or args.data_path, verify="fast")
     return ds
 
 
-def _check_data_matches_model(ds, cfg, args):
+def _check_data_matches_model(ds, cfg, args, path=None):
     """The dataset's text/pooled widths must be the model's: said before training starts."""
     sample = ds[0]
     t, p, lat = sample["prompt_embeds"], sample["pooled_prompt_embeds"], sample["latents"]
@@ -82,7 +84,7 @@ def _check_data_matches_model(ds, cfg, args):
     if lat.shape[0] != cfg.in_channels:
         problems.append(f"latent channels {lat.shape[0]} vs model {cfg.in_channels}")
     if problems:
-        raise ConfigError(f"data {args.data_path or 'mock'} does not fit the model: {'; '.join(problems)}; "
+        raise ConfigError(f"data {path or args.data_path or 'mock'} does not fit the model: {'; '.join(problems)}; "
                           f"use a [model] preset matching the data (text_seq_len, joint_attention_dim, ...)")
 
 
@@ -122,6 +124,25 @@ def preflight(args):
         from megatron_sd3.data.shards import load_manifest
 
         load_manifest(args.data_path)
+    # -- validation, samples, W&B (training/evaluate.py, training/metrics.py) --
+    if args.valid_data_path:
+        from megatron_sd3.data.shards import load_manifest
+
+        load_manifest(args.valid_data_path)
+    if args.valid_samples and args.data_path:
+        from megatron_sd3.data.shards import load_manifest
+
+        n = load_manifest(args.data_path)["num_samples"]
+        if args.valid_samples >= n:
+            raise ConfigError(f"--valid-samples {args.valid_samples} leaves no training samples of the "
+                              f"{n} in {args.data_path}; hold out fewer")
+    if args.sample_interval and vpp is not None:
+        raise ConfigError("--sample-interval samples with one model chunk per rank; drop "
+                          "--num-virtual-stages-per-pipeline-rank or --sample-interval")
+    if args.sample_prompts and not os.path.isfile(args.sample_prompts):
+        raise ConfigError(f"--sample-prompts {args.sample_prompts}: file not found; write one with "
+                          f"tools/preprocess_data.py --prompts prompts.txt")
+    check_wandb(wandb_settings(args))
     return {"preset": preset, "fields": fields, "model_fields": mf, "dp": dp,
             "load_dir": ckpt.resolve_load(args.load, args.save, args.ckpt_step)}
 
@@ -176,7 +197,7 @@ def metrics_record(iteration, consumed, dt, n_iters, samples, flops, world_size,
     """One line of ``--metrics-file``: timing, throughput, ``loss`` and every registered loss
     term (``megatron_sd3.loss``), grad norm and skipped iterations."""
     losses = {k: res.losses[k] for k in ("loss", *(t.name for t in loss_terms()))}
-    return {"iteration": iteration, "consumed_samples": consumed,
+    return {"type": "train", "iteration": iteration, "consumed_samples": consumed,
             "ms_per_iter": 1000 * dt / n_iters, "samples_per_sec": samples / dt,
             "tflops_per_gpu": flops / dt / world_size / 1e12,
             "lr": lr, **losses, "grad_norm": res.grad_norm, "skipped_iters": skipped_total}
@@ -192,37 +213,79 @@ def log_line(rec: dict, train_iters: int) -> str:
             f"{(rec['grad_norm'] or float('nan')):.4f} | skipped iterations: {rec['skipped_iters']} |")
 
 
-class MetricsWriter:
-    def __init__(self, path: Optional[str], tb_dir: Optional[str]):
-        self.fh = None
-        self.tb = None
-        if dist.get_rank() != 0:
-            return
+# -- validation and samples during training (training/evaluate.py) ---------------------------------------
+def _sample_prompts(args, cfg, source):
+    """The sample prompts' ``(text, pooled)``: ``--sample-prompts``, else the data's
+    ``sample_prompts.safetensors``, else the text of the first ``--sample-num`` samples of ``source``."""
+    from megatron_sd3.training.evaluate import load_prompt_embeds
+
+    path = args.sample_prompts
+    if path is None and args.data_path and os.path.isfile(os.path.join(args.data_path, "sample_prompts.safetensors")):
+        path = os.path.join(args.data_path, "sample_prompts.safetensors")
+    if path is not None:
+        try:
+            text, pooled, _ = load_prompt_embeds(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        if tuple(text.shape[1:]) != (cfg.text_seq_len, cfg.joint_attention_dim) or \
+                pooled.shape[-1] != cfg.pooled_projection_dim:
+            raise ConfigError(f"--sample-prompts {path}: embeddings {tuple(text.shape)} / pooled {tuple(pooled.shape)} "
+                              f"do not fit the model ([N, {cfg.text_seq_len}, {cfg.joint_attention_dim}] / "
+                              f"[N, {cfg.pooled_projection_dim}]); encode with the model's text settings")
+        return text, pooled
+    idx = range(source.start, min(source.start + args.sample_num, source.stop))
+    rows = [source.dataset[i] for i in idx]
+    return (torch.stack([r["prompt_embeds"] for r in rows]).float(),
+            torch.stack([r["pooled_prompt_embeds"] for r in rows]).float())
+
+
+def build_side_tasks(args, cfg, ddp):
+    """The ``Evaluator`` (with a validation set) and the ``SampleGrid`` (with --sample-interval), or None."""
+    from megatron_sd3.training.evaluate import Evaluator, SampleGrid, ValidationSet
+
+    evaluator = sampler = valid = None
+    if args.valid_data_path:
+        vds = build_dataset(args, cfg, path=args.valid_data_path)
+        _check_data_matches_model(vds, cfg, args, path=args.valid_data_path)
+        valid = ValidationSet(vds)
+    elif args.valid_samples:
+        ds = build_dataset(args, cfg)
+        valid = ValidationSet(ds, len(ds) - args.valid_samples)
+    if valid is not None:
+        evaluator = Evaluator(cfg, ddp, valid, global_batch_size=args.global_batch_size,
+                              micro_batch_size=args.micro_batch_size, seed=args.seed,
+                              timesteps=args.eval_timesteps, eval_iters=args.eval_iters)
+        _print0(f" > validation: {evaluator.num_samples} samples x {args.eval_timesteps} timesteps "
+                f"({'--valid-data-path ' + args.valid_data_path if args.valid_data_path else 'held out: the last ' + str(args.valid_samples) + ' samples'})")
+    if args.sample_interval:
+        source = valid if valid is not None else ValidationSet(build_dataset(args, cfg))
+        text, pooled = _sample_prompts(args, cfg, source)
+        hw = tuple(source.dataset.buckets[0])
+        sampler = SampleGrid(ddp, text, pooled, hw, cfg.in_channels, steps=args.sample_steps,
+                             cfg_scale=args.sample_cfg_scale, shift=args.sample_shift, seed=args.sample_seed,
+                             sd3_root=args.sd3_root, out_dir=os.path.join(args.save, "samples"))
+    return evaluator, sampler
+
+
+def run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, final=False):
+    """Evaluate and/or write a sample grid when due at ``iteration`` (``final``: the last one).
+    Returns the seconds spent (kept out of the training throughput)."""
+    from megatron_sd3.training.evaluate import eval_log_line
+
+    t0 = time.time()
+    if evaluator is not None and args.eval_interval and (iteration % args.eval_interval == 0 or final):
+        rec = evaluator.evaluate(iteration, ema)
+        metrics.write(rec)
+        _print0(eval_log_line(rec))
+    if sampler is not None and (iteration % args.sample_interval == 0 or final):
+        path = sampler.write(iteration, metrics)
         if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(path, "a")
-        if tb_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except Exception:
-                print(" > --tensorboard-dir given but tensorboard is not installed; skipping it", flush=True)
-            else:
-                self.tb = SummaryWriter(tb_dir)
+            _print0(f" > samples: {path}")
+    return time.time() - t0
 
-    def write(self, rec: dict) -> None:
-        if self.fh:
-            self.fh.write(json.dumps(rec) + "\n")
-            self.fh.flush()
-        if self.tb:
-            for k, v in rec.items():
-                if k != "iteration" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
-                    self.tb.add_scalar(k, v, rec["iteration"])
 
-    def close(self):
-        if self.fh:
-            self.fh.close()
-        if self.tb:
-            self.tb.close()
+def wandb_settings(args) -> Optional[WandbSettings]:
+    return WandbSettings(args.wandb_project, args.wandb_exp_name, args.wandb_save_dir) if args.wandb_project else None
 
 
 def _progress(it, total, loss, enabled):
@@ -287,12 +350,19 @@ def pretrain(args, plan) -> int:
         keys = None if step.first else ("latents", "mask")
         data_iter = build_data_iterator(ds, args.global_batch_size, args.micro_batch_size,
                                         ps.get_data_parallel_rank(), dp, args.seed, consumed_samples=consumed,
-                                        keys=keys)
+                                        keys=keys, holdout=args.valid_samples or 0)
 
     start_iteration = iteration
     handler = SignalHandler() if args.exit_signal_handler else None
-    metrics = MetricsWriter(args.metrics_file, args.tensorboard_dir)
+    metrics = MetricsWriter(args.metrics_file, args.tensorboard_dir, wandb_settings(args), run_config)
+    evaluator, sampler = build_side_tasks(args, cfg, ddp)
     progress = (not args.no_progress) and sys.stdout.isatty() and dist.get_rank() == 0
+    if evaluator is not None and args.eval_at_start:
+        rec = evaluator.evaluate(iteration, ema)
+        metrics.write(rec)
+        from megatron_sd3.training.evaluate import eval_log_line
+
+        _print0(eval_log_line(rec))
     start = time.time()
     first_loss = last_loss = None
     in_a_row = 0
@@ -349,6 +419,9 @@ def pretrain(args, plan) -> int:
             if not progress:
                 _print0(log_line(rec, args.train_iters))
             t_log, samples_log, flops_log = time.time(), 0, 0.0
+        # -- validation and samples (not at the last iteration: after the loop) --
+        if iteration < args.train_iters:
+            t_log += run_side_tasks(args, iteration, evaluator, sampler, ema, metrics)
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             save(iteration)
         if handler is not None and handler.any_rank():
@@ -372,6 +445,7 @@ def pretrain(args, plan) -> int:
                 exit_reason = "duration"
                 break
     else:
+        run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, final=True)
         if args.save and not (args.save_interval and iteration % args.save_interval == 0):
             save(iteration)
 
@@ -400,7 +474,7 @@ def main(argv=None) -> int:
     from megatron_sd3.data.shards import ShardError
 
     args = parse_args(argv)
-    errors = (ConfigError, LayoutError, ckpt.CheckpointError, ShardError, RuntimeError)
+    errors = (ConfigError, LayoutError, ckpt.CheckpointError, ShardError, RuntimeError, MetricsError)
     try:
         plan = preflight(args)
     except errors as e:

@@ -1,0 +1,363 @@
+"""Validation loss and sample grids during training, both without touching training's numbers.
+
+Validation (``Evaluator``):
+
+* the validation set is ``--valid-data-path DIR`` or the last ``--valid-samples N`` samples of the
+  training source (``ValidationSet``; the training sampler gets ``holdout=N`` and never sees them);
+  it is read in whole global batches inside one latent bucket, laid out over DP ranks and
+  microbatches exactly like a training batch;
+* each sample is evaluated at ``K`` stratified timesteps ``t_i = (i + 0.5) / K``, with the text
+  kept, from a noise keyed by ``(seed, "eval-noise", dataset index, i)`` (``data/_seeding``):
+  a purpose tag of its own, so it is never a training draw, and keyed by the sample, so every
+  evaluation of the same weights gives the same numbers under every TP/PP/DP layout;
+* the passes run through megatron's forward-only schedule (``EvalStep``: ``TrainStep`` with
+  ``forward_only=True`` and the evaluation noise); the loss terms are the registry's
+  (``megatron_sd3.loss``), summed as ``(sum, weight)`` over the whole set and DP ranks;
+* reported: ``loss``, every term (``denoise_loss``, ``text_recon_loss``) and ``loss_at_t``
+  (``{t: denoise loss}``); the mean over t is the mean of the per-t losses (every t sees the
+  same samples); with EMA on, the same for the EMA weights under ``"ema"``, swapped in and
+  back exactly (``EMA.copy_to``, then the saved tensors);
+* training is untouched: the model's train/eval flags, the CPU/CUDA RNG states and megatron's
+  model-parallel RNG tracker are saved and restored, and the training data iterator is not read.
+
+Samples (``SampleGrid``): a fixed-seed grid of the sample prompts (``sampling.sample``, megatron's
+forward-only schedule under PP), decoded with the SD3 VAE when ``--sd3-root`` is given, otherwise
+a latent preview (``sampling.latent_preview``, one pixel per latent, enlarged); saved as
+``SAVE/samples/iter_NNNNNNN.png`` and sent to TensorBoard/W&B.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from functools import partial
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_sd3.data._seeding import generator
+from megatron_sd3.flow_matching import FlowSample
+from megatron_sd3.loss import enabled_loss_terms, loss_terms, total_of
+from megatron_sd3.training.build import device, unwrap
+from megatron_sd3.training.step import TrainStep
+
+EVAL_NOISE_TAG = "eval-noise"
+
+
+def eval_timesteps(k: int) -> list[float]:
+    """Stratified timesteps ``(i + 0.5) / k``: the midpoints of ``k`` equal-mass bins of a uniform t."""
+    if k < 1:
+        raise ValueError(f"the number of evaluation timesteps must be >= 1, got {k}")
+    return [(i + 0.5) / k for i in range(k)]
+
+
+def eval_flow_inputs(latents: torch.Tensor, sample_index, t: float, t_index: int, seed: int) -> FlowSample:
+    """``x_t = (1 - t) x0 + t noise`` with the fixed noise of each (sample, timestep)."""
+    x0 = latents.float()
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=generator(seed, EVAL_NOISE_TAG, int(i), int(t_index)))
+                         for i in sample_index]).to(x0.device)
+    noisy = (1 - t) * x0 + t * noise
+    n = x0.shape[0]
+    return FlowSample(noisy=noisy.to(latents.dtype), target=(noise - x0).to(latents.dtype),
+                      timestep=torch.full((n,), 1000.0 * t, dtype=torch.float32, device=x0.device),
+                      keep_text=torch.ones(n, dtype=torch.bool, device=x0.device))
+
+
+# -- the validation set --------------------------------------------------------------------------
+class ValidationSet:
+    """Samples ``[start, stop)`` of ``dataset``, in whole global batches inside one bucket."""
+
+    def __init__(self, dataset, start: int = 0, stop: Optional[int] = None):
+        self.dataset = dataset
+        self.start, self.stop = int(start), len(dataset) if stop is None else int(stop)
+        if not 0 <= self.start < self.stop <= len(dataset):
+            raise ValueError(f"validation range [{start}, {stop}) is not inside the dataset of {len(dataset)}")
+        ids = getattr(dataset, "bucket_ids", None)
+        self.bucket_ids = (np.zeros(len(dataset), dtype=np.int64) if ids is None
+                           else np.asarray(ids, dtype=np.int64))
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def batches(self, global_batch_size: int) -> list[np.ndarray]:
+        """The validation global batches: consecutive samples of each bucket, the remainder dropped."""
+        idx = np.arange(self.start, self.stop)
+        out = []
+        for b in np.unique(self.bucket_ids[idx]):
+            members = idx[self.bucket_ids[idx] == b]
+            n = (len(members) // global_batch_size) * global_batch_size
+            out += list(members[:n].reshape(-1, global_batch_size))
+        return out
+
+    def load(self, indices: np.ndarray, keys=None) -> dict[str, torch.Tensor]:
+        from megatron_sd3.data.sampler import _read, collate
+
+        get_batch = getattr(self.dataset, "get_batch", None)
+        if get_batch is not None:
+            out = get_batch([int(i) for i in indices], keys)
+            out["sample_index"] = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
+            return out
+        return collate([_read(self.dataset, int(i), keys) for i in indices], [int(i) for i in indices])
+
+
+# -- the forward-only step ----------------------------------------------------------------------------
+class EvalStep(TrainStep):
+    """``TrainStep`` in forward-only mode whose inputs are the evaluation noise at one fixed t;
+    ``__call__`` returns ``StepResult.losses = {term: (sum, weight)}`` over the global batch."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, forward_only=True, **kw)
+        self.t, self.t_index = 0.5, 0
+
+    def _forward_step(self, state, data_iterator, model):
+        dev = device()
+        inner = unwrap(model)
+        needs_data = inner.pre_process or inner.post_process
+        mb = next(data_iterator) if needs_data else None
+        kwargs = {"latent_hw": state["latent_hw"]}
+        flow = None
+        if mb is not None:
+            flow = eval_flow_inputs(mb["latents"].to(dev), mb["sample_index"].tolist(), self.t, self.t_index,
+                                    self.seed)
+        if inner.pre_process:
+            dt = self.cfg.params_dtype
+            kwargs.update(hidden_states=flow.noisy.to(dt), encoder_hidden_states=mb["prompt_embeds"].to(dev, dt),
+                          pooled_projections=mb["pooled_prompt_embeds"].to(dev, dt), timestep=flow.timestep)
+        output = model(**kwargs)
+        if not inner.post_process:
+            return output, None
+        mask = mb.get("mask")
+        mask = None if mask is None else mask.to(flow.target.device)
+        return output, partial(self._loss_func, mb["latents"], flow.target, mask, state["weights"])
+
+    def reduce_report(self, reports) -> dict[str, tuple[float, float]]:
+        """Each term's ``(sum, weight)`` over the global batch, on every rank."""
+        terms = loss_terms()
+        tot = torch.zeros(len(terms), 2, dtype=torch.float64, device=device())
+        if self.last:
+            for r in reports:
+                for i, term in enumerate(terms):
+                    if term.name in r:
+                        tot[i] += r[term.name].double()
+            dist.all_reduce(tot, group=ps.get_data_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(tot, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        return {term.name: (float(tot[i, 0]), float(tot[i, 1])) for i, term in enumerate(terms)}
+
+
+@contextlib.contextmanager
+def preserved_training_state(chunks):
+    """Run a side computation (evaluation, sampling) and leave training exactly as it was: the
+    modules' train/eval flags, the CPU and CUDA RNG states and megatron's model-parallel RNG
+    tracker."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    modes = [m.training for c in chunks for m in c.modules()]
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    tracker = get_cuda_rng_tracker()
+    tracked = tracker.get_states()
+    try:
+        yield
+    finally:
+        for m, mode in zip((m for c in chunks for m in c.modules()), modes):
+            m.training = mode
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        tracker.set_states(tracked)
+
+
+@contextlib.contextmanager
+def ema_weights(ema):
+    """The EMA's weights in the model, then the model's own weights back, bit for bit."""
+    saved = [{n: p.detach().clone() for n, p in c.named_parameters()} for c in ema.chunks]
+    ema.copy_to(ema.chunks)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for c, s in zip(ema.chunks, saved):
+                for n, p in c.named_parameters():
+                    p.copy_(s[n])
+
+
+class Evaluator:
+    """``evaluate(iteration, ema)`` -> the ``"type": "eval"`` record (same on every rank)."""
+
+    def __init__(self, cfg, ddp_chunks, valid: ValidationSet, *, global_batch_size: int, micro_batch_size: int,
+                 seed: int, timesteps: int = 8, eval_iters: int = 0):
+        self.cfg, self.chunks, self.valid = cfg, list(ddp_chunks), valid
+        self.step = EvalStep(cfg, ddp_chunks, None, global_batch_size=global_batch_size,
+                             micro_batch_size=micro_batch_size, seed=seed)
+        self.ts = eval_timesteps(timesteps)
+        batches = valid.batches(global_batch_size)
+        if not batches:
+            from megatron_sd3.config import ConfigError
+
+            raise ConfigError(f"the validation set ({len(valid)} samples) holds no whole global batch of "
+                             f"{global_batch_size}; give more validation samples or a smaller --global-batch-size")
+        self.batches = batches[:eval_iters] if eval_iters else batches
+        self.gbs, self.mbs = global_batch_size, micro_batch_size
+        self.keys = None if self.step.first else ("latents", "mask")
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.batches) * self.gbs
+
+    def _microbatches(self, batch: np.ndarray) -> Optional[list[dict]]:
+        if not (self.step.first or self.step.last):
+            return None
+        per_rank = self.gbs // self.step.dp
+        r = ps.get_data_parallel_rank()
+        local = batch[r * per_rank:(r + 1) * per_rank]
+        return [self.valid.load(local[m * self.mbs:(m + 1) * self.mbs], self.keys)
+                for m in range(self.step.num_microbatches)]
+
+    @torch.no_grad()
+    def losses(self) -> dict:
+        """``loss``, every term's mean and ``loss_at_t`` over the validation set, current weights."""
+        names = [term.name for term in loss_terms()]
+        per_t = [{name: [0.0, 0.0] for name in names} for _ in self.ts]
+        for batch in self.batches:  # each batch read once, evaluated at every t
+            mbs = self._microbatches(batch)
+            for i, t in enumerate(self.ts):
+                self.step.t, self.step.t_index = t, i
+                for name, (s, w) in self.step(mbs, 0).losses.items():
+                    per_t[i][name][0] += s
+                    per_t[i][name][1] += w
+        sums = {name: [sum(p[name][0] for p in per_t), sum(p[name][1] for p in per_t)] for name in names}
+        at_t = {}
+        for t, p in zip(self.ts, per_t):
+            s, w = p["denoise_loss"]
+            at_t[f"{t:g}"] = s / w if w > 0 else float("nan")
+        enabled = {t.name for t in enabled_loss_terms(self.cfg)}
+        means = {name: ((s / w if w > 0 else float("nan")) if name in enabled else 0.0)
+                 for name, (s, w) in sums.items()}
+        return {"loss": total_of(means, self.cfg), **means, "loss_at_t": at_t}
+
+    def evaluate(self, iteration: int, ema=None) -> dict:
+        with preserved_training_state(self.chunks):
+            for c in self.chunks:
+                c.eval()
+            rec = {"type": "eval", "iteration": int(iteration), **self.losses(),
+                   "valid_samples": self.num_samples, "eval_timesteps": len(self.ts)}
+            if ema is not None:
+                with ema_weights(ema):
+                    rec["ema"] = self.losses()
+        return rec
+
+
+def eval_log_line(rec: dict) -> str:
+    """Megatron-LM's validation block: a rule, the losses, a rule."""
+    def line(r, what):
+        names = ("loss", *(t.name for t in loss_terms()))
+        vals = " | ".join(f"{k} value: {r[k]:.6E}" for k in names)
+        return f" validation loss{what} at iteration {rec['iteration']} | {vals} |"
+
+    lines = [line(rec, "")]
+    if "ema" in rec:
+        lines.append(line(rec["ema"], " (EMA)"))
+    rule = "-" * max(len(s) for s in lines)
+    return "\n".join([rule, *lines, rule])
+
+
+# -- samples during training ------------------------------------------------------------------------------
+def load_prompt_embeds(path: str) -> tuple[torch.Tensor, torch.Tensor, Optional[list[str]]]:
+    """``(prompt_embeds [N, T, D], pooled [N, P], prompts or None)`` of a prompt-embeddings file
+    (``tools/preprocess_data.py --prompts``)."""
+    import json
+
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--sample-prompts {path}: file not found; write one with "
+                                f"tools/preprocess_data.py --prompts prompts.txt")
+    with safe_open(path, framework="pt") as f:
+        names = set(f.keys())
+        missing = {"prompt_embeds", "pooled_prompt_embeds"} - names
+        if missing:
+            raise ValueError(f"--sample-prompts {path}: tensor(s) {sorted(missing)} missing (has {sorted(names)})")
+        meta = f.metadata() or {}
+        text, pooled = f.get_tensor("prompt_embeds").float(), f.get_tensor("pooled_prompt_embeds").float()
+    prompts = json.loads(meta["prompts"]) if "prompts" in meta else None
+    return text, pooled, prompts
+
+
+def grid_image(images: torch.Tensor, min_side: int = 64) -> np.ndarray:
+    """``[N, 3, h, w]`` uint8 -> one ``[H, W, 3]`` grid (ceil(sqrt N) columns), tiles enlarged
+    (nearest) to at least ``min_side`` pixels."""
+    n, _, h, w = images.shape
+    scale = max(1, math.ceil(min_side / max(h, w)))
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    H, W = images.shape[-2:]
+    grid = torch.zeros(3, rows * H, cols * W, dtype=torch.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = images[i]
+    return grid.permute(1, 2, 0).contiguous().numpy()
+
+
+class SampleGrid:
+    """A fixed-seed grid of the sample prompts from the current weights (call on every rank)."""
+
+    def __init__(self, chunks, text: torch.Tensor, pooled: torch.Tensor, latent_hw, in_channels: int, *,
+                 steps: int = 20, cfg_scale: float = 4.0, shift: float = 3.0, seed: int = 0,
+                 sd3_root: Optional[str] = None, out_dir: Optional[str] = None):
+        from megatron_sd3.sampling import seeded_noise
+
+        self.chunks = list(chunks)
+        self.text, self.pooled = text, pooled
+        self.noise = seeded_noise(seed, text.shape[0], (in_channels, *latent_hw))
+        self.steps, self.cfg_scale, self.shift = steps, cfg_scale, shift
+        self.sd3_root, self.out_dir = sd3_root, out_dir
+        self._vae = None
+
+    def latents(self) -> torch.Tensor:
+        from megatron_sd3.sampling import sample
+
+        with preserved_training_state(self.chunks):
+            return sample(self.chunks, self.text, self.pooled, self.noise, steps=self.steps,
+                          cfg_scale=self.cfg_scale, shift=self.shift).cpu()
+
+    def images(self, latents: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[N, 3, H, W]``: VAE-decoded with ``--sd3-root``, else the latent preview."""
+        from megatron_sd3.sampling import decode_latents, latent_preview
+
+        if not self.sd3_root:
+            return latent_preview(latents)
+        if self._vae is None:
+            from diffusers import AutoencoderKL
+
+            self._vae = AutoencoderKL.from_pretrained(os.path.join(self.sd3_root, "vae"),
+                                                      local_files_only=True).eval().requires_grad_(False)
+        cfg = self._vae.config
+        return decode_latents(self._vae, latents, float(cfg.get("scaling_factor", 1.0)),
+                              float(cfg.get("shift_factor", 0.0) or 0.0))
+
+    def write(self, iteration: int, metrics=None) -> Optional[str]:
+        """Sample (every rank), then on rank 0 save ``iter_NNNNNNN.png`` and send it to ``metrics``."""
+        lat = self.latents()
+        if dist.get_rank() != 0:
+            return None
+        from PIL import Image
+
+        grid = grid_image(self.images(lat))
+        os.makedirs(self.out_dir, exist_ok=True)
+        path = os.path.join(self.out_dir, f"iter_{iteration:07d}.png")
+        Image.fromarray(grid).save(path)
+        if metrics is not None:
+            metrics.image("samples", grid, iteration)
+        return path
+
+
+__all__ = ["eval_timesteps", "eval_flow_inputs", "ValidationSet", "EvalStep", "Evaluator", "eval_log_line",
+           "preserved_training_state", "ema_weights", "load_prompt_embeds", "grid_image", "SampleGrid",
+           "EVAL_NOISE_TAG"]
