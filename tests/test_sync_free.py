@@ -185,3 +185,82 @@ def test_train_step_under_cuda_sync_debug_mode(train_step):
     step._forward_step = checked
     res = step(batch, 8)
     assert calls["mb"] == step.num_microbatches and not res.skipped
+
+
+# -- CUDA graphs: the flag and its refusals (the capture itself runs on a GPU) -------------------
+def _main(argv, capsys):
+    from megatron_sd3.training.pretrain import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--torch-compile-mode", "reduce-overhead"], "is a mode of torch.compile; add --torch-compile"),
+    (["--torch-compile-mode", "graphs"], "--torch-compile-mode"),
+    (["--torch-compile", "--torch-compile-mode", "reduce-overhead"],
+     None if torch.cuda.is_available() else "captures CUDA graphs and needs a CUDA GPU"),
+])
+def test_compile_mode_refusals_are_one_line(extra, message, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    code, err = _main(["--config", "configs/sd3_light_tiny.toml", "--mock-data", "--check-config", *extra], capsys)
+    if message is None:
+        assert code == 0, err
+        return
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_compile_mode_rules():
+    from megatron_sd3.config import ConfigError
+    from megatron_sd3.training.build import check_compile_mode
+
+    check_compile_mode("default", torch_compile=False)
+    check_compile_mode("max-autotune-no-cudagraphs", torch_compile=True, cuda=False)
+    check_compile_mode("reduce-overhead", torch_compile=True, cuda=True)
+    with pytest.raises(ConfigError, match="cannot capture Transformer Engine layers"):
+        check_compile_mode("reduce-overhead", torch_compile=True, transformer_impl="transformer_engine", cuda=True)
+
+
+def test_compile_mode_reaches_every_block(single_process, monkeypatch):
+    """``build_training(torch_compile_mode=...)`` hands the mode to each block's torch.compile."""
+    from megatron_sd3.config import make_config
+    from megatron_sd3.training.build import build_training
+
+    seen = []
+    real = torch.compile
+
+    def recording(fn=None, **kw):
+        seen.append(kw.get("mode"))
+        return real(fn, **kw)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    cfg = make_config("tiny")
+    built = build_training(cfg, optimizer=dict(lr=1e-3), torch_compile=True,
+                           torch_compile_mode="max-autotune-no-cudagraphs")
+    try:
+        assert built.compiled_blocks == cfg.num_layers
+        assert seen == ["max-autotune-no-cudagraphs"] * cfg.num_layers
+    finally:
+        built.free()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_reduce_overhead_training_matches_default(single_process):
+    """On a GPU: two iterations with the blocks replayed as CUDA graphs give the default
+    mode's losses."""
+    from megatron_sd3.config import make_config
+    from megatron_sd3.training.build import build_training
+    from megatron_sd3.training.step import TrainStep
+
+    out = {}
+    for mode in ("default", "reduce-overhead"):
+        cfg = make_config("tiny", zero_init_adaln=False)
+        built = build_training(cfg, optimizer=dict(lr=1e-3), torch_compile=True, torch_compile_mode=mode)
+        step = TrainStep(cfg, built.ddp, built.optimizer, global_batch_size=4, micro_batch_size=2, seed=3,
+                         cuda_graphs=mode == "reduce-overhead")
+        out[mode] = [step(_batch(cfg, 2, seed=i), 4 * i).losses["loss"] for i in range(3)]
+        built.free()
+    assert out["reduce-overhead"] == pytest.approx(out["default"], rel=1e-4)

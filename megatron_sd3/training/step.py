@@ -76,8 +76,9 @@ class TrainStep:
 
     def __init__(self, cfg: SD3Config, ddp_chunks, optimizer, *, global_batch_size: int,
                  micro_batch_size: int, seed: int, flow: FlowMatchingConfig = FlowMatchingConfig(),
-                 forward_only: bool = False):
+                 forward_only: bool = False, cuda_graphs: bool = False):
         self.cfg, self.chunks, self.optimizer = cfg, ddp_chunks, optimizer
+        self.cuda_graphs = cuda_graphs  # blocks compiled with mode="reduce-overhead"
         self.gbs, self.mbs, self.seed, self.flow = global_batch_size, micro_batch_size, seed, flow
         self.dp = ps.get_data_parallel_world_size()
         if global_batch_size % (micro_batch_size * self.dp):
@@ -173,6 +174,8 @@ class TrainStep:
         needs_data = self.first or self.last
         if needs_data and (microbatches is None or len(microbatches) != self.num_microbatches):
             raise ValueError(f"expected {self.num_microbatches} microbatches on this stage")
+        if self.cuda_graphs:  # a new iteration: the graphs' outputs of the last one may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         latent_hw = self._broadcast_latent_hw(microbatches)
         weights = self._global_weights(microbatches) if self.last else {}
         layout = self.layout(latent_hw)
