@@ -264,3 +264,89 @@ def test_reduce_overhead_training_matches_default(single_process):
         out[mode] = [step(_batch(cfg, 2, seed=i), 4 * i).losses["loss"] for i in range(3)]
         built.free()
     assert out["reduce-overhead"] == pytest.approx(out["default"], rel=1e-4)
+
+
+# -- PP=2 (two processes): the same budget on both stages ----------------------------------------
+def _pp2_worker(out_dir):
+    """Run as a rank of ``run_ranks``: TP=1, PP=2, one warm-up iteration, then one counted."""
+    import json
+
+    from megatron_sd3.config import make_config
+    from megatron_sd3.distributed import initialize_distributed
+    from megatron_sd3.training.build import build_training
+    from megatron_sd3.training.parallel_layout import pipeline_config_fields
+    from megatron_sd3.training.step import TrainStep
+
+    info = initialize_distributed(1, 2, seed=1234)
+    cfg = make_config("tiny", zero_init_adaln=False, text_recon_gamma=0.5,
+                      parallel=dict(pipeline_model_parallel_size=2, **pipeline_config_fields(4, 2, None)))
+    built = build_training(cfg, optimizer=dict(lr=1e-3, clip_grad=1.0))
+    step = TrainStep(cfg, built.ddp, built.optimizer, global_batch_size=8, micro_batch_size=2, seed=3)
+    step(_batch(cfg, step.num_microbatches), 0)
+    with SyncCounter() as c:
+        res = step(_batch(cfg, step.num_microbatches, seed=1), 8)
+    rec = {"by_origin": dict(c.by_origin), "in_microbatch": c.in_microbatch, "where": dict(c.where),
+           "skipped": res.skipped, "loss": res.losses["loss"]}
+    with open(os.path.join(out_dir, f"rank{info.rank}.json"), "w") as fh:
+        json.dump(rec, fh)
+
+
+@pytest.mark.timeout(600)
+def test_pipeline_stages_keep_the_budget(tmp_path):
+    import json
+
+    from _ranks import run_ranks
+
+    run_ranks(os.path.relpath(__file__, os.path.dirname(os.path.dirname(__file__))), 2,
+              ["--pp2-worker", str(tmp_path)], timeout=500)
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert ranks[0]["loss"] == ranks[1]["loss"] and not any(r["skipped"] for r in ranks)
+    for r in ranks:
+        assert r["in_microbatch"] == 0, r["where"]
+        assert r["by_origin"].get("ours", 0) <= 1, r["where"]
+        assert r["by_origin"].get("megatron", 0) <= 2, r["where"]
+        assert r["by_origin"].get("other", 0) == 0, r["where"]
+
+
+# -- the training loop reads the losses at log intervals only ------------------------------------
+def _loop_worker(out_dir):
+    """pretrain_sd3's main with a count of the StepResults whose losses the host read."""
+    import json
+
+    from megatron_sd3.training import pretrain, step
+
+    reads = []
+    prop = step.StepResult.losses
+
+    def counted(self):
+        if self._losses is None:
+            reads.append(1)
+        return prop.fget(self)
+
+    step.StepResult.losses = property(counted)
+    code = pretrain.main(["--config", "configs/sd3_light_tiny.toml", "--mock-data", "--train-iters", "6",
+                          "--log-interval", "3", "--global-batch-size", "4", "--micro-batch-size", "2",
+                          "--metrics-file", os.path.join(out_dir, "metrics.jsonl")])
+    with open(os.path.join(out_dir, "loop.json"), "w") as fh:
+        json.dump({"code": code, "reads": len(reads)}, fh)
+
+
+@pytest.mark.timeout(600)
+def test_training_loop_reads_losses_at_log_intervals(tmp_path):
+    import json
+
+    from _ranks import run_ranks
+
+    logs = run_ranks(os.path.relpath(__file__, os.path.dirname(os.path.dirname(__file__))), 1,
+                     ["--loop-worker", str(tmp_path)], timeout=500)
+    d = json.load(open(tmp_path / "loop.json"))
+    assert d["code"] == 0, logs[0][-2000:]
+    assert d["reads"] == 2  # iterations 3 and 6 of 6, not every iteration
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == [3, 6] and all(r["loss"] > 0 for r in rows)
+    assert "(first) ->" in logs[0]  # the summary still has the first and last loss
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] in ("--pp2-worker", "--loop-worker"):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    (_pp2_worker if sys.argv[1] == "--pp2-worker" else _loop_worker)(sys.argv[2])
