@@ -160,6 +160,9 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
           choices=("auto", "flash", "fused", "unfused", "local")),
         F("torch_compile", bool, False, "torch.compile each joint block (fuses the elementwise work around "
           "the GEMMs; torchao FP8 needs it to be faster than bf16)"),
+        F("torch_compile_mode", str, "default", "torch.compile mode of the joint blocks; reduce-overhead replays "
+          "them as CUDA graphs (needs --torch-compile and a CUDA GPU)",
+          choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs")),
     ]),
     Section("fp8", "FP8", [
         F("fp8_format", str, None, "FP8 GEMMs in the joint blocks (default: off)", choices=("e4m3", "hybrid")),

@@ -38,7 +38,14 @@ Measurements
 
 ``--compile on|both`` compiles every joint block in place (``block.compile()``; parameter
 names, DDP and the optimizer are untouched); ``both`` measures eager and compiled and marks the
-faster per variant (``best``). Compile time is in ``warmup_s``, not in ms/iter.
+faster per variant (``best``); ``graphs`` compiles with ``mode="reduce-overhead"`` (the blocks
+replayed as CUDA graphs, ``--torch-compile-mode reduce-overhead``; GPU only), ``all`` measures
+eager, compiled and CUDA graphs. Compile time is in ``warmup_s``, not in ms/iter.
+
+Host-boundness: with ``--profile`` each row also gets ``gpu_idle_ms_per_iter`` (profiled wall
+time minus the kernels' device time: what the GPU waits on the host, an upper bound where
+kernels overlap) and, on GPU, ``host_syncs_per_iter`` (calls CUDA's sync debug mode flags
+during one iteration).
 
 Each (text recon, precision) pair is built once and measured at every resolution (order: recon
 off before on, bf16 before FP8, so a time budget cuts the least important rows). On GPU the
@@ -217,8 +224,25 @@ def kernel_breakdown(step_fn, cuda: bool, iters: int = 2) -> dict:
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
     return {"iters": iters, "wall_ms_per_iter_profiled": round(wall_ms, 2),
             "kernel_ms_per_iter": round(total, 2),
+            # the GPU waiting on the host (an upper bound where kernels overlap on streams)
+            "gpu_idle_ms_per_iter": round(max(0.0, wall_ms - total), 2) if cuda else None,
             "by_class_ms": {k: round(v, 2) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": [[n[:120], round(ms, 2)] for n, ms in top]}
+
+
+def count_syncs(fn) -> int:
+    """Synchronising CUDA calls during ``fn()``, as ``torch.cuda.set_sync_debug_mode`` reports them."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 class Built:
@@ -254,11 +278,14 @@ class Built:
     ddp = property(lambda self: self.training.ddp)
     opt = property(lambda self: self.training.optimizer)
 
-    def compile(self):
-        from megatron_sd3.training.build import compile_blocks
+    def compile(self, mode="default"):
+        from megatron_sd3.training.build import check_compile_mode, compile_blocks
 
-        self.training.compiled_blocks = compile_blocks(self.chunks)
-        self.compiled = True
+        check_compile_mode(mode, torch_compile=True)
+        if self.compiled:
+            torch._dynamo.reset()  # a new mode: no graphs of the previous one reused
+        self.training.compiled_blocks = compile_blocks(self.chunks, mode)
+        self.compiled = mode
 
     def measure(self, resolution, mbs) -> dict:
         from megatron_sd3.flops import peak_tflops
@@ -268,7 +295,8 @@ class Built:
         cuda = dev.type == "cuda"
         latent = resolution // 8
         row = dict(variant=self.name, text_recon="on" if self.gamma > 0 else "off",
-                   resolution=resolution, latent=latent, micro_batch=mbs, compiled=self.compiled,
+                   resolution=resolution, latent=latent, micro_batch=mbs, compiled=bool(self.compiled),
+                   compile_mode=self.compiled or None,
                    preset=args.preset, num_layers=cfg.num_layers, params_M=self.params_m,
                    build_s=self.build_s, init=self.init, img_tokens=cfg.num_image_tokens(latent, latent),
                    txt_tokens=cfg.padded_text_len, attention_backend=args.attention_backend)
@@ -276,7 +304,8 @@ class Built:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        step = TrainStep(cfg, self.ddp, self.opt, global_batch_size=mbs, micro_batch_size=mbs, seed=1)
+        step = TrainStep(cfg, self.ddp, self.opt, global_batch_size=mbs, micro_batch_size=mbs, seed=1,
+                         cuda_graphs=self.compiled == "reduce-overhead")
         batch = [synthetic_batch(cfg, mbs, latent, dev)]
 
         def one(i):
@@ -327,6 +356,8 @@ class Built:
                     row["kernel_time"] = kernel_breakdown(lambda i: one(args.warmup + args.iters + i), cuda)
             except Exception as e:  # noqa: BLE001 - recorded in the row
                 row["kernel_time_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            if cuda:
+                row["host_syncs_per_iter"] = count_syncs(lambda: one(args.warmup + args.iters + 2))
         del step, batch
         return row
 
@@ -353,7 +384,8 @@ def fmt_table(rows, cuda):
         pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
         lines.append([
             r["variant"], r["text_recon"], str(r["resolution"]), str(r["micro_batch"]),
-            "y" if r["compiled"] else "n", f"{r['ms_per_iter']:.1f}", f"{r['samples_per_s']:.2f}",
+            {"reduce-overhead": "graphs"}.get(r.get("compile_mode"), "y") if r["compiled"] else "n",
+            f"{r['ms_per_iter']:.1f}", f"{r['samples_per_s']:.2f}",
             f"{r['tflops_per_device']:.3g}", pct(r["mfu_bf16_peak"]), pct(r["mfu_fp8_peak"]),
             f"{r['peak_mem_GiB']:.1f}" if cuda else f"{r['rss_MiB']:.0f}",
             "best" if r.get("best") else "",
@@ -380,6 +412,7 @@ def summarize(rows):
     for (var, rec, res), r in best.items():
         s = summary.setdefault(str(res), {})
         s[f"{var}/{rec}"] = {"samples_per_s": r["samples_per_s"], "compiled": r["compiled"],
+                             "compile_mode": r.get("compile_mode"),
                              "mfu_bf16_peak": r.get("mfu_bf16_peak")}
     for res, s in summary.items():
         base = s.get("bf16/off") or s.get("fp32/off")
@@ -406,7 +439,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=None, help="untimed iterations (GPU 3, CPU 2)")
     ap.add_argument("--variants", nargs="+", default=["bf16", "fp8-local", "fp8-te"])
     ap.add_argument("--recon", nargs="+", default=["off", "on"], choices=["off", "on"])
-    ap.add_argument("--compile", default="off", choices=["off", "on", "both"])
+    ap.add_argument("--compile", default="off", choices=["off", "on", "both", "graphs", "all"],
+                    help="eager (off), compiled blocks (on), both, CUDA graphs of the blocks "
+                         "(graphs: torch.compile mode reduce-overhead), or all three")
     ap.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "fused", "unfused"],
                     help="Megatron-LM's --attention-backend: torch SDPA kernel of the local filling")
     ap.add_argument("--profile", action="store_true",
@@ -443,7 +478,8 @@ def main(argv=None):
     dev = info.device
     device_name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     log(f"device: {device_name}; torch {torch.__version__}")
-    comp = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    comp = {"off": [None], "on": ["default"], "both": [None, "default"], "graphs": ["reduce-overhead"],
+            "all": [None, "default", "reduce-overhead"]}[args.compile]
     rows = []
     meta = dict(device=device_name, cuda=cuda, torch=torch.__version__, preset=args.preset,
                 attention_backend=args.attention_backend,
@@ -492,9 +528,16 @@ def main(argv=None):
             log(f"built in {built.build_s}s, {built.params_m}M params")
             for c in comp:
                 if c:
-                    built.compile()
+                    try:
+                        built.compile(c)
+                    except Exception as e:  # noqa: BLE001 - e.g. CUDA graphs without CUDA
+                        rows.append({**base, "compiled": True, "compile_mode": c,
+                                     "error": f"compile: {type(e).__name__}: {str(e)[:300]}"})
+                        log("-> compile refused:", rows[-1]["error"])
+                        continue
                 for res, mb in zip(args.resolution, mbs):
-                    here = {**base, "resolution": res, "micro_batch": mb, "compiled": c}
+                    here = {**base, "resolution": res, "micro_batch": mb, "compiled": bool(c),
+                            "compile_mode": c}
                     if over_budget():
                         log("skipped (time budget):", here)
                         rows.append({**here, "error": "skipped: time budget"})

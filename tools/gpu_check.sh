@@ -17,6 +17,16 @@
 #   3. tools/bench_throughput.py: sd3_light (15 blocks) at 1024 px (micro batch 4), bf16 vs FP8
 #      (torchao; TE too if installed), text recon off, eager and with the joint blocks
 #      torch.compile'd (compile time excluded), kernel-time profile per row
+#   3b. CUDA graphs: the joint blocks as torch.compile mode reduce-overhead
+#      (--torch-compile-mode reduce-overhead), bf16 and FP8, 1024 px (micro batch 4) and 256 px
+#      (micro batch 32), with the kernel breakdown, GPU idle time (profiled wall - kernel time)
+#      and host syncs per iteration (CUDA sync debug mode) of each row; compare with step 3
+#   3c. the GPU halves of the sync-free tests: no synchronising call in a microbatch
+#      (torch.cuda.set_sync_debug_mode("error")), device-side noise layout-independent, pinned
+#      prefetch, CUDA-graph training == default-mode training (tests/test_sync_free.py,
+#      tests/test_flow_matching.py, tests/test_prefetch.py)
+#   3d. tools/bench_data.py: samples/s of the data path at sd3_light's 1024 px sample against
+#      one GPU's consumption at the measured step time
 #   4. FP8 vs bf16 loss tracking on SD3-sized blocks: tests/_fp8_train_worker.py with the
 #      sd3_light widths (2 joint blocks, hidden 1536, 24 heads, 333 text tokens of width 4096 ->
 #      padded to 336), 256 px, text recon on (gamma 0.5, target 1), bf16 params, 10 steps of the
@@ -39,7 +49,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --budget) BUDGET=$2; shift ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -144,6 +154,21 @@ if [ "$CUDA" = 1 ]; then
     "$PY" tools/bench_throughput.py --preset sd3_light --resolution 1024 --micro-batch-size 4 \
       --warmup 3 --iters 5 --variants bf16 fp8-local fp8-te --recon off --compile both --profile \
       --time-budget $((LIM - 20)) --json "$OUT/bench.json"
+  # 3b. CUDA graphs of the joint blocks (torch.compile reduce-overhead), 1024 px and 256 px, with
+  #     kernel breakdown, GPU idle time and host syncs per iteration per row
+  if [ "$(left)" -ge 150 ]; then
+    LIM=$(( $(left) - 120 )); [ $LIM -gt 180 ] && LIM=180
+    step bench_graphs "$LIM" \
+      "$PY" tools/bench_throughput.py --preset sd3_light --resolution 1024 256 --micro-batch-size 4 32 \
+        --warmup 3 --iters 5 --variants bf16 fp8-local --recon off --compile graphs --profile \
+        --time-budget $((LIM - 20)) --json "$OUT/bench_graphs.json"
+  fi
+  # 3c. the sync-free tests' GPU halves (sync debug mode, device RNG, pinning, CUDA-graph training)
+  step sync_free_tests $(( $(left) - 5 < 90 ? $(left) - 5 : 90 )) \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_sync_free.py tests/test_flow_matching.py tests/test_prefetch.py
+  # 3d. the data path against one GPU's consumption (sd3_light, 1024 px, micro batch 4, 294 ms)
+  step bench_data $(( $(left) - 5 < 60 ? $(left) - 5 : 60 )) \
+    "$PY" tools/bench_data.py --step-ms 294 --gpu-samples-per-step 4
   # 4. FP8 vs bf16 loss tracking on SD3-sized blocks (333 text tokens -> padded 336, gamma 0.5)
   mkdir -p "$OUT/fp8_train"
   step fp8_train_tracking $(( $(left) - 5 < 60 ? $(left) - 5 : 60 )) \
@@ -193,6 +218,9 @@ else
   step bench 180 \
     "$PY" tools/bench_throughput.py --resolution 64 --warmup 1 --iters 2 --variants bf16 fp8-local \
       --recon off --compile both --profile --json "$OUT/bench.json"
+  step sync_free_tests 120 \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_sync_free.py tests/test_prefetch.py
+  step bench_data 60 "$PY" tools/bench_data.py --num-samples 16 --latent-size 32 --global-batch-size 8 --iterations 2
   mkdir -p "$OUT/fp8_train"
   step fp8_train_tracking 120 \
     "$PY" tests/_fp8_train_worker.py --fp8 hybrid --bf16 --ref bf16 --gamma 0.5 --target 1 \
@@ -205,6 +233,12 @@ if [ "$DRY" = 0 ]; then
 import json, os, sys
 out = sys.argv[1]
 print("==== summary ====")
+log = os.path.join(out, "bench_data.log")
+if os.path.exists(log):
+    lines = [l.strip() for l in open(log) if l.startswith(("one GPU", "loader", "prefetched"))]
+    print("--- data path (tools/bench_data.py) ---")
+    for l in lines:
+        print("  " + l)
 log = os.path.join(out, "fp8_train_tracking.log")
 if os.path.exists(log):
     for line in open(log):
@@ -238,7 +272,8 @@ for name in names:
         mfu = r.get("mfu_bf16_peak")
         mem = r.get("peak_mem_GiB", r.get("rss_MiB"))
         print(f"  {r['variant']:9s} recon {r['text_recon']:3s} {r['resolution']:5d}px mb {r['micro_batch']:3d}"
-              f" {'compiled' if r['compiled'] else 'eager   '} {r['ms_per_iter']:9.1f} ms/iter"
+              f" {('graphs  ' if r.get('compile_mode') == 'reduce-overhead' else 'compiled') if r['compiled'] else 'eager   '}"
+              f" {r['ms_per_iter']:9.1f} ms/iter"
               f" {r['samples_per_s']:8.2f} samples/s {r['tflops_per_device']:8.3g} TFLOP/s"
               f" MFU(bf16 peak) {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} mem {mem}"
               f" (before build {r.get('mem_before_build_GiB')})")
@@ -247,6 +282,8 @@ for name in names:
             print(f"      kernels {kt['kernel_ms_per_iter']} ms/iter of {kt['wall_ms_per_iter_profiled']} wall:",
                   ", ".join(f"{k} {v}" for k, v in kt["by_class_ms"].items()))
             print("      top:", "; ".join(f"{n[:60]} {ms}" for n, ms in kt["top_kernels_ms"][:6]))
+            print(f"      GPU idle {kt.get('gpu_idle_ms_per_iter')} ms/iter, host syncs per iteration "
+                  f"{r.get('host_syncs_per_iter')}")
     for res, s in (d.get("summary") or {}).items():
         extra = {k: v for k, v in s.items() if not isinstance(v, dict)}
         if extra:

@@ -212,7 +212,6 @@ class MMDiTLayer(MegatronModule):
     def forward(self, x, c, y, text_len: Optional[int] = None):
         """x [S_img, B, h], c [S_txt, B, h], y [B, h] -> (x, c or None). ``text_len``: the real
         text tokens when ``c`` carries pads (see ``JointAttention.forward``)."""
-        eps = self.config.layernorm_epsilon
         sy = F.silu(y)
         mod = self.adaln(sy).chunk(9 if self.use_dual_attention else 6, dim=-1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]

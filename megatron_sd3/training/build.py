@@ -56,8 +56,42 @@ def build_model(cfg: SD3Config, transformer_impl: str = "local") -> list[SD3Mode
     return chunks
 
 
-def compile_blocks(chunks) -> int:
-    """``torch.compile`` every joint block in place (``--torch-compile``).
+# torch.compile modes of ``--torch-compile-mode``; "reduce-overhead" replays each joint block's
+# forward and backward as CUDA graphs (torch's CUDA-graph trees).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: str, *, torch_compile: bool, transformer_impl: str = "local",
+                       cuda: bool | None = None) -> None:
+    """Refuse, in one line, what torch.compile's CUDA-graph mode cannot capture.
+
+    megatron-core's own CUDA graphs (``--cuda-graph-impl local|transformer_engine``) capture
+    ``GraphableMegatronModule`` layers (``TransformerLayer``, ``MambaLayer``) with a single
+    hidden-state output; the joint block is a plain ``MegatronModule`` with two streams (image
+    and text tokens), so the blocks are captured by torch.compile's "reduce-overhead" mode.
+    """
+    from megatron_sd3.config import ConfigError
+
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"--torch-compile-mode {mode!r} unknown; use one of {', '.join(COMPILE_MODES)}")
+    if mode == "default":
+        return
+    if not torch_compile:
+        raise ConfigError(f"--torch-compile-mode {mode} is a mode of torch.compile; add --torch-compile")
+    if mode != "reduce-overhead":
+        return
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
+        raise ConfigError("--torch-compile-mode reduce-overhead captures CUDA graphs and needs a CUDA GPU; "
+                          "use the default mode on CPU")
+    if transformer_impl == "transformer_engine":
+        raise ConfigError("--torch-compile-mode reduce-overhead cannot capture Transformer Engine layers "
+                          "(torch.compile does not trace them); use --transformer-impl local")
+
+
+def compile_blocks(chunks, mode: str = "default") -> int:
+    """``torch.compile`` every joint block in place (``--torch-compile``; ``mode``:
+    ``--torch-compile-mode``, see ``COMPILE_MODES``).
 
     ``module.compile()`` keeps parameter names, DDP's hooks and the optimizer as they are; only
     the block's forward (and its backward) runs as compiled code, which fuses the adaLN
@@ -65,9 +99,10 @@ def compile_blocks(chunks) -> int:
     eager (small). Blocks with the same structure share one compiled graph. Returns the count.
     """
     n = 0
+    kwargs = {} if mode == "default" else {"mode": mode}
     for c in chunks:
         for block in unwrap(c).blocks:
-            block.compile()
+            block.compile(**kwargs)
             n += 1
     return n
 
@@ -164,7 +199,8 @@ class Built:
 
 def build_training(cfg: SD3Config, *, transformer_impl: str = "local", optimizer: Optional[dict] = None,
                    use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
-                   torch_compile: bool = False, scheduler: Optional[dict] = None,
+                   torch_compile: bool = False, torch_compile_mode: str = "default",
+                   scheduler: Optional[dict] = None,
                    ema_decay: float = 0.0, ema_update_interval: int = 1) -> Built:
     """Model chunks, DDP, optimizer (and optionally compiled blocks, LR scheduler, EMA).
 
@@ -173,7 +209,9 @@ def build_training(cfg: SD3Config, *, transformer_impl: str = "local", optimizer
     ``use_distributed_optimizer`` come from ``cfg`` and the arguments here, so that optimizer,
     model and DDP cannot disagree. ``scheduler``: ``OptimizerParamScheduler`` keyword arguments
     (None: no scheduler). ``ema_decay`` > 0 keeps an EMA of the bare models' weights.
+    ``torch_compile_mode``: see ``check_compile_mode`` (refused here as in preflight).
     """
+    check_compile_mode(torch_compile_mode, torch_compile=torch_compile, transformer_impl=transformer_impl)
     opt_fields = {"optimizer": "adam", **(optimizer or {})}
     for k in ("bf16", "params_dtype", "use_distributed_optimizer"):
         if k in opt_fields:
@@ -185,7 +223,7 @@ def build_training(cfg: SD3Config, *, transformer_impl: str = "local", optimizer
     ddp = wrap_ddp(cfg, chunks, use_distributed_optimizer=use_distributed_optimizer,
                    overlap_grad_reduce=overlap_grad_reduce)
     opt = build_optimizer(cfg, ddp, opt_config)
-    compiled = compile_blocks(chunks) if torch_compile else 0
+    compiled = compile_blocks(chunks, torch_compile_mode) if torch_compile else 0
     sched = OptimizerParamScheduler(opt, **scheduler) if scheduler is not None else None
     models = [unwrap(m) for m in ddp]
     ema = EMA(models, ema_decay, ema_update_interval) if ema_decay > 0 else None

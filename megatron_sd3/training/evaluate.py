@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -41,7 +40,7 @@ from megatron.core import parallel_state as ps
 from megatron_sd3.data._seeding import generator
 from megatron_sd3.flow_matching import FlowSample
 from megatron_sd3.loss import enabled_loss_terms, loss_terms, total_of
-from megatron_sd3.training.build import device, unwrap
+from megatron_sd3.training.build import device
 from megatron_sd3.training.step import TrainStep
 
 EVAL_NOISE_TAG = "eval-noise"
@@ -106,47 +105,31 @@ class ValidationSet:
 # -- the forward-only step ----------------------------------------------------------------------------
 class EvalStep(TrainStep):
     """``TrainStep`` in forward-only mode whose inputs are the evaluation noise at one fixed t;
-    ``__call__`` returns ``StepResult.losses = {term: (sum, weight)}`` over the global batch."""
+    :meth:`totals` runs it and returns ``{term: (sum, weight)}`` over the global batch."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, forward_only=True, **kw)
         self.t, self.t_index = 0.5, 0
 
-    def _forward_step(self, state, data_iterator, model):
+    def inputs(self, mb: dict, positions: list[int], with_text: bool):
+        """The fixed noise of each (sample, t), keyed by the sample's index (not its stream
+        position), and the text as it is (no dropout)."""
         dev = device()
-        inner = unwrap(model)
-        needs_data = inner.pre_process or inner.post_process
-        mb = next(data_iterator) if needs_data else None
-        kwargs = {"latent_hw": state["latent_hw"]}
-        flow = None
-        if mb is not None:
-            flow = eval_flow_inputs(mb["latents"].to(dev), mb["sample_index"].tolist(), self.t, self.t_index,
-                                    self.seed)
-        if inner.pre_process:
-            dt = self.cfg.params_dtype
-            kwargs.update(hidden_states=flow.noisy.to(dt), encoder_hidden_states=mb["prompt_embeds"].to(dev, dt),
-                          pooled_projections=mb["pooled_prompt_embeds"].to(dev, dt), timestep=flow.timestep)
-        output = model(**kwargs)
-        if not inner.post_process:
-            return output, None
-        mask = mb.get("mask")
-        mask = None if mask is None else mask.to(flow.target.device)
-        return output, partial(self._loss_func, mb["latents"], flow.target, mask, state["weights"])
+        flow = eval_flow_inputs(mb["latents"].to(dev, non_blocking=True), mb["sample_index"].tolist(), self.t,
+                                self.t_index, self.seed)
+        text = pooled = None
+        if with_text:
+            text = mb["prompt_embeds"].to(dev, non_blocking=True).float()
+            pooled = mb["pooled_prompt_embeds"].to(dev, non_blocking=True).float()
+        return flow, text, pooled
 
-    def reduce_report(self, reports) -> dict[str, tuple[float, float]]:
-        """Each term's ``(sum, weight)`` over the global batch, on every rank."""
-        terms = loss_terms()
-        tot = torch.zeros(len(terms), 2, dtype=torch.float64, device=device())
-        if self.last:
-            for r in reports:
-                for i, term in enumerate(terms):
-                    if term.name in r:
-                        tot[i] += r[term.name].double()
-            dist.all_reduce(tot, group=ps.get_data_parallel_group())
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(tot, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
-        return {term.name: (float(tot[i, 0]), float(tot[i, 1])) for i, term in enumerate(terms)}
+    def reduce_report(self, reports) -> torch.Tensor:
+        return self.report_totals(reports)
+
+    def totals(self, microbatches) -> dict[str, tuple[float, float]]:
+        """Each term's ``(sum, weight)`` over the global batch of ``microbatches``, on every rank."""
+        tot = self(microbatches, 0).loss_tensor.tolist()
+        return {term.name: (s, w) for term, (s, w) in zip(loss_terms(), tot)}
 
 
 @contextlib.contextmanager
@@ -227,7 +210,7 @@ class Evaluator:
             mbs = self._microbatches(batch)
             for i, t in enumerate(self.ts):
                 self.step.t, self.step.t_index = t, i
-                for name, (s, w) in self.step(mbs, 0).losses.items():
+                for name, (s, w) in self.step.totals(mbs).items():
                     per_t[i][name][0] += s
                     per_t[i][name][1] += w
         sums = {name: [sum(p[name][0] for p in per_t), sum(p[name][1] for p in per_t)] for name in names}

@@ -7,13 +7,10 @@ checks (interval, SIGTERM with ``--exit-signal-handler``, ``--exit-duration-in-m
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -32,7 +29,7 @@ from megatron_sd3.training import checkpointing as ckpt
 from megatron_sd3.training.build import build_training, device, use_fused_torch_adam
 from megatron_sd3.training.metrics import MetricsError, MetricsWriter, WandbSettings, check_wandb
 from megatron_sd3.training.parallel_layout import LayoutError, check_layout, pipeline_config_fields, stage_layers
-from megatron_sd3.training.step import TrainStep, microbatch_stream
+from megatron_sd3.training.step import TrainStep
 
 
 class SignalHandler:
@@ -117,6 +114,10 @@ def preflight(args):
     check_backend(args.transformer_impl, Fp8Settings(
         format=args.fp8_format, recipe=args.fp8_recipe,
         amax_history_len=args.fp8_amax_history_len) if args.fp8_format else None)
+    from megatron_sd3.training.build import check_compile_mode
+
+    check_compile_mode(args.torch_compile_mode, torch_compile=args.torch_compile,
+                       transformer_impl=args.transformer_impl)
     if args.attention_backend == "fused" and args.transformer_impl == "local" and not torch.cuda.is_available():
         raise ConfigError("--attention-backend fused is cuDNN attention and needs a CUDA GPU; "
                           "use auto, flash or unfused on CPU")
@@ -317,11 +318,13 @@ def pretrain(args, plan) -> int:
     built = build_training(cfg, transformer_impl=args.transformer_impl, optimizer=optimizer_options(args),
                            use_distributed_optimizer=args.use_distributed_optimizer,
                            overlap_grad_reduce=args.overlap_grad_reduce, torch_compile=args.torch_compile,
+                           torch_compile_mode=args.torch_compile_mode,
                            scheduler=scheduler_options(args), ema_decay=args.ema_decay,
                            ema_update_interval=args.ema_update_interval)
     ddp, optimizer, scheduler, ema, models = built.ddp, built.optimizer, built.scheduler, built.ema, built.models
     if args.torch_compile:
-        _print0(f" > torch.compile: {built.compiled_blocks} joint blocks (compiled on their first iteration)")
+        _print0(f" > torch.compile: {built.compiled_blocks} joint blocks, mode {args.torch_compile_mode} "
+                f"(compiled on their first iteration)")
 
     iteration, consumed, skipped_total = 0, 0, 0
     load_dir = plan["load_dir"]
@@ -340,7 +343,8 @@ def pretrain(args, plan) -> int:
                      micro_batch_size=args.micro_batch_size, seed=args.seed,
                      flow=FlowMatchingConfig(weighting=args.timestep_sampling, logit_mean=args.logit_mean,
                                              logit_std=args.logit_std, shift=args.timestep_shift,
-                                             text_dropout=args.text_dropout))
+                                             text_dropout=args.text_dropout),
+                     cuda_graphs=args.torch_compile_mode == "reduce-overhead")
     data_iter = None
     if step.first or step.last:
         from megatron_sd3.data.sampler import build_data_iterator
@@ -351,6 +355,10 @@ def pretrain(args, plan) -> int:
         data_iter = build_data_iterator(ds, args.global_batch_size, args.micro_batch_size,
                                         ps.get_data_parallel_rank(), dp, args.seed, consumed_samples=consumed,
                                         keys=keys, holdout=args.valid_samples or 0)
+        # whole iterations read (and pinned on CUDA) ahead in the background
+        from megatron_sd3.data.prefetch import IterationPrefetcher
+
+        data_iter = IterationPrefetcher(data_iter, step.num_microbatches)
 
     start_iteration = iteration
     handler = SignalHandler() if args.exit_signal_handler else None
@@ -364,7 +372,9 @@ def pretrain(args, plan) -> int:
 
         _print0(eval_log_line(rec))
     start = time.time()
+    # losses stay device tensors; the host reads them at log intervals and at the end
     first_loss = last_loss = None
+    shown_loss = float("nan")
     in_a_row = 0
     t_log, samples_log, flops_log = time.time(), 0, 0.0
     exit_reason, code = "finished", 0
@@ -381,7 +391,7 @@ def pretrain(args, plan) -> int:
     while iteration < args.train_iters:
         if async_saver is not None:
             async_saver.maybe_finalize(blocking=False)
-        mbs = microbatch_stream(data_iter, step.num_microbatches) if data_iter is not None else None
+        mbs = next(data_iter) if data_iter is not None else None
         res = step(mbs, consumed)
         iteration += 1
         consumed += args.global_batch_size
@@ -403,12 +413,15 @@ def pretrain(args, plan) -> int:
             scheduler.step(increment=1)
             if ema is not None:
                 ema.update(iteration)
-            first_loss = res.losses["loss"] if first_loss is None else first_loss
-            last_loss = res.losses["loss"]
+            first_loss = res.loss_tensor[0] if first_loss is None else first_loss
+            last_loss = res.loss_tensor[0]
         samples_log += args.global_batch_size
         flops_log += model_flops_per_sample(cfg, res.latent_hw, training=True) * args.global_batch_size
-        _progress(iteration, args.train_iters, res.losses["loss"], progress)
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+        log_step = iteration % args.log_interval == 0 or iteration == args.train_iters
+        if log_step:
+            shown_loss = res.losses["loss"]  # the host reads the losses here, once per interval
+        _progress(iteration, args.train_iters, shown_loss, progress)
+        if log_step:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             dt = time.time() - t_log
@@ -458,7 +471,7 @@ def pretrain(args, plan) -> int:
     _print0("-------------------------- summary --------------------------")
     _print0(f"  stopped: {exit_reason} at iteration {iteration}/{args.train_iters}")
     if first_loss is not None:
-        _print0(f"  loss: {first_loss:.4f} (first) -> {last_loss:.4f} (last)")
+        _print0(f"  loss: {float(first_loss):.4f} (first) -> {float(last_loss):.4f} (last)")
     run_samples = (iteration - start_iteration) * args.global_batch_size
     _print0(f"  samples/s: {run_samples / max(elapsed, 1e-9):.2f} ({run_samples} samples in {elapsed:.1f} s)")
     _print0(f"  skipped iterations: {skipped_total}")

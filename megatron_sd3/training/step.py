@@ -20,10 +20,20 @@ virtual stages are used):
   exact also when masks differ across DP ranks;
 * the report carries ``(sum, weight)`` per term; ``reduce_report`` sums them over
   microbatches and DP ranks: the logged losses are global per-element means.
+
+The step never waits on the device within an iteration's microbatches (``docs/design.md``,
+section "A step that never waits on the host"): inputs are copied with ``non_blocking`` (pinned
+by ``data/prefetch.py`` on CUDA), noise and timesteps are drawn on the device, the global loss
+weights are built on the host from shapes and host-side masks and copied without a wait, and the
+reported losses stay a device tensor (``StepResult.loss_tensor``; ``StepResult.losses`` reads
+it, once, when asked: at log intervals). Per iteration the host reads one flag: whether the
+global loss is finite, which decides the NaN/Inf skip before ``optimizer.step()`` (megatron's
+optimizer checks ``found_inf`` only with a loss scaler, fp16; its gradient clipping reads the
+grad norm, one more read, inside megatron). Pipelines deeper than two stages also read the
+latent size on their middle stages, which have no data of their own.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator, Optional
@@ -42,10 +52,23 @@ from megatron_sd3.training.build import device, unwrap
 
 @dataclass
 class StepResult:
-    losses: dict[str, float] = field(default_factory=dict)  # global means (all ranks get them)
+    """``loss_tensor``: ``[loss, *term means]`` (float64, on the device; every rank has it), in
+    the order of ``names``; ``losses`` reads it into floats on first access (one host read)."""
+
+    loss_tensor: Optional[torch.Tensor] = None
+    names: tuple[str, ...] = ()
     grad_norm: Optional[float] = None
     skipped: bool = False
     latent_hw: tuple[int, int] = (0, 0)
+    _losses: Optional[dict] = field(default=None, repr=False)
+
+    @property
+    def losses(self) -> dict[str, float]:
+        """Global means, ``loss`` first (a host read of ``loss_tensor``: call it at log steps)."""
+        if self._losses is None:
+            vals = self.loss_tensor.tolist() if self.loss_tensor is not None else []
+            self._losses = dict(zip(self.names, vals))
+        return self._losses
 
 
 class TrainStep:
@@ -53,8 +76,9 @@ class TrainStep:
 
     def __init__(self, cfg: SD3Config, ddp_chunks, optimizer, *, global_batch_size: int,
                  micro_batch_size: int, seed: int, flow: FlowMatchingConfig = FlowMatchingConfig(),
-                 forward_only: bool = False):
+                 forward_only: bool = False, cuda_graphs: bool = False):
         self.cfg, self.chunks, self.optimizer = cfg, ddp_chunks, optimizer
+        self.cuda_graphs = cuda_graphs  # blocks compiled with mode="reduce-overhead"
         self.gbs, self.mbs, self.seed, self.flow = global_batch_size, micro_batch_size, seed, flow
         self.dp = ps.get_data_parallel_world_size()
         if global_batch_size % (micro_batch_size * self.dp):
@@ -70,27 +94,33 @@ class TrainStep:
         return unwrap(self.chunks[0]).layout(latent_hw)
 
     def _broadcast_latent_hw(self, microbatches) -> tuple[int, int]:
-        """The first stage knows the iteration's latent size; every stage needs the p2p shape."""
+        """The first and the last stage read the iteration's latent size from their (host-side)
+        microbatches; middle stages (pipelines of more than two stages) get it broadcast from the
+        first stage, the one host read of a device tensor this costs them."""
+        own = tuple(int(v) for v in microbatches[0]["latents"].shape[-2:]) if microbatches else None
+        if ps.get_pipeline_model_parallel_world_size() <= 2:
+            return own
         hw = torch.zeros(2, dtype=torch.long, device=device())
         if self.first:
-            hw[:] = torch.tensor(microbatches[0]["latents"].shape[-2:])
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(hw, src=ps.get_pipeline_model_parallel_first_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
-        return int(hw[0]), int(hw[1])
+            hw.copy_(_to_device(torch.tensor(own, dtype=torch.long)))
+        dist.broadcast(hw, src=ps.get_pipeline_model_parallel_first_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+        return own if own is not None else tuple(hw.tolist())
 
     def _positions(self, consumed_samples: int, m: int) -> list[int]:
         start = consumed_samples + ps.get_data_parallel_rank() * (self.gbs // self.dp) + m * self.mbs
         return list(range(start, start + self.mbs))
 
-    def _global_weights(self, microbatches) -> dict[str, float]:
+    def _global_weights(self, microbatches) -> dict[str, torch.Tensor]:
         """Each enabled loss term's weight over the whole global batch (this DP rank's
-        microbatches, all-reduced over DP)."""
+        microbatches, all-reduced over DP), as 0-d device tensors: summed on the host from the
+        host-side microbatches, copied without waiting, reduced on the device."""
         terms = enabled_loss_terms(self.cfg)
         w = [sum(t.batch_weight(self.cfg, mb) for mb in microbatches) for t in terms]
-        t = torch.tensor(w, dtype=torch.float64, device=device())
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
-        return {term.name: float(v) for term, v in zip(terms, t)}
+        t = _to_device(torch.tensor(w, dtype=torch.float64))
+        if self.dp > 1:
+            dist.all_reduce(t, group=ps.get_data_parallel_group())
+        return {term.name: t[i] for i, term in enumerate(terms)}
 
     # -- the megatron forward step ---------------------------------------------------------------
     def _loss_func(self, latents, target, mask, weights, output):
@@ -99,15 +129,32 @@ class TrainStep:
         loss, report = None, {}
         for term in enabled_loss_terms(cfg):
             s, w = term.terms(inp)
-            v = term.weight(cfg) * s * (self.gbs / weights[term.name])
+            scale = self.gbs / weights[term.name]  # a device tensor in the step (a float in tests)
+            if isinstance(scale, torch.Tensor):
+                scale = scale.to(s.dtype)
+            v = term.weight(cfg) * s * scale
             loss = v if loss is None else loss + v
             report[term.name] = torch.stack([s.detach(), w.detach().to(s.dtype)])
-        count = torch.tensor(latents.shape[0], dtype=torch.int, device=loss.device)
+        count = torch.full((), latents.shape[0], dtype=torch.int, device=loss.device)  # no host copy
         return loss, count, report
+
+    def inputs(self, mb: dict, positions: list[int], with_text: bool):
+        """``(flow sample, text, pooled)`` of one microbatch on this rank's device: training's
+        noise, timesteps and CFG text dropout, keyed by the samples' stream ``positions``
+        (``text``/``pooled`` only ``with_text``, i.e. on the first stage)."""
+        dev = device()
+        latents = mb["latents"].to(dev, non_blocking=True).float()
+        flow = make_flow_inputs(latents, positions, self.seed, self.flow)
+        text = pooled = None
+        if with_text:
+            text = mb["prompt_embeds"].to(dev, non_blocking=True).float()
+            pooled = mb["pooled_prompt_embeds"].to(dev, non_blocking=True).float()
+            if self.flow.text_dropout > 0:
+                text, pooled = drop_text(text, pooled, flow.keep_text)
+        return flow, text, pooled
 
     def _forward_step(self, state, data_iterator, model):
         latent_hw, consumed, weights = state["latent_hw"], state["consumed"], state["weights"]
-        dev = device()
         inner = unwrap(model)
         m_idx = state["m"]
         needs_data = inner.pre_process or inner.post_process
@@ -117,11 +164,8 @@ class TrainStep:
         kwargs = {"latent_hw": latent_hw}
         flow = None
         if mb is not None:
-            latents = mb["latents"].to(dev).float()
-            flow = make_flow_inputs(latents, self._positions(consumed, m_idx), self.seed, self.flow)
+            flow, text, pooled = self.inputs(mb, self._positions(consumed, m_idx), inner.pre_process)
         if inner.pre_process:
-            text, pooled = drop_text(mb["prompt_embeds"].to(dev).float(),
-                                     mb["pooled_prompt_embeds"].to(dev).float(), flow.keep_text)
             dt = self.cfg.params_dtype  # timesteps stay fp32 (1000 t is coarse in bf16)
             kwargs.update(hidden_states=flow.noisy.to(dt), encoder_hidden_states=text.to(dt),
                           pooled_projections=pooled.to(dt), timestep=flow.timestep)
@@ -129,7 +173,7 @@ class TrainStep:
         if not inner.post_process:
             return output, None
         mask = mb.get("mask")
-        mask = None if mask is None else mask.to(flow.target.device)
+        mask = None if mask is None else mask.to(flow.target.device, non_blocking=True)
         return output, partial(self._loss_func, mb["latents"], flow.target, mask, weights)
 
     # -- one iteration ---------------------------------------------------------------------------
@@ -139,6 +183,8 @@ class TrainStep:
         needs_data = self.first or self.last
         if needs_data and (microbatches is None or len(microbatches) != self.num_microbatches):
             raise ValueError(f"expected {self.num_microbatches} microbatches on this stage")
+        if self.cuda_graphs:  # a new iteration: the graphs' outputs of the last one may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         latent_hw = self._broadcast_latent_hw(microbatches)
         weights = self._global_weights(microbatches) if self.last else {}
         layout = self.layout(latent_hw)
@@ -159,10 +205,11 @@ class TrainStep:
             forward_only=self.forward_only,
         )
         losses = self.reduce_report(reports)
-        result = StepResult(losses=losses, latent_hw=latent_hw)
+        result = StepResult(loss_tensor=losses, names=("loss", *(t.name for t in loss_terms())),
+                            latent_hw=latent_hw)
         if self.forward_only:
             return result
-        if not math.isfinite(losses["loss"]):
+        if not bool(torch.isfinite(losses[0])):  # the iteration's one host read
             # A NaN/Inf loss: no update (the caller counts it and stops after too many).
             result.skipped = True
             for m in self.chunks:
@@ -174,9 +221,9 @@ class TrainStep:
         result.grad_norm = None if grad_norm is None else float(grad_norm)
         return result
 
-    def reduce_report(self, reports) -> dict[str, float]:
-        """``loss`` and every registered term's global mean, on every rank (computed on the last
-        stage, broadcast). A disabled term reports 0; an enabled one with no weight NaN."""
+    def report_totals(self, reports) -> torch.Tensor:
+        """``[terms, 2]``: every registered term's ``(sum, weight)`` over the global batch
+        (float64, on the device), on every rank (summed on the last stage, broadcast)."""
         terms = loss_terms()
         tot = torch.zeros(len(terms), 2, dtype=torch.float64, device=device())
         if self.last:
@@ -188,13 +235,28 @@ class TrainStep:
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(tot, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
-        means = {}
-        for i, term in enumerate(terms):
-            if not term.enabled(self.cfg):
-                means[term.name] = 0.0
-            else:
-                means[term.name] = float(tot[i, 0] / tot[i, 1]) if tot[i, 1] > 0 else float("nan")
-        return {"loss": total_of(means, self.cfg), **means}
+        return tot
+
+    def reduce_report(self, reports) -> torch.Tensor:
+        """``[loss, *every registered term's global mean]`` (float64, on the device), on every
+        rank. A disabled term reports 0; an enabled one with no weight NaN."""
+        terms = loss_terms()
+        tot = self.report_totals(reports)
+        means = torch.where(tot[:, 1] > 0, tot[:, 0] / tot[:, 1], torch.full_like(tot[:, 0], float("nan")))
+        zero = torch.zeros((), dtype=means.dtype, device=means.device)
+        means = torch.stack([means[i] if term.enabled(self.cfg) else zero for i, term in enumerate(terms)])
+        total = total_of({term.name: means[i] for i, term in enumerate(terms)}, self.cfg)
+        if not isinstance(total, torch.Tensor):  # no term enabled
+            total = torch.full((), total, dtype=means.dtype, device=means.device)
+        return torch.cat([total.reshape(1), means])
+
+
+def _to_device(t: torch.Tensor) -> torch.Tensor:
+    """A small host tensor on this rank's device, copied from pinned memory without a wait."""
+    dev = device()
+    if dev.type == "cpu":
+        return t
+    return t.pin_memory().to(dev, non_blocking=True)
 
 
 def microbatch_stream(iterator: Iterator[dict], num_microbatches: int) -> list[dict]:
