@@ -31,6 +31,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import divide
 
 from megatron_sd3.config import SD3Config
+from megatron_sd3.models.sequence_parallel import mark_sequence_parallel
 
 
 @dataclass
@@ -91,12 +92,12 @@ class JointAttention(MegatronModule):
         GEMM alignment). The pads are left out of the attention sequence itself, so no mask is
         needed and the fused (flash/cuDNN) kernels stay usable; their attention output is zero."""
         q, k, v = self._qkv("", x)
-        n_img = x.shape[0]
+        n_img = q.shape[0]  # the whole stream also with sequence parallelism (qkv all-gathers)
         n_pad = 0
         if self.with_context:
             qc, kc, vc = self._qkv("context_", c)
-            if text_len is not None and text_len < c.shape[0]:
-                n_pad = c.shape[0] - text_len
+            if text_len is not None and text_len < qc.shape[0]:
+                n_pad = qc.shape[0] - text_len
                 qc, kc, vc = qc[:text_len], kc[:text_len], vc[:text_len]
             # Concatenated batch-major ([b, S, n, d], handed on as an [S, b, n, d] view): the
             # attention kernel then reads each head's sequence with a stride of one row of h
@@ -155,6 +156,8 @@ class MMDiTLayer(MegatronModule):
             for lin in (self.adaln, self.context_adaln):
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
+        # Replicated, but they modulate sequence slices under sequence parallelism.
+        mark_sequence_parallel(config, self.adaln, self.context_adaln)
         self.attention = build_module(submodules.joint_attention, config=config,
                                       layer_number=layer_number, with_context=True,
                                       context_output=keeps_text)
