@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 import torch.nn.functional as F
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -107,25 +106,6 @@ class LocalRowParallelLinear(GemmOverride, RowParallelLinear):
         return F.linear(input, weight, bias) if _plain_linear_ok(**kwargs) else None
 
 
-class QkTorchNorm:
-    """The qk-norm as megatron's ``WrappedTorchNorm`` builds it, also under sequence parallelism.
-
-    megatron's torch norm refuses ``config.sequence_parallel`` because a norm between the TP
-    regions would need its weight marked for the TP all-reduce. The qk-norm is not there: it acts
-    on this rank's heads over the whole (all-gathered) sequence, inside the TP region, and
-    ``finalize_model_grads`` already sums its gradient over TP (``config.qk_layernorm``)."""
-
-    NORMS = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
-
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
-        if not config.sequence_parallel:
-            return WrappedTorchNorm(config, hidden_size, eps, **kwargs)
-        if config.normalization not in cls.NORMS:
-            raise ValueError(f"qk-norm with normalization={config.normalization!r} is not supported "
-                             f"by the local backend; use LayerNorm or RMSNorm")
-        return cls.NORMS[config.normalization](normalized_shape=hidden_size, eps=eps)
-
-
 class SD3LocalSpecProvider(LocalSpecProvider):
     """megatron-core's local filling with a CPU-capable core attention and torch norms."""
 
@@ -136,7 +116,7 @@ class SD3LocalSpecProvider(LocalSpecProvider):
         return LocalRowParallelLinear
 
     def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
-        return QkTorchNorm if for_qk else WrappedTorchNorm
+        return WrappedTorchNorm
 
     def core_attention(self) -> type:
         return SDPACoreAttention

@@ -31,7 +31,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import divide
 
 from megatron_sd3.config import SD3Config
-from megatron_sd3.models.sequence_parallel import mark_sequence_parallel
+from megatron_sd3.models.sequence_parallel import mark_sequence_parallel, tp_region_config
 
 
 @dataclass
@@ -70,7 +70,7 @@ class JointAttention(MegatronModule):
                 submodules.linear_qkv, h, 3 * h, gather_output=False, tp_comm_buffer_name="qkv", **lin))
             for name in ("q_layernorm", "k_layernorm"):
                 setattr(self, pre + name, build_module(
-                    getattr(submodules, name), config=config, hidden_size=self.head_dim,
+                    getattr(submodules, name), config=tp_region_config(config), hidden_size=self.head_dim,
                     eps=config.layernorm_epsilon))
             if pre == "" or self.context_output:
                 setattr(self, pre + "linear_proj", build_module(

@@ -29,6 +29,7 @@ token count must be a multiple of TP (:func:`check_image_tokens` says so in one 
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -37,6 +38,8 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
+
+from megatron_sd3.config import ConfigError
 
 
 def size(config) -> int:
@@ -51,9 +54,11 @@ def text_len(config) -> int:
 
 
 def check_image_tokens(config, n_img: int) -> None:
+    """One line (a ``ConfigError``, which ``pretrain_sd3.py`` prints as such) when the image
+    stream does not split evenly over the sequence-parallel ranks."""
     k = size(config)
     if n_img % k:
-        raise ValueError(
+        raise ConfigError(
             f"--sequence-parallel splits the {n_img} image tokens over tensor-model-parallel-size "
             f"{k}, which does not divide them; use a latent size whose patch count "
             f"(H/{config.patch_size} x W/{config.patch_size}) is a multiple of {k}, or drop "
@@ -76,6 +81,18 @@ def gather(config, t: torch.Tensor) -> torch.Tensor:
 def enter_blocks(config, y: torch.Tensor) -> torch.Tensor:
     """The replicated ``y`` as the joint blocks use it: gradient all-reduced over TP."""
     return copy_to_tensor_model_parallel_region(y) if size(config) > 1 else y
+
+
+def tp_region_config(config):
+    """The config for a norm that sits *inside* a tensor-parallel region (the qk-norm: this rank's
+    heads over the whole all-gathered sequence), where sequence parallelism does not apply.
+    megatron's torch norm refuses any ``config.sequence_parallel``; the qk-norm's gradient is
+    summed over TP by ``finalize_model_grads`` through ``config.qk_layernorm`` either way."""
+    if not getattr(config, "sequence_parallel", False):
+        return config
+    out = copy.copy(config)
+    out.sequence_parallel = False
+    return out
 
 
 def mark_sequence_parallel(config, *modules) -> None:
