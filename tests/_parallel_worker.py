@@ -94,6 +94,7 @@ def main():
             params.update(gather_full_state_dict(c))
     torch.save({"losses": losses, "params": params, "sent": sent,
                 "buckets": sum(len(g.buckets) for m in ddp for g in m.bucket_groups),
+                "param_gather_pre_hooks": all(m.use_forward_hook for m in ddp),
                 "tp_rank": ps.get_tensor_model_parallel_rank()},
                os.path.join(a.out, f"rank{info.rank}.pt"))
 

@@ -134,3 +134,4 @@ def test_dp2_distributed_optimizer_overlapped_in_small_buckets(root):
     (megatron's forward pre-hooks), several DDP buckets: the single-process numbers."""
     ranks = _compare(root, 2, ["--mask", "--overlap", "--bucket-size", "3000"], MASK)
     assert ranks[0]["buckets"] > 2, ranks[0]["buckets"]
+    assert ranks[0]["param_gather_pre_hooks"]
