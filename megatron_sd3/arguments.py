@@ -47,6 +47,12 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
           "interleaved 1F1B: model chunks per pipeline rank (equal blocks per stage)"),
         F("use_distributed_optimizer", bool, False, "megatron's distributed optimizer"),
         F("overlap_grad_reduce", bool, False, "overlap the gradient reduction with the backward pass"),
+        F("overlap_param_gather", bool, False, "overlap the distributed optimizer's parameter all-gather "
+          "with the next forward pass (needs --use-distributed-optimizer --overlap-grad-reduce)"),
+        F("ddp_bucket_size", int, None, "parameters per DDP communication bucket (default: megatron's)",
+          check=at_least(1)),
+        F("sequence_parallel", bool, False, "split the image and text streams along the sequence over the "
+          "tensor-parallel ranks between the tensor-parallel regions (needs TP > 1)"),
     ]),
     Section("training", "training", [
         F("micro_batch_size", int, 1, "samples per microbatch", check=at_least(1)),
@@ -327,6 +333,15 @@ def validate(args) -> None:
     if args.recompute_granularity == "selective" and args.torch_compile:
         bad("--recompute-granularity selective is for eager runs: with --torch-compile the compiler "
             "already recomputes the elementwise work; use --recompute-granularity full or drop it")
+    if args.sequence_parallel and args.tensor_model_parallel_size < 2:
+        bad("--sequence-parallel splits the sequence over the tensor-parallel ranks and needs "
+            "--tensor-model-parallel-size >= 2; drop --sequence-parallel or raise TP")
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        bad("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce "
+            "(megatron's parameter all-gather comes from the distributed optimizer's shards)")
+    if args.fp8_format and args.sequence_parallel and args.transformer_impl == "local":
+        bad("--sequence-parallel with FP8 needs --transformer-impl transformer_engine (the torchao "
+            "FP8 GEMMs do not all-gather/reduce-scatter the sequence); drop one of them")
     if args.fp8_recipe is None:
         args.fp8_recipe = "delayed" if args.transformer_impl == "transformer_engine" else "tensorwise"
     if args.fp8_format and args.transformer_impl == "local" and args.fp8_recipe == "delayed":

@@ -23,6 +23,12 @@ def main():
     ap.add_argument("--gamma", type=float, default=0.0)
     ap.add_argument("--target", type=int, default=0)
     ap.add_argument("--mask", action="store_true")
+    ap.add_argument("--sequence-parallel", action="store_true", help="megatron's sequence parallelism (TP > 1)")
+    ap.add_argument("--text-len", type=int, default=16)
+    ap.add_argument("--text-pad-multiple", type=int, default=1, help="pad the text stream (as FP8 does)")
+    ap.add_argument("--overlap", action="store_true",
+                    help="distributed optimizer with overlapped grad reduce-scatter and param all-gather")
+    ap.add_argument("--bucket-size", type=int, default=None, help="DDP bucket size (parameters)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--gbs", type=int, default=8)
     ap.add_argument("--mbs", type=int, default=2)
@@ -37,17 +43,21 @@ def main():
     from megatron_sd3.data.mock import MockDataset
     from megatron_sd3.distributed import initialize_distributed
     from megatron_sd3.training.parallel_layout import pipeline_config_fields
-    from megatron_sd3.training.build import build_training
+    from megatron_sd3.training.build import build_training, params_synced
     from megatron_sd3.training.step import TrainStep
 
     info = initialize_distributed(a.tp, a.pp, vpp=a.vpp, seed=1234)
     vpp = dict(virtual_pipeline_model_parallel_size=a.vpp, overlap_p2p_comm=True, batch_p2p_comm=False) if a.vpp else {}
     given = [int(v) for v in a.pipeline_layers.split(",")] if a.pipeline_layers else None
     cfg = make_config("tiny", num_layers=a.num_layers, zero_init_adaln=False, text_recon_gamma=a.gamma,
-                      text_recon_target_layer=a.target,
+                      text_recon_target_layer=a.target, text_seq_len=a.text_len,
                       parallel=dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
+                                    sequence_parallel=a.sequence_parallel, text_pad_multiple=a.text_pad_multiple,
                                     **pipeline_config_fields(a.num_layers, a.pp, given), **vpp))
-    built = build_training(cfg, optimizer=dict(lr=3e-3, weight_decay=0.01, clip_grad=1.0))
+    overlap = dict(use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True) \
+        if a.overlap else {}
+    built = build_training(cfg, optimizer=dict(lr=3e-3, weight_decay=0.01, clip_grad=1.0),
+                           ddp_bucket_size=a.bucket_size, **overlap)
     chunks, ddp, opt = built.chunks, built.ddp, built.optimizer
     step = TrainStep(cfg, ddp, opt, global_batch_size=a.gbs, micro_batch_size=a.mbs, seed=42)
 
@@ -61,7 +71,7 @@ def main():
 
     p2p_communication.P2PCommunicator._communicate = recording
 
-    ds = MockDataset(1000, latent_size=(8, 6), in_channels=16, text_len=16, text_dim=32, pooled_dim=32,
+    ds = MockDataset(1000, latent_size=(8, 6), in_channels=16, text_len=a.text_len, text_dim=32, pooled_dim=32,
                      with_mask=a.mask, seed=5)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per_rank = a.gbs // dp
@@ -79,9 +89,12 @@ def main():
         assert not res.skipped
         losses.append(res.losses)
     params = {}
-    for c in chunks:
-        params.update(gather_full_state_dict(c))
+    with params_synced(ddp):  # with --overlap the last step's all-gather is still pending
+        for c in chunks:
+            params.update(gather_full_state_dict(c))
     torch.save({"losses": losses, "params": params, "sent": sent,
+                "buckets": sum(len(g.buckets) for m in ddp for g in m.bucket_groups),
+                "param_gather_pre_hooks": all(m.use_forward_hook for m in ddp),
                 "tp_rank": ps.get_tensor_model_parallel_rank()},
                os.path.join(a.out, f"rank{info.rank}.pt"))
 

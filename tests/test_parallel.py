@@ -1,4 +1,5 @@
-"""TP / PP / DP on CPU (gloo) give the single-process losses and parameters (rel. diff <= 1e-5).
+"""TP / PP / DP (and sequence parallelism) on CPU (gloo) give the single-process losses and
+parameters (rel. diff <= 1e-5).
 
 Each case trains the tiny preset (4 joint blocks) for a few optimizer steps on the same global
 batch with megatron-core's schedules, DDP and optimizer, then compares with one process.
@@ -93,3 +94,44 @@ def test_pp2_recon_target_zero(root):
 def test_pp2_interleaved_virtual_stages(root):
     """PP=2 x 2 virtual stages (one block per model chunk): megatron's interleaved 1F1B."""
     _compare(root, 2, ["--pp", "2", "--vpp", "2", *RECON_LATE], RECON_LATE)
+
+
+SP = ("--tp", "2", "--sequence-parallel")
+
+
+@pytest.mark.timeout(300)
+def test_tp2_sequence_parallel(root):
+    _compare(root, 2, list(SP), PLAIN)
+
+
+@pytest.mark.timeout(300)
+def test_tp2_sequence_parallel_recon_target_zero_with_masks_and_padded_text(root):
+    """Text of 13 tokens padded to 15 (the FP8 padding), then to 16 for the split over TP=2;
+    the pads stay out of the attention. Text reconstruction on, its target the embedded text."""
+    text = ("--text-len", "13", "--text-pad-multiple", "5")
+    _compare(root, 2, [*SP, *RECON_0, *text, "--mask"], (*RECON_0, *text, "--mask"))
+
+
+@pytest.mark.timeout(500)
+def test_tp2_pp2_sequence_parallel_halves_the_message(root):
+    """TP=2 x PP=2 with sequence parallelism and gamma > 0: each rank sends its half of the
+    image, text and target tokens, plus the replicated y: (12 + 2 * 16) / 2 + 1 = 23 tokens
+    instead of the 45 of the same run without sequence parallelism."""
+    ranks = _compare(root, 4, [*SP, "--pp", "2", *RECON_LATE], RECON_LATE)
+    plain = IMG + 2 * TXT + 1
+    half = (IMG + 2 * TXT) // 2 + 1
+    for r in ranks:
+        if r["sent"]:
+            assert all(shape == (half, MB, HIDDEN) for shape, _ in r["sent"]), r["sent"]
+            assert all(nbytes == half * MB * HIDDEN * 4 for _, nbytes in r["sent"])
+    assert sum(bool(r["sent"]) for r in ranks) == 2  # both TP ranks of the first stage send
+    assert 2 * (half - 1) == plain - 1
+
+
+@pytest.mark.timeout(300)
+def test_dp2_distributed_optimizer_overlapped_in_small_buckets(root):
+    """DP=2, distributed optimizer with overlapped grad reduce-scatter and param all-gather
+    (megatron's forward pre-hooks), several DDP buckets: the single-process numbers."""
+    ranks = _compare(root, 2, ["--mask", "--overlap", "--bucket-size", "3000"], MASK)
+    assert ranks[0]["buckets"] > 2, ranks[0]["buckets"]
+    assert ranks[0]["param_gather_pre_hooks"]

@@ -32,6 +32,7 @@ from megatron.core.utils import divide
 
 from megatron_sd3.config import SD3Config
 from megatron_sd3.recompute import Region, release_all, selective_modules
+from megatron_sd3.models.sequence_parallel import mark_sequence_parallel, tp_region_config
 
 
 @dataclass
@@ -70,7 +71,7 @@ class JointAttention(MegatronModule):
                 submodules.linear_qkv, h, 3 * h, gather_output=False, tp_comm_buffer_name="qkv", **lin))
             for name in ("q_layernorm", "k_layernorm"):
                 setattr(self, pre + name, build_module(
-                    getattr(submodules, name), config=config, hidden_size=self.head_dim,
+                    getattr(submodules, name), config=tp_region_config(config), hidden_size=self.head_dim,
                     eps=config.layernorm_epsilon))
             if pre == "" or self.context_output:
                 setattr(self, pre + "linear_proj", build_module(
@@ -104,15 +105,18 @@ class JointAttention(MegatronModule):
         """``text_len``: how many of ``c``'s tokens are real when the text stream is padded (FP8
         GEMM alignment). The pads are left out of the attention sequence itself, so no mask is
         needed and the fused (flash/cuDNN) kernels stay usable; their attention output is zero."""
-        n_img = x.shape[0]
-        n_pad = 0 if not self.with_context or text_len is None else c.shape[0] - text_len
         # selective "qk_norm": the qk-norms and the concatenation are dropped once the attention
         # kernel has saved them and recomputed from the kept qkv GEMM outputs (recompute.py)
         region = Region("qk_norm" in selective_modules(self.config)
                         and (self.with_context or self.config.qk_norm))
         qkv = self.linear_qkv(x)[0]
+        n_img = qkv.shape[0]  # the whole stream also with sequence parallelism (qkv all-gathers)
+        n_pad = 0
         if self.with_context:
-            q, k, v = region(lambda a, b: self._joint_qkv(a, b, n_pad), qkv, self.context_linear_qkv(c)[0])
+            qkv_c = self.context_linear_qkv(c)[0]
+            if text_len is not None and text_len < qkv_c.shape[0]:
+                n_pad = qkv_c.shape[0] - text_len
+            q, k, v = region(lambda a, b: self._joint_qkv(a, b, n_pad), qkv, qkv_c)
         elif region.active:  # v stays a view of the kept GEMM output
             q, k = region(lambda t: self._qkv_norm("", t)[:2], qkv)
             v = self._qkv_norm("", qkv, norm=False)[2]
@@ -172,6 +176,8 @@ class MMDiTLayer(MegatronModule):
             for lin in (self.adaln, self.context_adaln):
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
+        # Replicated, but they modulate sequence slices under sequence parallelism.
+        mark_sequence_parallel(config, self.adaln, self.context_adaln)
         self.attention = build_module(submodules.joint_attention, config=config,
                                       layer_number=layer_number, with_context=True,
                                       context_output=keeps_text)

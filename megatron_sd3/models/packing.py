@@ -6,7 +6,9 @@ microbatch. Everything a later stage needs travels in it, in this order along ``
     [ image tokens (S_img) | text tokens (S_txt) | recon target (S_txt, only when gamma > 0) | y (1) ]
 
 ``y`` (timestep + pooled conditioning) is one extra token so that its gradient flows back to the
-first stage's embedders; the reconstruction target is detached where it is captured, so no
+first stage's embedders. With sequence parallelism (``sp`` = TP ranks) each rank sends its own
+slice of each stream and the replicated ``y``: ``seq_len / sp`` tokens per rank, which is what
+megatron's schedules derive from ``seq_len`` (``models/sequence_parallel.py``); the reconstruction target is detached where it is captured, so no
 gradient flows into it. With gamma = 0 the target slot does not exist: not one byte more than the
 plain model. This module is the only place that knows the layout.
 """
@@ -26,18 +28,29 @@ class ActivationLayout:
     """Text tokens as they travel (padded length when the text stream is padded)."""
     carry_target: bool
     """Whether the text-reconstruction target travels (gamma > 0)."""
+    sp: int = 1
+    """Ranks the streams are split over (sequence parallelism; 1 = off). ``n_img`` and ``n_txt``
+    count the whole streams and must be multiples of ``sp``."""
+
+    @property
+    def local_len(self) -> int:
+        """Tokens of one rank's message: its slice of each stream, and ``y``."""
+        return (self.n_img + self.n_txt * (2 if self.carry_target else 1)) // self.sp + 1
 
     @property
     def seq_len(self) -> int:
-        """The sequence length megatron is told (``config.seq_length`` / tensor_shape[0])."""
-        return self.n_img + self.n_txt * (2 if self.carry_target else 1) + 1
+        """The sequence length megatron is told (``config.seq_length``; megatron's p2p shape is
+        ``seq_len // sp`` = :attr:`local_len` with sequence parallelism)."""
+        return self.local_len * self.sp
 
     def bytes_per_message(self, micro_batch: int, hidden: int, dtype: torch.dtype) -> int:
-        return self.seq_len * micro_batch * hidden * torch.tensor([], dtype=dtype).element_size()
+        """Bytes one rank sends per microbatch."""
+        return self.local_len * micro_batch * hidden * torch.tensor([], dtype=dtype).element_size()
 
     def pack(self, x: torch.Tensor, c: torch.Tensor, target: Optional[torch.Tensor],
              y: torch.Tensor) -> torch.Tensor:
-        """x [S_img,B,h], c [S_txt,B,h], target [S_txt,B,h] or None, y [B,h] -> [seq,B,h]."""
+        """x [S_img,B,h], c [S_txt,B,h], target [S_txt,B,h] or None, y [B,h] -> [seq,B,h]
+        (with ``sp`` > 1: this rank's slices of x, c, target -> [local_len,B,h])."""
         parts = [x, c]
         if self.carry_target:
             if target is None:  # the target block is on a later stage: an empty slot until then
@@ -45,18 +58,19 @@ class ActivationLayout:
             parts.append(target.detach())
         parts.append(y.unsqueeze(0))
         out = torch.cat(parts, dim=0)
-        assert out.shape[0] == self.seq_len, (out.shape, self)
+        assert out.shape[0] == self.local_len, (out.shape, self)
         return out
 
     def unpack(self, t: torch.Tensor):
         """[seq,B,h] -> (x, c, target or None, y)."""
-        if t.shape[0] != self.seq_len:
-            raise ValueError(f"pipeline activation has {t.shape[0]} tokens, layout expects {self.seq_len} "
+        if t.shape[0] != self.local_len:
+            raise ValueError(f"pipeline activation has {t.shape[0]} tokens, layout expects {self.local_len} "
                              f"({self}); all stages must agree on image size, text length and gamma")
-        i, j = self.n_img, self.n_img + self.n_txt
+        n_img, n_txt = self.n_img // self.sp, self.n_txt // self.sp
+        i, j = n_img, n_img + n_txt
         x, c = t[:i], t[i:j]
         target = None
         if self.carry_target:
-            target = t[j: j + self.n_txt].detach()
-            j += self.n_txt
+            target = t[j: j + n_txt].detach()
+            j += n_txt
         return x, c, target, t[j]

@@ -36,6 +36,7 @@ from megatron_sd3.compat import set_te_attention_backend
 from megatron_sd3.config import SD3Config
 from megatron_sd3.data._seeding import init_rng
 from megatron_sd3.models.embeddings import SD3Embeddings, SD3OutputHead
+from megatron_sd3.models import sequence_parallel as sp
 from megatron_sd3.models.mmdit_layer_specs import get_mmdit_layer_spec
 from megatron_sd3.models.packing import ActivationLayout
 
@@ -87,8 +88,10 @@ class SD3Model(MegatronModule):
 
     def layout(self, latent_hw) -> ActivationLayout:
         cfg = self.config
-        return ActivationLayout(n_img=cfg.num_image_tokens(*latent_hw), n_txt=cfg.padded_text_len,
-                                carry_target=cfg.text_recon)
+        n_img = cfg.num_image_tokens(*latent_hw)
+        sp.check_image_tokens(cfg, n_img)
+        return ActivationLayout(n_img=n_img, n_txt=sp.text_len(cfg), carry_target=cfg.text_recon,
+                                sp=sp.size(cfg))
 
     def set_input_tensor(self, input_tensor) -> None:
         """Megatron's schedules hand the previous stage's output here (a list of one tensor)."""
@@ -125,6 +128,7 @@ class SD3Model(MegatronModule):
             x, c, y = self.embeddings(hidden_states, encoder_hidden_states, pooled_projections, timestep)
             if layout.n_txt > cfg.text_seq_len:
                 c = torch.cat([c, c.new_zeros(layout.n_txt - cfg.text_seq_len, *c.shape[1:])], dim=0)
+            x, c = sp.scatter(cfg, x), sp.scatter(cfg, c)  # this rank's slices (sequence parallel)
             if cfg.text_recon and cfg.text_recon_target_layer == 0:
                 target = c.detach()
         else:
@@ -135,15 +139,17 @@ class SD3Model(MegatronModule):
         # FP8 GEMMs inside the blocks only (embedders, adaLN and head stay high precision), with
         # megatron's TransformerBlock policy: one context for the pass (delayed recipe) or one
         # per block (otherwise), as the backend says.
+        y_blocks = sp.enter_blocks(cfg, y)
         with self.backend.pass_fp8_context(cfg):
-            x, c, block_target = self._blocks_forward(x, c, y, text_len)
+            x, c, block_target = self._blocks_forward(x, c, y_blocks, text_len)
         target = block_target if block_target is not None else target
 
         if not self.post_process:
             return layout.pack(x, c, target, y)
-        velocity = self.head(x, y, latent_hw)
+        velocity = self.head(sp.gather(cfg, x), y, latent_hw)
         if not cfg.text_recon:
             return velocity
+        c, target = sp.gather(cfg, c), sp.gather(cfg, target)
         n = cfg.text_seq_len
         return velocity, c[:n].transpose(0, 1), target[:n].transpose(0, 1)
 

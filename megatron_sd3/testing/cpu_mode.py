@@ -54,8 +54,9 @@ in ``_PATCHES`` below:
 Tested on CPU (tests/test_cpu_mode.py): 1F1B with PP=2, TP=2, DP=2, DDP (with and without
 overlap_grad_reduce), FP32Optimizer, Float16OptimizerWithFloat16Params (bf16), the distributed
 optimizer, grad clipping, finalize_model_grads with per-token loss, dist_checkpointing save/load
-(``dp_reshardable``), the RNG tracker. Smoke-tested by hand: sequence parallelism and
-``use_cpu_initialization=False``. Not covered (they fail loudly if reached): fp16 loss-scaler
+(``dp_reshardable``), the RNG tracker; sequence parallelism (its all-gather / reduce-scatter
+buffers, tests/test_parallel.py) and the distributed optimizer's overlapped parameter all-gather.
+Smoke-tested by hand: ``use_cpu_initialization=False``. Not covered (they fail loudly if reached): fp16 loss-scaler
 state loading (``.cuda()``), CUDA graphs, several distributed-optimizer instances (CUDA streams),
 fully-parallel checkpoint loading (``exchange_utils`` ``.cuda()``), megatron FSDP, Transformer
 Engine, ``model_parallel_cuda_manual_seed(use_cudagraphable_rng=True)``.
@@ -79,8 +80,8 @@ _LOCK = threading.Lock()
 _REAL_TORCH = torch
 
 # Modules whose code allocates on CUDA / calls torch.cuda.* on the CPU paths we use. Each one gets
-# the `_CpuTorch` proxy as its module-global `torch`. Why each is listed (the first ten are hit by
-# tests/test_cpu_mode.py; layers/mappings-for-SP were smoke-tested by hand):
+# the `_CpuTorch` proxy as its module-global `torch`. Why each is listed (hit by
+# tests/test_cpu_mode.py, and for sequence parallelism by tests/test_parallel.py):
 _CUDA_ALLOCATING_MODULES: Tuple[Tuple[str, str], ...] = (
     ("megatron.core.pipeline_parallel.schedules",
      'total_num_tokens = torch.zeros([], ..., device="cuda") in every schedule'),

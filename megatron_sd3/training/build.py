@@ -7,12 +7,17 @@ call; nothing else wires these pieces. It builds this rank's stage(s) of ``SD3Mo
 them in megatron's ``Float16Module`` with ``--bf16`` and in megatron ``DistributedDataParallel``,
 builds megatron's optimizer and wires DDP and the optimizer into the config as Megatron-LM's
 training loop does (``no_sync_func``, ``finalize_model_grads_func``, ``grad_scale_func``,
-``grad_sync_func``). The LR scheduler and the EMA are optional (benchmarks and tests leave them
+``grad_sync_func``, ``param_sync_func``). With ``overlap_param_gather`` (distributed optimizer)
+the optimizer step leaves the updated parameters in the optimizer's shards and megatron's DDP
+forward pre-hooks all-gather them, bucket by bucket, as the next forward pass reaches them;
+whatever reads the weights outside a forward pass (checkpoint save, EMA update) runs inside
+:func:`params_synced`. The LR scheduler and the EMA are optional (benchmarks and tests leave them
 out). ``Built.free`` breaks the config <-> optimizer/DDP reference cycle those hooks create.
 """
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -27,7 +32,8 @@ from megatron_sd3.models.sd3_model import SD3Model
 from megatron_sd3.training import multi_tensor
 from megatron_sd3.training.ema import EMA
 
-_CONFIG_HOOKS = ("no_sync_func", "grad_sync_func", "finalize_model_grads_func", "grad_scale_func")
+_CONFIG_HOOKS = ("no_sync_func", "grad_sync_func", "param_sync_func", "finalize_model_grads_func",
+                 "grad_scale_func")
 
 
 def device() -> torch.device:
@@ -118,11 +124,20 @@ def wrap_float16(cfg: SD3Config, chunks: list):
 
 
 def wrap_ddp(cfg: SD3Config, chunks: list[SD3Model], use_distributed_optimizer: bool = False,
-             overlap_grad_reduce: bool = False) -> list[DistributedDataParallel]:
+             overlap_grad_reduce: bool = False, overlap_param_gather: bool = False,
+             bucket_size: Optional[int] = None) -> list[DistributedDataParallel]:
+    """megatron DDP around each chunk. ``bucket_size``: parameters per communication bucket
+    (``--ddp-bucket-size``; None: megatron's default). ``overlap_param_gather`` needs the
+    distributed optimizer and ``overlap_grad_reduce`` (as Megatron-LM); with virtual stages the
+    all-gathers are aligned with the interleaved schedule (``align_param_gather``: the schedule
+    starts each chunk's gather through ``config.param_sync_func``)."""
+    if overlap_param_gather and not (use_distributed_optimizer and overlap_grad_reduce):
+        raise ValueError("overlap_param_gather needs use_distributed_optimizer and overlap_grad_reduce")
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=use_distributed_optimizer, check_for_nan_in_grad=False,
-        bucket_size=None)
+        overlap_param_gather=overlap_param_gather,
+        align_param_gather=overlap_param_gather and len(chunks) > 1, bucket_size=bucket_size)
     return [DistributedDataParallel(config=cfg, ddp_config=ddp_config, module=m,
                                     disable_bucketing=i > 0) for i, m in enumerate(chunks)]
 
@@ -164,7 +179,26 @@ def build_optimizer(cfg: SD3Config, ddp_chunks, opt_config: OptimizerConfig):
     if ddp_chunks[0].ddp_config.overlap_grad_reduce:
         sync = [m.start_grad_sync for m in ddp_chunks]
         cfg.grad_sync_func = sync if len(sync) > 1 else sync[0]
+    if ddp_chunks[0].ddp_config.align_param_gather:
+        cfg.param_sync_func = [m.start_param_sync for m in ddp_chunks]
     return optimizer
+
+
+@contextmanager
+def params_synced(ddp_chunks):
+    """The model's parameters up to date inside the block, also with ``overlap_param_gather``.
+
+    Megatron-LM's ``disable_forward_pre_hook`` (which finishes every outstanding parameter
+    all-gather synchronously) before, and ``enable_forward_pre_hook`` after: what its training
+    loop does around checkpoint saves. Nothing happens without ``overlap_param_gather``."""
+    hooked = [m for m in ddp_chunks if getattr(m, "use_forward_hook", False)]
+    for m in hooked:
+        m.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for m in hooked:
+            m.enable_forward_pre_hook()
 
 
 @dataclass
@@ -199,6 +233,7 @@ class Built:
 
 def build_training(cfg: SD3Config, *, transformer_impl: str = "local", optimizer: Optional[dict] = None,
                    use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False,
+                   overlap_param_gather: bool = False, ddp_bucket_size: Optional[int] = None,
                    torch_compile: bool = False, torch_compile_mode: str = "default",
                    scheduler: Optional[dict] = None,
                    ema_decay: float = 0.0, ema_update_interval: int = 1) -> Built:
@@ -213,15 +248,17 @@ def build_training(cfg: SD3Config, *, transformer_impl: str = "local", optimizer
     """
     check_compile_mode(torch_compile_mode, torch_compile=torch_compile, transformer_impl=transformer_impl)
     opt_fields = {"optimizer": "adam", **(optimizer or {})}
-    for k in ("bf16", "params_dtype", "use_distributed_optimizer"):
+    for k in ("bf16", "params_dtype", "use_distributed_optimizer", "overlap_param_gather"):
         if k in opt_fields:
             raise ValueError(f"build_training: optimizer field {k!r} is set from the model config / "
                              f"the use_distributed_optimizer argument; leave it out")
     opt_config = OptimizerConfig(bf16=cfg.bf16, params_dtype=cfg.params_dtype,
-                                 use_distributed_optimizer=use_distributed_optimizer, **opt_fields)
+                                 use_distributed_optimizer=use_distributed_optimizer,
+                                 overlap_param_gather=overlap_param_gather, **opt_fields)
     chunks = wrap_float16(cfg, build_model(cfg, transformer_impl=transformer_impl))
     ddp = wrap_ddp(cfg, chunks, use_distributed_optimizer=use_distributed_optimizer,
-                   overlap_grad_reduce=overlap_grad_reduce)
+                   overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=overlap_param_gather,
+                   bucket_size=ddp_bucket_size)
     opt = build_optimizer(cfg, ddp, opt_config)
     compiled = compile_blocks(chunks, torch_compile_mode) if torch_compile else 0
     sched = OptimizerParamScheduler(opt, **scheduler) if scheduler is not None else None

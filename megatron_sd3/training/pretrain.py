@@ -26,7 +26,7 @@ from megatron_sd3.flow_matching import FlowMatchingConfig
 from megatron_sd3.loss import loss_terms
 from megatron_sd3.memory import report_at_start
 from megatron_sd3.training import checkpointing as ckpt
-from megatron_sd3.training.build import build_training, device, use_fused_torch_adam
+from megatron_sd3.training.build import build_training, device, params_synced, use_fused_torch_adam
 from megatron_sd3.training.metrics import MetricsError, MetricsWriter, WandbSettings, check_wandb
 from megatron_sd3.training.parallel_layout import LayoutError, check_layout, pipeline_config_fields, stage_layers
 from megatron_sd3.training.step import TrainStep
@@ -157,6 +157,7 @@ def setup(args, plan):
     if args.bf16 and not bf16:
         _print0(" > --bf16 asked for without CUDA: this CPU run stays in fp32")
     parallel = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                    sequence_parallel=args.sequence_parallel,
                     **pipeline_config_fields(mf["num_layers"], pp, args.pipeline_layers))
     if vpp:  # interleaved 1F1B; batched p2p would mix up same-shaped messages (Megatron-LM's default)
         parallel.update(virtual_pipeline_model_parallel_size=vpp, overlap_p2p_comm=True, batch_p2p_comm=False)
@@ -317,8 +318,9 @@ def pretrain(args, plan) -> int:
 
     built = build_training(cfg, transformer_impl=args.transformer_impl, optimizer=optimizer_options(args),
                            use_distributed_optimizer=args.use_distributed_optimizer,
-                           overlap_grad_reduce=args.overlap_grad_reduce, torch_compile=args.torch_compile,
-                           torch_compile_mode=args.torch_compile_mode,
+                           overlap_grad_reduce=args.overlap_grad_reduce,
+                           overlap_param_gather=args.overlap_param_gather, ddp_bucket_size=args.ddp_bucket_size,
+                           torch_compile=args.torch_compile, torch_compile_mode=args.torch_compile_mode,
                            scheduler=scheduler_options(args), ema_decay=args.ema_decay,
                            ema_update_interval=args.ema_update_interval)
     ddp, optimizer, scheduler, ema, models = built.ddp, built.optimizer, built.scheduler, built.ema, built.models
@@ -383,10 +385,11 @@ def pretrain(args, plan) -> int:
 
     def save(it):
         if args.save:
-            ckpt.save_checkpoint(args.save, it, models, optimizer, ema, scheduler,
-                                 consumed_samples=consumed, skipped_iters=skipped_total,
-                                 model_config=config_to_dict(cfg), run_config=run_config,
-                                 global_batch_size=args.global_batch_size, async_saver=async_saver)
+            with params_synced(ddp):  # --overlap-param-gather: the weights of the last step
+                ckpt.save_checkpoint(args.save, it, models, optimizer, ema, scheduler,
+                                     consumed_samples=consumed, skipped_iters=skipped_total,
+                                     model_config=config_to_dict(cfg), run_config=run_config,
+                                     global_batch_size=args.global_batch_size, async_saver=async_saver)
 
     while iteration < args.train_iters:
         if async_saver is not None:
@@ -411,8 +414,9 @@ def pretrain(args, plan) -> int:
         else:
             in_a_row = 0
             scheduler.step(increment=1)
-            if ema is not None:
-                ema.update(iteration)
+            if ema is not None and iteration % ema.interval == 0:
+                with params_synced(ddp):  # --overlap-param-gather: average the updated weights
+                    ema.update(iteration)
             first_loss = res.loss_tensor[0] if first_loss is None else first_loss
             last_loss = res.loss_tensor[0]
         samples_log += args.global_batch_size
