@@ -86,3 +86,18 @@ def test_clip_score_without_vae_or_prompt_texts_is_one_line(fixtures, capsys):
         assert code == 2, argv
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.timeout(900)
+def test_clip_score_is_the_same_under_pipeline_parallelism(fixtures, tmp_path):
+    """The initial weights do not depend on the layout: the score before the first iteration is
+    the same on 1 process and on 2 pipeline stages (samples through megatron's schedule)."""
+    args = [*BASE, "--train-iters", "1", "--eval-at-start", "--eval-timesteps", "1", "--sample-steps", "2",
+            "--sample-prompts", fixtures["prompts"], "--sd3-root", fixtures["sd3"], "--clip-model", fixtures["clip"],
+            "--ema-decay", "0"]
+    got = []
+    for name, nproc, extra in (("one", 1, []), ("pp2", 2, ["--pipeline-model-parallel-size", "2"])):
+        m = tmp_path / f"{name}.jsonl"
+        run_ranks("pretrain_sd3.py", nproc, [*args, *extra, "--metrics-file", str(m)], timeout=600)
+        got.append([json.loads(line)["clip_score"] for line in open(m) if '"eval"' in line][0])
+    assert got[0] > 0 and got[1] == pytest.approx(got[0], rel=1e-4)
