@@ -105,6 +105,9 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
           "t (e.g. 0.1, 0.5, 0.9); these are the K equal-mass quantile midpoints of a uniform t, so the mean "
           "over them estimates the loss averaged uniformly over t", check=at_least(1)),
         F("eval_at_start", bool, False, "evaluate once before the first iteration"),
+        F("clip_model", str, None, "local transformers CLIPModel folder: at each evaluation, the CLIP score of "
+          "the sample prompts' fixed-seed samples (VAE-decoded: needs --sd3-root) against the prompt texts "
+          "of the prompt file (tools/preprocess_data.py --prompts)"),
     ]),
     Section("sampling", "samples during training", [
         F("sample_interval", int, None, "iterations between sample grids (and one at the end), "
@@ -315,6 +318,11 @@ def validate(args) -> None:
     if args.valid_samples and args.mock_data and args.valid_samples >= args.mock_num_samples:
         bad(f"--valid-samples {args.valid_samples} leaves no training samples of --mock-num-samples "
             f"{args.mock_num_samples}; hold out fewer")
+    if args.clip_model and not (args.eval_interval or args.eval_at_start):
+        bad("--clip-model scores samples at each evaluation; it needs --eval-interval N (or --eval-at-start)")
+    if args.clip_model and not args.sd3_root:
+        bad("--clip-model scores VAE-decoded samples and needs --sd3-root DIR (a latent preview is no "
+            "image a CLIP model can judge)")
     if args.sample_interval and not args.save:
         bad("--sample-interval writes SAVE/samples/ and needs --save DIR")
     if (args.wandb_exp_name or args.wandb_save_dir) and not args.wandb_project:

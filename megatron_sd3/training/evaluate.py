@@ -24,6 +24,12 @@ Samples (``SampleGrid``): a fixed-seed grid of the sample prompts (``sampling.sa
 forward-only schedule under PP), decoded with the SD3 VAE when ``--sd3-root`` is given, otherwise
 a latent preview (``sampling.latent_preview``, one pixel per latent, enlarged); saved as
 ``SAVE/samples/iter_NNNNNNN.png`` and sent to TensorBoard/W&B.
+
+CLIP score (``ClipEval``, ``--clip-model DIR``): at each evaluation, the same fixed-seed samples
+of the sample prompts, decoded with the SD3 VAE (``--sd3-root``: a 16-channel latent preview is
+no image a CLIP model can judge), scored against the prompts' own texts (the ``prompts`` metadata
+of the prompt file) with ``clip_score.CLIPScorer`` on rank 0 and sent to every rank:
+``"clip_score"`` of the eval record (and of ``"ema"`` with EMA on).
 """
 from __future__ import annotations
 
@@ -223,15 +229,19 @@ class Evaluator:
                  for name, (s, w) in sums.items()}
         return {"loss": total_of(means, self.cfg), **means, "loss_at_t": at_t}
 
-    def evaluate(self, iteration: int, ema=None) -> dict:
+    def evaluate(self, iteration: int, ema=None, clip: Optional["ClipEval"] = None) -> dict:
         with preserved_training_state(self.chunks):
             for c in self.chunks:
                 c.eval()
             rec = {"type": "eval", "iteration": int(iteration), **self.losses(),
                    "valid_samples": self.num_samples, "eval_timesteps": len(self.ts)}
+            if clip is not None:
+                rec["clip_score"] = clip.score()
             if ema is not None:
                 with ema_weights(ema):
                     rec["ema"] = self.losses()
+                    if clip is not None:
+                        rec["ema"]["clip_score"] = clip.score()
         return rec
 
 
@@ -240,6 +250,8 @@ def eval_log_line(rec: dict) -> str:
     def line(r, what):
         names = ("loss", *(t.name for t in loss_terms()))
         vals = " | ".join(f"{k} value: {r[k]:.6E}" for k in names)
+        if "clip_score" in r:
+            vals += f" | clip_score value: {r['clip_score']:.4f}"
         return f" validation loss{what} at iteration {rec['iteration']} | {vals} |"
 
     lines = [line(rec, "")]
@@ -341,6 +353,31 @@ class SampleGrid:
         return path
 
 
-__all__ = ["eval_timesteps", "eval_flow_inputs", "ValidationSet", "EvalStep", "Evaluator", "eval_log_line",
+class ClipEval:
+    """The CLIP score of a ``SampleGrid``'s samples (VAE-decoded) against their prompt texts;
+    ``score()`` is called on every rank and returns the same number everywhere."""
+
+    def __init__(self, grid: SampleGrid, prompts: list[str], model_dir: str):
+        if not grid.sd3_root:
+            raise ValueError("the CLIP score needs VAE-decoded samples: give --sd3-root")
+        if len(prompts) != grid.text.shape[0]:
+            raise ValueError(f"{len(prompts)} prompt texts for {grid.text.shape[0]} prompt embeddings")
+        self.grid, self.prompts, self.model_dir = grid, list(prompts), model_dir
+        self.scorer = None
+        if dist.get_rank() == 0:
+            from megatron_sd3.clip_score import CLIPScorer
+
+            self.scorer = CLIPScorer(model_dir)
+
+    def score(self) -> float:
+        lat = self.grid.latents()
+        v = torch.zeros(1, dtype=torch.float64, device=device())
+        if dist.get_rank() == 0:
+            v[0] = self.scorer.score(list(self.grid.images(lat)), self.prompts)
+        dist.broadcast(v, src=0)
+        return float(v[0])
+
+
+__all__ = ["ClipEval", "eval_timesteps", "eval_flow_inputs", "ValidationSet", "EvalStep", "Evaluator", "eval_log_line",
            "preserved_training_state", "ema_weights", "load_prompt_embeds", "grid_image", "SampleGrid",
            "EVAL_NOISE_TAG"]

@@ -137,12 +137,17 @@ def preflight(args):
         if args.valid_samples >= n:
             raise ConfigError(f"--valid-samples {args.valid_samples} leaves no training samples of the "
                               f"{n} in {args.data_path}; hold out fewer")
-    if args.sample_interval and vpp is not None:
-        raise ConfigError("--sample-interval samples with one model chunk per rank; drop "
-                          "--num-virtual-stages-per-pipeline-rank or --sample-interval")
+    if (args.sample_interval or args.clip_model) and vpp is not None:
+        raise ConfigError("--sample-interval / --clip-model sample with one model chunk per rank; drop "
+                          "--num-virtual-stages-per-pipeline-rank or them")
     if args.sample_prompts and not os.path.isfile(args.sample_prompts):
         raise ConfigError(f"--sample-prompts {args.sample_prompts}: file not found; write one with "
                           f"tools/preprocess_data.py --prompts prompts.txt")
+    if args.clip_model:
+        _clip_prompts(args)
+        if not os.path.isfile(os.path.join(args.clip_model, "config.json")):
+            raise ConfigError(f"--clip-model {args.clip_model}: no config.json there; give a local transformers "
+                              f"CLIPModel folder (CLIPModel.save_pretrained + CLIPProcessor.save_pretrained)")
     check_wandb(wandb_settings(args))
     return {"preset": preset, "fields": fields, "model_fields": mf, "dp": dp,
             "load_dir": ckpt.resolve_load(args.load, args.save, args.ckpt_step)}
@@ -216,14 +221,39 @@ def log_line(rec: dict, train_iters: int) -> str:
 
 
 # -- validation and samples during training (training/evaluate.py) ---------------------------------------
+def _prompt_file(args) -> Optional[str]:
+    """``--sample-prompts``, else the data's ``sample_prompts.safetensors``, else None."""
+    if args.sample_prompts:
+        return args.sample_prompts
+    if args.data_path and os.path.isfile(os.path.join(args.data_path, "sample_prompts.safetensors")):
+        return os.path.join(args.data_path, "sample_prompts.safetensors")
+    return None
+
+
+def _clip_prompts(args) -> list[str]:
+    """The prompt texts the CLIP score compares the samples with: the prompt file's ``prompts``."""
+    from megatron_sd3.training.evaluate import load_prompt_embeds
+
+    path = _prompt_file(args)
+    if path is None:
+        raise ConfigError("--clip-model needs the prompts' texts: give --sample-prompts FILE written by "
+                          "tools/preprocess_data.py --prompts")
+    try:
+        _, _, prompts = load_prompt_embeds(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if not prompts:
+        raise ConfigError(f"--clip-model: {path} holds no prompt texts (no 'prompts' metadata); write it with "
+                          f"tools/preprocess_data.py --prompts")
+    return prompts
+
+
 def _sample_prompts(args, cfg, source):
     """The sample prompts' ``(text, pooled)``: ``--sample-prompts``, else the data's
     ``sample_prompts.safetensors``, else the text of the first ``--sample-num`` samples of ``source``."""
     from megatron_sd3.training.evaluate import load_prompt_embeds
 
-    path = args.sample_prompts
-    if path is None and args.data_path and os.path.isfile(os.path.join(args.data_path, "sample_prompts.safetensors")):
-        path = os.path.join(args.data_path, "sample_prompts.safetensors")
+    path = _prompt_file(args)
     if path is not None:
         try:
             text, pooled, _ = load_prompt_embeds(path)
@@ -242,10 +272,11 @@ def _sample_prompts(args, cfg, source):
 
 
 def build_side_tasks(args, cfg, ddp):
-    """The ``Evaluator`` (with a validation set) and the ``SampleGrid`` (with --sample-interval), or None."""
-    from megatron_sd3.training.evaluate import Evaluator, SampleGrid, ValidationSet
+    """The ``Evaluator`` (with a validation set), the ``SampleGrid`` (with --sample-interval) and
+    the ``ClipEval`` (with --clip-model), or None."""
+    from megatron_sd3.training.evaluate import ClipEval, Evaluator, SampleGrid, ValidationSet
 
-    evaluator = sampler = valid = None
+    evaluator = sampler = valid = clip = None
     if args.valid_data_path:
         vds = build_dataset(args, cfg, path=args.valid_data_path)
         _check_data_matches_model(vds, cfg, args, path=args.valid_data_path)
@@ -259,24 +290,29 @@ def build_side_tasks(args, cfg, ddp):
                               timesteps=args.eval_timesteps, eval_iters=args.eval_iters)
         _print0(f" > validation: {evaluator.num_samples} samples x {args.eval_timesteps} timesteps "
                 f"({'--valid-data-path ' + args.valid_data_path if args.valid_data_path else 'held out: the last ' + str(args.valid_samples) + ' samples'})")
-    if args.sample_interval:
+    if args.sample_interval or args.clip_model:
         source = valid if valid is not None else ValidationSet(build_dataset(args, cfg))
         text, pooled = _sample_prompts(args, cfg, source)
         hw = tuple(source.dataset.buckets[0])
-        sampler = SampleGrid(ddp, text, pooled, hw, cfg.in_channels, steps=args.sample_steps,
-                             cfg_scale=args.sample_cfg_scale, shift=args.sample_shift, seed=args.sample_seed,
-                             sd3_root=args.sd3_root, out_dir=os.path.join(args.save, "samples"))
-    return evaluator, sampler
+        out_dir = os.path.join(args.save, "samples") if args.save else None
+        grid = SampleGrid(ddp, text, pooled, hw, cfg.in_channels, steps=args.sample_steps,
+                          cfg_scale=args.sample_cfg_scale, shift=args.sample_shift, seed=args.sample_seed,
+                          sd3_root=args.sd3_root, out_dir=out_dir)
+        sampler = grid if args.sample_interval else None
+        if args.clip_model and evaluator is not None:  # the same samples the grid shows, scored
+            clip = ClipEval(grid, _clip_prompts(args), args.clip_model)
+            _print0(f" > CLIP score at each evaluation: {len(clip.prompts)} prompts, {args.clip_model}")
+    return evaluator, sampler, clip
 
 
-def run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, final=False):
+def run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, final=False, clip=None):
     """Evaluate and/or write a sample grid when due at ``iteration`` (``final``: the last one).
     Returns the seconds spent (kept out of the training throughput)."""
     from megatron_sd3.training.evaluate import eval_log_line
 
     t0 = time.time()
     if evaluator is not None and args.eval_interval and (iteration % args.eval_interval == 0 or final):
-        rec = evaluator.evaluate(iteration, ema)
+        rec = evaluator.evaluate(iteration, ema, clip)
         metrics.write(rec)
         _print0(eval_log_line(rec))
     if sampler is not None and (iteration % args.sample_interval == 0 or final):
@@ -365,10 +401,10 @@ def pretrain(args, plan) -> int:
     start_iteration = iteration
     handler = SignalHandler() if args.exit_signal_handler else None
     metrics = MetricsWriter(args.metrics_file, args.tensorboard_dir, wandb_settings(args), run_config)
-    evaluator, sampler = build_side_tasks(args, cfg, ddp)
+    evaluator, sampler, clip = build_side_tasks(args, cfg, ddp)
     progress = (not args.no_progress) and sys.stdout.isatty() and dist.get_rank() == 0
     if evaluator is not None and args.eval_at_start:
-        rec = evaluator.evaluate(iteration, ema)
+        rec = evaluator.evaluate(iteration, ema, clip)
         metrics.write(rec)
         from megatron_sd3.training.evaluate import eval_log_line
 
@@ -438,7 +474,7 @@ def pretrain(args, plan) -> int:
             t_log, samples_log, flops_log = time.time(), 0, 0.0
         # -- validation and samples (not at the last iteration: after the loop) --
         if iteration < args.train_iters:
-            t_log += run_side_tasks(args, iteration, evaluator, sampler, ema, metrics)
+            t_log += run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, clip=clip)
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             save(iteration)
         if handler is not None and handler.any_rank():
@@ -462,7 +498,7 @@ def pretrain(args, plan) -> int:
                 exit_reason = "duration"
                 break
     else:
-        run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, final=True)
+        run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, final=True, clip=clip)
         if args.save and not (args.save_interval and iteration % args.save_interval == 0):
             save(iteration)
 
