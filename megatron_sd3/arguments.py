@@ -68,6 +68,10 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
         F("bf16", bool, False, "bf16 mixed precision (GPU; CPU runs stay fp32)"),
         F("ema_decay", float, 0.9999, "EMA of the weights (0 = off)", check=_ema_decay),
         F("ema_update_interval", int, 1, "iterations between EMA updates", check=at_least(1)),
+        F("ema_warmup", str, "none", "EMA decay warmup as diffusers' EMAModel: ratio = min(decay, (1+s)/(10+s)), "
+          "power = min(decay, 1-(1+s/inv_gamma)^-power)", choices=("none", "ratio", "power")),
+        F("ema_inv_gamma", float, 1.0, "inverse gamma of --ema-warmup power", check=above(0)),
+        F("ema_power", float, 2 / 3, "exponent of --ema-warmup power", check=above(0)),
         F("max_skipped_iters", int, 10, "stop after this many NaN/Inf iterations in a row", check=at_least(1)),
     ]),
     Section("flow", "flow matching", [

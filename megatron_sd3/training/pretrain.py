@@ -250,7 +250,8 @@ def pretrain(args, plan) -> int:
                            use_distributed_optimizer=args.use_distributed_optimizer,
                            overlap_grad_reduce=args.overlap_grad_reduce, torch_compile=args.torch_compile,
                            scheduler=scheduler_options(args), ema_decay=args.ema_decay,
-                           ema_update_interval=args.ema_update_interval)
+                           ema_update_interval=args.ema_update_interval, ema_warmup=args.ema_warmup,
+                           ema_inv_gamma=args.ema_inv_gamma, ema_power=args.ema_power)
     ddp, optimizer, scheduler, ema, models = built.ddp, built.optimizer, built.scheduler, built.ema, built.models
     if args.torch_compile:
         _print0(f" > torch.compile: {built.compiled_blocks} joint blocks (compiled on their first iteration)")
