@@ -35,7 +35,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_sd3.config import SD3Config
 from megatron_sd3.flow_matching import FlowMatchingConfig, drop_text, make_flow_inputs
-from megatron_sd3.loss import enabled_loss_terms, loss_inputs, loss_terms, total_of
+from megatron_sd3.loss import enabled_loss_terms, keep_text_flags, loss_inputs, loss_terms, total_of
 from megatron_sd3.models.packing import ActivationLayout
 from megatron_sd3.training.build import device, unwrap
 
@@ -83,23 +83,25 @@ class TrainStep:
         start = consumed_samples + ps.get_data_parallel_rank() * (self.gbs // self.dp) + m * self.mbs
         return list(range(start, start + self.mbs))
 
-    def _global_weights(self, microbatches) -> dict[str, float]:
+    def _global_weights(self, microbatches, consumed) -> dict[str, float]:
         """Each enabled loss term's weight over the whole global batch (this DP rank's
         microbatches, all-reduced over DP)."""
         terms = enabled_loss_terms(self.cfg)
+        microbatches = [dict(mb, keep_text=keep_text_flags(self._positions(consumed, m), self.seed, self.flow))
+                        for m, mb in enumerate(microbatches)]
         w = [sum(t.batch_weight(self.cfg, mb) for mb in microbatches) for t in terms]
         t = torch.tensor(w, dtype=torch.float64, device=device())
         dist.all_reduce(t, group=ps.get_data_parallel_group())
         return {term.name: float(v) for term, v in zip(terms, t)}
 
     # -- the megatron forward step ---------------------------------------------------------------
-    def _loss_func(self, latents, target, mask, weights, output):
+    def _loss_func(self, latents, target, mask, weights, keep_text, output):
         cfg = self.cfg
-        inp = loss_inputs(output, target, mask, cfg)
+        inp = loss_inputs(output, target, mask, cfg, keep_text)
         loss, report = None, {}
         for term in enabled_loss_terms(cfg):
             s, w = term.terms(inp)
-            v = term.weight(cfg) * s * (self.gbs / weights[term.name])
+            v = term.weight(cfg) * s * (self.gbs / weights[term.name] if weights[term.name] > 0 else 0.0)
             loss = v if loss is None else loss + v
             report[term.name] = torch.stack([s.detach(), w.detach().to(s.dtype)])
         count = torch.tensor(latents.shape[0], dtype=torch.int, device=loss.device)
@@ -130,7 +132,7 @@ class TrainStep:
             return output, None
         mask = mb.get("mask")
         mask = None if mask is None else mask.to(flow.target.device)
-        return output, partial(self._loss_func, mb["latents"], flow.target, mask, weights)
+        return output, partial(self._loss_func, mb["latents"], flow.target, mask, weights, flow.keep_text)
 
     # -- one iteration ---------------------------------------------------------------------------
     def __call__(self, microbatches: Optional[list[dict]], consumed_samples: int) -> StepResult:
@@ -140,7 +142,7 @@ class TrainStep:
         if needs_data and (microbatches is None or len(microbatches) != self.num_microbatches):
             raise ValueError(f"expected {self.num_microbatches} microbatches on this stage")
         latent_hw = self._broadcast_latent_hw(microbatches)
-        weights = self._global_weights(microbatches) if self.last else {}
+        weights = self._global_weights(microbatches, consumed_samples) if self.last else {}
         layout = self.layout(latent_hw)
         state = {"latent_hw": latent_hw, "consumed": consumed_samples, "weights": weights, "m": 0}
         if not self.forward_only:
@@ -190,7 +192,7 @@ class TrainStep:
                            group=ps.get_pipeline_model_parallel_group())
         means = {}
         for i, term in enumerate(terms):
-            if not term.enabled(self.cfg):
+            if not term.enabled(self.cfg) or (term.may_be_empty and tot[i, 1] == 0):
                 means[term.name] = 0.0
             else:
                 means[term.name] = float(tot[i, 0] / tot[i, 1]) if tot[i, 1] > 0 else float("nan")
