@@ -88,6 +88,8 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
         F("mock_num_samples", int, 100_000, "samples of the synthetic dataset", check=at_least(1)),
         F("mock_latent_size", str, None, "HxW of mock latents, e.g. 32x32 (default: the model's sample size)"),
         F("mock_with_mask", bool, False, "synthetic samples carry a loss mask"),
+        F("train_small_buckets", bool, False, "train aspect buckets smaller than one global batch: each gives one "
+          "global batch per epoch, its samples repeated to fill it (default: they are skipped, with a warning)"),
     ]),
     Section("checkpoint", "checkpointing", [
         F("save", str, None, "checkpoint directory"),

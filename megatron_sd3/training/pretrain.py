@@ -276,14 +276,17 @@ def pretrain(args, plan) -> int:
                                              text_dropout=args.text_dropout))
     data_iter = None
     if step.first or step.last:
-        from megatron_sd3.data.sampler import build_data_iterator
+        from megatron_sd3.data.sampler import build_data_iterator, small_bucket_report
 
         ds = build_dataset(args, cfg)
         _check_data_matches_model(ds, cfg, args)
+        small = small_bucket_report(ds, args.global_batch_size, args.train_small_buckets)
+        if small and dist.get_rank() == 0:
+            print(f" > {small}", flush=True)
         keys = None if step.first else ("latents", "mask")
         data_iter = build_data_iterator(ds, args.global_batch_size, args.micro_batch_size,
                                         ps.get_data_parallel_rank(), dp, args.seed, consumed_samples=consumed,
-                                        keys=keys)
+                                        keys=keys, train_small_buckets=args.train_small_buckets)
 
     start_iteration = iteration
     handler = SignalHandler() if args.exit_signal_handler else None
