@@ -70,12 +70,16 @@ def build_dataset(args, cfg):
 
 
 def _check_data_matches_model(ds, cfg, args):
-    """The dataset's text/pooled widths must be the model's: said before training starts."""
+    """The dataset's text/pooled widths must be the model's (the text length too with pipeline
+    stages; a single stage takes any): said before training starts."""
     sample = ds[0]
     t, p, lat = sample["prompt_embeds"], sample["pooled_prompt_embeds"], sample["latents"]
     problems = []
-    if tuple(t.shape) != (cfg.text_seq_len, cfg.joint_attention_dim):
-        problems.append(f"text tokens {tuple(t.shape)} vs model ({cfg.text_seq_len}, {cfg.joint_attention_dim})")
+    if t.shape[-1] != cfg.joint_attention_dim:
+        problems.append(f"text width {t.shape[-1]} vs model joint_attention_dim {cfg.joint_attention_dim}")
+    if cfg.pipeline_model_parallel_size > 1 and t.shape[0] != cfg.text_seq_len:
+        problems.append(f"text length {t.shape[0]} vs model text_seq_len {cfg.text_seq_len} (pipeline stages "
+                        f"exchange activations of the declared length)")
     if p.shape[-1] != cfg.pooled_projection_dim:
         problems.append(f"pooled width {p.shape[-1]} vs model {cfg.pooled_projection_dim}")
     if lat.shape[0] != cfg.in_channels:
@@ -117,10 +121,15 @@ def preflight(args):
     if args.attention_backend == "fused" and args.transformer_impl == "local" and not torch.cuda.is_available():
         raise ConfigError("--attention-backend fused is cuDNN attention and needs a CUDA GPU; "
                           "use auto, flash or unfused on CPU")
-    if args.data_path:
-        from megatron_sd3.data.shards import load_manifest
+    if args.data_path:  # a missing or damaged shard, or data of other widths: said before any work starts
+        from megatron_sd3.data.shards import check_fits_model, verify
+        from megatron_sd3.loss import ConfigView
 
-        load_manifest(args.data_path)
+        manifest = verify(args.data_path, fast=True)
+        model = ConfigView(mf)  # the preset's fields over the SD3Config defaults
+        check_fits_model(args.data_path, manifest, text_dim=model.joint_attention_dim,
+                         pooled_dim=model.pooled_projection_dim, latent_channels=model.in_channels,
+                         text_len=model.text_seq_len if pp > 1 else None)
     return {"preset": preset, "fields": fields, "model_fields": mf, "dp": dp,
             "load_dir": ckpt.resolve_load(args.load, args.save)}
 
