@@ -87,8 +87,9 @@ class TrainStep:
         """Each enabled loss term's weight over the whole global batch (this DP rank's
         microbatches, all-reduced over DP)."""
         terms = enabled_loss_terms(self.cfg)
-        microbatches = [dict(mb, keep_text=keep_text_flags(self._positions(consumed, m), self.seed, self.flow))
-                        for m, mb in enumerate(microbatches)]
+        if self.flow.text_dropout > 0:  # which samples keep their text (the text-recon weight counts those)
+            microbatches = [dict(mb, keep_text=keep_text_flags(self._positions(consumed, m), self.seed, self.flow))
+                            for m, mb in enumerate(microbatches)]
         w = [sum(t.batch_weight(self.cfg, mb) for mb in microbatches) for t in terms]
         t = torch.tensor(w, dtype=torch.float64, device=device())
         dist.all_reduce(t, group=ps.get_data_parallel_group())
