@@ -12,7 +12,8 @@ what the optimizer updates, not the model's bf16 copy:
   and the full averages are assembled over the optimizer's data-parallel group when they are needed
   (a checkpoint save, ``copy_to``): every element belongs to exactly one rank, so a sum of the
   ranks' zero-filled ranges is exact;
-* fp32 params without a mixed-precision optimizer, or no optimizer (inference): the params.
+* fp32 params without a mixed-precision optimizer, no optimizer (inference), and params the
+  optimizer does not hold (frozen: ``requires_grad=False``): the params (those whole on every rank).
 
 The decay of update ``k = iteration // interval`` (``step = k - 1``) follows diffusers' EMAModel:
 ``warmup="none"``: the constant ``decay``; ``"ratio"``: ``min(decay, (1 + step) / (10 + step))``
