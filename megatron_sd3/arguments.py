@@ -74,6 +74,10 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
         F("bf16", bool, False, "bf16 mixed precision (GPU; CPU runs stay fp32)"),
         F("ema_decay", float, 0.9999, "EMA of the weights (0 = off)", check=_ema_decay),
         F("ema_update_interval", int, 1, "iterations between EMA updates", check=at_least(1)),
+        F("ema_warmup", str, "none", "EMA decay warmup as diffusers' EMAModel: ratio = min(decay, (1+s)/(10+s)), "
+          "power = min(decay, 1-(1+s/inv_gamma)^-power)", choices=("none", "ratio", "power")),
+        F("ema_inv_gamma", float, 1.0, "inverse gamma of --ema-warmup power", check=above(0)),
+        F("ema_power", float, 2 / 3, "exponent of --ema-warmup power", check=above(0)),
         F("max_skipped_iters", int, 10, "stop after this many NaN/Inf iterations in a row", check=at_least(1)),
     ]),
     Section("flow", "flow matching", [
@@ -92,6 +96,8 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
         F("mock_with_mask", bool, False, "synthetic samples carry a loss mask"),
         F("mock_classes", int, 0, "a conditional synthetic task: K classes, each a fixed text embedding "
           "and its own latent pattern plus noise (0 = plain random samples)", check=at_least(0)),
+        F("train_small_buckets", bool, False, "train aspect buckets smaller than one global batch: each gives one "
+          "global batch per epoch, its samples repeated to fill it (default: they are skipped, with a warning)"),
     ]),
     Section("evaluation", "validation (held-out data, forward only, fixed noise)", [
         F("valid_data_path", str, None, "validation dataset directory made by tools/preprocess_data.py"),

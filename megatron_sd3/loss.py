@@ -24,7 +24,13 @@ Each term is computed as a (sum, weight) pair so that the same code serves two n
 Denoise loss elementwise: ``d = pred - target``; MSE ``d**2``, pseudo-Huber ``sqrt(d**2 + c**2) - c``.
 A mask (empty tensor = none) of shape ``[B, H, W]`` / ``[B, 1, H, W]`` (broadcast over
 channels) or the prediction's own shape weights elements; the masked mean divides by the mask's
-weight (summed over the broadcast shape). Text reconstruction: per-token MSE over every element.
+weight (summed over the broadcast shape). Text reconstruction: per-token MSE over the samples
+whose text was kept: a sample whose text was dropped for classifier-free guidance has no text to
+reconstruct, so it is left out of both the sum and the weight (``keep_text``: ``TrainStep`` gives
+each microbatch's keep flags to the term and, up front, to its ``batch_weight`` as
+``microbatch["keep_text"]``; without them every sample counts, as in the seed's loss). A term
+declared ``may_be_empty`` (text reconstruction) whose weight over the global batch is 0 (every
+sample's text dropped) adds nothing to the loss and reports 0.
 """
 from __future__ import annotations
 
@@ -67,10 +73,15 @@ def denoise_terms(pred, target, mask=None, pseudo_huber_c=None):
     return (err * m).sum(), m.sum()
 
 
-def text_recon_terms(final_tokens, target_tokens):
-    """(sum of squared error, element count) of the text reconstruction; the target is detached."""
+def text_recon_terms(final_tokens, target_tokens, keep_text=None):
+    """(sum of squared error, element count) of the text reconstruction over the samples with
+    ``keep_text`` ([B] bool; None: all); the target is detached."""
     d = final_tokens.float() - target_tokens.detach().float()
-    return (d * d).sum(), torch.tensor(float(d.numel()), device=d.device)
+    err = d * d
+    if keep_text is None:
+        return err.sum(), torch.tensor(float(d.numel()), device=d.device)
+    k = keep_text.to(device=d.device, dtype=err.dtype).view(-1, *([1] * (err.dim() - 1)))
+    return (err * k).sum(), k.sum() * float(d[0].numel())
 
 
 def _denoise(inp: "LossInputs"):
@@ -87,11 +98,17 @@ def _text_recon(inp: "LossInputs"):
     if inp.final_tokens is None or inp.target_tokens is None or inp.target_tokens.numel() == 0:
         zero = torch.zeros((), device=inp.pred.device)
         return zero, zero  # no text tokens in this output: weight 0, no contribution
-    return text_recon_terms(inp.final_tokens, inp.target_tokens)
+    return text_recon_terms(inp.final_tokens, inp.target_tokens, inp.keep_text)
 
 
-def _text_recon_batch_weight(cfg, mb) -> float:
-    return float(mb["latents"].shape[0] * cfg.text_seq_len * cfg.hidden_size)
+def _text_recon_batch_weight(cfg, mb):
+    """Text elements of the samples whose text is kept: a float, or with ``keep_text`` flags a
+    0-d tensor on their device (counted there, no host read)."""
+    per_sample = (mb["prompt_embeds"].shape[1] if "prompt_embeds" in mb else cfg.text_seq_len) * cfg.hidden_size
+    keep = mb.get("keep_text")
+    if keep is None:
+        return float(mb["latents"].shape[0] * per_sample)
+    return keep.sum().to(torch.float64) * per_sample
 
 
 @dataclass
@@ -104,6 +121,8 @@ class LossInputs:
     final_tokens: Optional[torch.Tensor] = None
     target_tokens: Optional[torch.Tensor] = None
     cfg: Any = None
+    keep_text: Optional[torch.Tensor] = None
+    """[B] bool: False where the sample's text was dropped (classifier-free guidance); None: all kept."""
 
 
 def _latent_elements(cfg, mb) -> float:
@@ -117,6 +136,8 @@ class LossTerm:
     weight_field: Optional[str] = None
     enabled_rule: Optional[Callable[[Any], bool]] = None
     batch_weight: Callable[[Any, dict], float] = _latent_elements
+    may_be_empty: bool = False
+    """A global weight of 0 is legitimate (the term then adds 0); otherwise it reports NaN."""
 
     def weight(self, cfg) -> float:
         return 1.0 if self.weight_field is None else float(getattr(cfg, self.weight_field))
@@ -130,12 +151,13 @@ LOSS_TERMS: dict[str, LossTerm] = {}
 
 def register_loss_term(name: str, terms: Callable, *, weight_field: Optional[str] = None,
                        enabled: Optional[Callable[[Any], bool]] = None,
-                       batch_weight: Optional[Callable[[Any, dict], float]] = None) -> LossTerm:
+                       batch_weight: Optional[Callable[[Any, dict], float]] = None,
+                       may_be_empty: bool = False) -> LossTerm:
     """Add a term (see the module docstring); the name must be new."""
     if name in LOSS_TERMS or name == "loss":
         raise ValueError(f"loss term {name!r} is already registered; unregister_loss_term it first "
                          f"or pick another name")
-    term = LossTerm(name, terms, weight_field, enabled, batch_weight or _latent_elements)
+    term = LossTerm(name, terms, weight_field, enabled, batch_weight or _latent_elements, may_be_empty)
     LOSS_TERMS[name] = term
     return term
 
@@ -157,13 +179,24 @@ def enabled_loss_terms(cfg) -> list[LossTerm]:
 
 register_loss_term("denoise_loss", _denoise, enabled=lambda cfg: True, batch_weight=_denoise_batch_weight)
 register_loss_term("text_recon_loss", _text_recon, weight_field="text_recon_gamma",
-                   enabled=lambda cfg: cfg.text_recon, batch_weight=_text_recon_batch_weight)
+                   enabled=lambda cfg: cfg.text_recon, batch_weight=_text_recon_batch_weight,
+                   may_be_empty=True)
 
 
-def loss_inputs(output, target, mask, cfg) -> LossInputs:
+def keep_text_flags(positions, seed: int, flow, device="cpu") -> torch.Tensor:
+    """[B] bool on ``device``: the samples at ``positions`` whose text is kept, exactly as
+    ``flow_matching.make_flow_inputs`` draws them on that device (it is called on one-element
+    latents; the flag is drawn before the noise, so the latents' size does not matter)."""
+    from megatron_sd3.flow_matching import make_flow_inputs
+
+    positions = list(positions)
+    return make_flow_inputs(torch.zeros(len(positions), 1, device=device), positions, seed, flow).keep_text
+
+
+def loss_inputs(output, target, mask, cfg, keep_text=None) -> LossInputs:
     pred, final_tokens, target_tokens = split_output(output)
     return LossInputs(pred=pred, target=target, mask=mask, final_tokens=final_tokens,
-                      target_tokens=target_tokens, cfg=cfg)
+                      target_tokens=target_tokens, cfg=cfg, keep_text=keep_text)
 
 
 def total_of(means: dict[str, float], cfg) -> float:
@@ -220,21 +253,21 @@ def split_output(output):
     return output, None, None
 
 
-def combine_local(output, target, mask=None, cfg=None, **fields) -> LossBreakdown:
+def combine_local(output, target, mask=None, cfg=None, keep_text=None, **fields) -> LossBreakdown:
     """``sum_k weight_k * term_k`` with local means (the seed's loss) over the registered terms.
 
     ``cfg``: an ``SD3Config`` (or anything with its fields); without one, ``fields``
     (e.g. ``text_recon_gamma=0.5``, ``pseudo_huber_c=1.0``) over the ``SD3Config`` defaults.
     Every registered term is in ``terms`` (0 when disabled)."""
     cfg = ConfigView(fields) if cfg is None else cfg
-    inp = loss_inputs(output, target, mask, cfg)
+    inp = loss_inputs(output, target, mask, cfg, keep_text)
     total, terms = None, {}
     for t in loss_terms():
         if not t.enabled(cfg):
             terms[t.name] = torch.zeros((), device=inp.pred.device)
             continue
         s, w = t.terms(inp)
-        mean = s / w.clamp(min=1e-12)
+        mean = s / w.clamp(min=1e-12)  # s is 0 where w is (an empty term means 0)
         terms[t.name] = mean
         v = t.weight(cfg) * mean
         total = v if total is None else total + v

@@ -123,3 +123,56 @@ def test_layout_errors_are_clear():
         build_data_iterator(ds, 8, 2, 0, 2, seed=0, consumed_samples=12)
     with pytest.raises(ValueError, match="no bucket holds a full global batch"):
         build_data_iterator(_small(n=5), 8, 2, 0, 2, seed=0)
+
+
+class _Buckets:
+    """Samples of explicit buckets: 10 of 4x4, 3 of 2x8 (fewer than a global batch of 4)."""
+
+    buckets = [(4, 4), (2, 8)]
+    bucket_ids = np.array([0] * 10 + [1] * 3)
+
+    def __len__(self):
+        return len(self.bucket_ids)
+
+    def __getitem__(self, i):
+        h, w = self.buckets[self.bucket_ids[i]]
+        return {"latents": torch.full((4, h, w), float(i)), "prompt_embeds": torch.zeros(5, 8),
+                "pooled_prompt_embeds": torch.zeros(6)}
+
+
+def test_small_buckets_are_reported_and_never_trained_by_default():
+    from megatron_sd3.data.sampler import small_bucket_report, small_buckets
+
+    ds = _Buckets()
+    assert small_buckets(ds.bucket_ids, 4, ds.buckets) == [(1, (2, 8), 3)]
+    line = small_bucket_report(ds, 4, False)
+    assert "\n" not in line and "bucket 1 (2x8): 3" in line and "never trained on" in line
+    assert "--train-small-buckets" in line and "3 of 13 samples" in line
+    assert small_bucket_report(ds, 3, False) is None  # 3 samples fill a global batch of 3
+    plan = GlobalBatchPlan(ds.bucket_ids, 4, seed=1, buckets=ds.buckets)
+    assert plan.batches_per_epoch == 2
+    assert all(plan.bucket(k) == 0 for k in range(40))
+
+
+def test_train_small_buckets_repeats_their_samples_into_one_batch_per_epoch():
+    from megatron_sd3.data.sampler import small_bucket_report
+
+    ds = _Buckets()
+    assert "repeated" in small_bucket_report(ds, 4, True)
+    plan = GlobalBatchPlan(ds.bucket_ids, 4, seed=1, buckets=ds.buckets, train_small_buckets=True)
+    assert plan.batches_per_epoch == 3
+    repeated = set()
+    for e in range(6):
+        batches = plan.epoch_batches(e)
+        small = [b for b in batches if ds.bucket_ids[b[0]] == 1]
+        assert len(small) == 1 and set(small[0]) == {10, 11, 12}  # every sample of the bucket, one repeated
+        assert all(len(set(ds.bucket_ids[b])) == 1 for b in batches)  # one latent size per batch
+        repeated.add(int(max(small[0], key=list(small[0]).count)))
+    assert len(repeated) > 1  # which sample repeats changes with the epoch
+    its = [build_data_iterator(ds, 4, 1, r, 2, seed=1, train_small_buckets=True, prefetch=0) for r in range(2)]
+    shapes = set()
+    for k in range(9):
+        got = {tuple(mb["latents"].shape[-2:]) for it in its for mb in _take(it, 2)}
+        assert len(got) == 1
+        shapes |= got
+    assert shapes == {(4, 4), (2, 8)}

@@ -113,3 +113,49 @@ def test_iterator_over_shards_resumes_exactly(mockset):
         b = next(it)
         assert all(torch.equal(a[k], b[k]) for k in a)
     it.close()
+
+
+def _preflight(capsys, *argv):
+    from megatron_sd3.training.pretrain import main
+
+    code = main(["--check-config", *argv])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_deleted_shard_is_one_line_at_preflight(mockset, capsys):
+    _, root, m = mockset
+    # the mock's pooled width (12) is not the tiny model's (32): give the model the data's widths
+    fit = ["--data-path", str(root), "--pooled-projection-dim", "12"]
+    assert _preflight(capsys, *fit)[0] == 0, capsys.readouterr()
+    shard = root / m["shards"][3]["file"]
+    shard.unlink()
+    code, err = _preflight(capsys, *fit)
+    assert code == 2 and "\n" not in err, err
+    assert f"shard {shard}: missing; re-run tools/preprocess_data.py" in err
+    # a read after the start (a shard deleted mid-run) says the same
+    ds = ShardedDataset(root, verify=None)
+    i = sum(e["num_samples"] for e in m["shards"][:3])
+    with pytest.raises(ShardError, match=f"{shard.name}: missing; re-run tools/preprocess_data.py"):
+        ds[i]
+
+
+def test_data_that_does_not_fit_the_model_is_one_line_at_preflight(tmp_path, capsys, monkeypatch):
+    src = MockDataset(8, [(4, 4)], in_channels=4, text_len=9, text_dim=24, pooled_dim=32, seed=2)
+    root = tmp_path / "ds"
+    write_dataset(src, root, shard_size=8)
+    code, err = _preflight(capsys, "--data-path", str(root))
+    assert code == 2 and "\n" not in err, err
+    assert f"data {root / 'manifest.json'} does not fit the model" in err
+    assert "text_dim 24 vs the model's joint_attention_dim = 32" in err
+    assert "latent_channels 4 vs the model's in_channels = 16" in err
+    assert "set [model] joint_attention_dim = 24, in_channels = 4" in err
+    assert "text_len" not in err  # a single stage takes any text length
+    fit = ["--data-path", str(root), "--joint-attention-dim", "24", "--in-channels", "4"]
+    assert _preflight(capsys, *fit)[0] == 0
+    # pipeline stages need the declared text length (tiny: 16)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = _preflight(capsys, *fit, "--pipeline-model-parallel-size", "2")
+    assert code == 2 and "\n" not in err, err
+    assert "text_len 9 vs the model's text_seq_len = 16 (pipeline stages" in err
+    assert "set [model] text_seq_len = 9" in err

@@ -131,7 +131,7 @@ def test_new_term_in_the_backpropagated_loss(tiny_step, pred_l2_term):
     pred = torch.randn(2, 16, 8, 8, generator=g, requires_grad=True)
     target = torch.randn(2, 16, 8, 8, generator=g)
     weights = {"denoise_loss": 3000.0, "pred_l2_loss": 5000.0}  # as if the global batch were bigger
-    loss, count, report = step._loss_func(target, target, None, weights, pred)
+    loss, count, report = step._loss_func(target, target, None, weights, None, pred)
     assert set(report) == {"denoise_loss", "pred_l2_loss"} and int(count) == 2
     d, p = (pred - target).detach(), pred.detach()
     expect = step.gbs * ((d * d).sum() / 3000.0 + 0.3 * (p * p).sum() / 5000.0)
@@ -158,3 +158,67 @@ def test_registry_restored_and_names_unique(tiny_step):
     with pytest.raises(ValueError, match="already registered"):
         register_loss_term("denoise_loss", lambda inp: None)
     assert list(LOSS_TERMS) == DEFAULT_TERMS
+
+
+def test_text_recon_leaves_out_dropped_samples_exactly():
+    g = torch.Generator().manual_seed(0)
+    final, tgt = torch.randn(4, 5, 8, generator=g), torch.randn(4, 5, 8, generator=g)
+    keep = torch.tensor([True, False, True, False])
+    s, n = text_recon_terms(final, tgt, keep)
+    assert torch.allclose(s, ((final - tgt) ** 2)[keep].sum(), rtol=1e-6) and float(n) == 2 * 5 * 8
+    s, n = text_recon_terms(final, tgt, torch.zeros(4, dtype=torch.bool))
+    assert float(s) == 0 and float(n) == 0
+    pred = torch.randn(4, 3, 2, 2, generator=g)
+    out = combine_local((pred, final, tgt), pred, None, keep_text=keep, text_recon_gamma=0.5)
+    assert torch.allclose(out["text_recon_loss"], ((final - tgt) ** 2)[keep].mean())
+    empty = combine_local((pred, final, tgt), pred, None, keep_text=~keep & False, text_recon_gamma=0.5)
+    assert float(empty["text_recon_loss"]) == 0 and float(empty.total) == 0
+
+
+def _recon_step(single_process, dropout, text_len=None):
+    from megatron_sd3.config import make_config
+    from megatron_sd3.flow_matching import FlowMatchingConfig
+    from megatron_sd3.training.build import build_training
+    from megatron_sd3.training.step import TrainStep
+
+    cfg = make_config("tiny", zero_init_adaln=False, text_recon_gamma=0.5, text_recon_target_layer=1)
+    built = build_training(cfg, optimizer=dict(lr=1e-3))
+    step = TrainStep(cfg, built.ddp, built.optimizer, global_batch_size=4, micro_batch_size=2, seed=3,
+                     flow=FlowMatchingConfig(text_dropout=dropout), forward_only=True)
+    return cfg, built, step
+
+
+@pytest.mark.parametrize("text_len", [None, 9])
+def test_step_text_recon_counts_only_kept_samples(single_process, text_len):
+    """The global text-recon mean of a step with text dropout: the samples whose text was kept,
+    and only those (a text length other than the declared one works in a single stage)."""
+    from megatron_sd3.flow_matching import drop_text, make_flow_inputs
+
+    cfg, built, step = _recon_step(single_process, 0.5)
+    batch = _batch(cfg, step.num_microbatches)
+    if text_len is not None:
+        for mb in batch:
+            mb["prompt_embeds"] = mb["prompt_embeds"][:, :text_len]
+    res = step(batch, 8)
+    model, s, n, kept = built.models[0], 0.0, 0, []
+    with torch.no_grad():
+        for m, mb in enumerate(batch):
+            flow = make_flow_inputs(mb["latents"], step._positions(8, m), step.seed, step.flow)
+            text, pooled = drop_text(mb["prompt_embeds"], mb["pooled_prompt_embeds"], flow.keep_text)
+            _, final, tgt = model(flow.noisy, text, pooled, flow.timestep)
+            assert final.shape[1] == mb["prompt_embeds"].shape[1]
+            err = (final - tgt) ** 2
+            s += float(err[flow.keep_text].sum())
+            n += int(flow.keep_text.sum()) * err[0].numel()
+            kept += flow.keep_text.tolist()
+    assert True in kept and False in kept  # the case under test: some dropped, some kept
+    assert res.losses["text_recon_loss"] == pytest.approx(s / n, rel=1e-5)
+    built.free()
+
+
+def test_step_with_every_text_dropped_is_finite(single_process):
+    cfg, built, step = _recon_step(single_process, 0.999)
+    res = step(_batch(cfg, step.num_microbatches), 0)
+    assert res.losses["text_recon_loss"] == 0.0
+    assert res.losses["loss"] == pytest.approx(res.losses["denoise_loss"]) and res.losses["loss"] > 0
+    built.free()

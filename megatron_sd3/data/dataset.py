@@ -127,7 +127,7 @@ class ShardedDataset(torch.utils.data.Dataset):
                 if k not in r.names:
                     if k == "mask":
                         continue
-                    raise _shards.ShardError(f"shard {r.path}: has no tensor {k!r}")
+                    raise _shards._damaged(r.path, f"has no tensor {k!r}")
                 if r.shapes[k] != shape or r.dtypes[k] != dtype:
                     raise ValueError(f"samples {list(indices)} mix shapes/dtypes of {k!r} (different buckets?)")
                 r.read_into(k, rows, buf)
@@ -163,7 +163,7 @@ class _ShardReader:
                 continue
             shape = list(info["shape"])
             if not shape or shape[0] != num_samples or info["dtype"] not in _ST_TO_TORCH:
-                raise _shards.ShardError(f"shard {path}: tensor {name!r} has shape {shape} / dtype {info['dtype']}")
+                raise _shards._damaged(path, f"tensor {name!r} has shape {shape} / dtype {info['dtype']}")
             b, e = info["data_offsets"]
             self.shapes[name], self.dtypes[name] = tuple(shape[1:]), _ST_TO_TORCH[info["dtype"]]
             self._off[name], self._row[name] = base + b, (e - b) // num_samples
@@ -178,7 +178,7 @@ class _ShardReader:
             mv = memoryview(flat[pos].numpy())
             got = os.preadv(self._fd, [mv], self._off[name] + row * nbytes)
             if got != nbytes:
-                raise _shards.ShardError(f"shard {self.path}: short read of {name!r} row {row} (truncated?)")
+                raise _shards._damaged(self.path, f"short read of {name!r} row {row} (truncated?)")
 
     def read(self, name: str, rows: list[int]) -> torch.Tensor:
         out = torch.empty((len(rows), *self.shapes[name]), dtype=self.dtypes[name])

@@ -20,7 +20,11 @@ Order (all of it a function of ``(seed, dataset bucket ids, global_batch_size)``
    that epoch - it is reshuffled into the next one); then the list of all global batches of the epoch is
    permuted by a generator keyed by ``(seed, e)``. Without buckets this is a plain global shuffle.
    So every global batch lies inside one bucket, and every epoch has the same number of global batches
-   ``B = sum_b floor(n_b / G)``.
+   ``B = sum_b floor(n_b / G)``. A bucket with fewer than ``G`` samples holds no full global batch and is
+   never trained on (``small_buckets`` lists them; the trainer says so at start). With
+   ``train_small_buckets=True`` each such bucket instead gives one global batch per epoch: its permuted
+   samples repeated cyclically up to ``G`` (each sample ``floor(G / n_b)`` or ``ceil(G / n_b)`` times in
+   that batch, with its own noise and timestep per occurrence), so ``B = sum_b max(floor(n_b / G), [n_b > 0])``.
 2. Global batch ``k`` (counting from the start of training) is batch ``k % B`` of epoch ``k // B``.
 3. A global batch of ``G`` samples is split into ``dp_size`` contiguous slices of ``G / dp_size`` (rank ``r``
    gets slice ``r``), each cut into contiguous microbatches of ``micro_batch_size``. Concatenating the
@@ -76,7 +80,7 @@ class GlobalBatchPlan:
     """Which samples form global batch ``k`` (see the module docstring); reads no data."""
 
     def __init__(self, bucket_ids: Sequence[int] | np.ndarray, global_batch_size: int, seed: int,
-                 buckets: Sequence[tuple[int, int]] | None = None):
+                 buckets: Sequence[tuple[int, int]] | None = None, *, train_small_buckets: bool = False):
         self.bucket_ids = np.asarray(bucket_ids, dtype=np.int64)
         self.global_batch_size = int(global_batch_size)
         self.seed = int(seed)
@@ -84,16 +88,21 @@ class GlobalBatchPlan:
         if self.global_batch_size <= 0:
             raise ValueError(f"global_batch_size must be > 0, got {global_batch_size}")
         G = self.global_batch_size
+        self.train_small_buckets = bool(train_small_buckets)
         self._members = {int(b): np.flatnonzero(self.bucket_ids == b) for b in np.unique(self.bucket_ids)}
-        self.batches_per_epoch = int(sum(len(m) // G for m in self._members.values()))
+        self.batches_per_epoch = int(sum(self._batches_of(len(m)) for m in self._members.values()))
         if self.batches_per_epoch == 0:
             sizes = {b: len(m) for b, m in self._members.items()}
             raise ValueError(
                 f"no bucket holds a full global batch of {G} samples (samples per bucket: {sizes}); "
-                "use a smaller global batch or more data")
+                "use a smaller global batch, more data, or --train-small-buckets")
         self.samples_per_epoch = self.batches_per_epoch * G
         self._epoch = -1
         self._epoch_batches: np.ndarray | None = None
+
+    def _batches_of(self, n: int) -> int:
+        full = n // self.global_batch_size
+        return max(full, 1) if self.train_small_buckets and n > 0 else full
 
     def epoch_batches(self, epoch: int) -> np.ndarray:
         """``[batches_per_epoch, G]`` int64 sample indices of epoch ``epoch``."""
@@ -104,7 +113,9 @@ class GlobalBatchPlan:
                 m = self._members[b]
                 rng = np.random.Generator(np.random.PCG64(derive_seed(self.seed, epoch, b, "bucket-perm")))
                 perm = m[rng.permutation(len(m))]
-                n = (len(m) // G) * G
+                if len(m) < G and self.train_small_buckets:  # one batch: the samples repeated cyclically
+                    perm = np.resize(perm, G)
+                n = (len(perm) // G) * G
                 if n:
                     rows.append(perm[:n].reshape(-1, G))
             batches = np.concatenate(rows, axis=0)
@@ -126,6 +137,32 @@ class GlobalBatchPlan:
         if self.buckets is None:
             raise ValueError("GlobalBatchPlan was built without buckets")
         return tuple(self.buckets[self.bucket(k)])
+
+
+def small_buckets(bucket_ids, global_batch_size: int, buckets=None) -> list[tuple[int, tuple | None, int]]:
+    """``(bucket, latent (H, W) or None, samples)`` of every non-empty bucket with fewer samples than
+    one global batch: the buckets a run without ``train_small_buckets`` never trains on."""
+    ids, counts = np.unique(np.asarray(bucket_ids, dtype=np.int64), return_counts=True)
+    return [(int(b), tuple(buckets[b]) if buckets is not None else None, int(n))
+            for b, n in zip(ids, counts) if 0 < n < global_batch_size]
+
+
+def small_bucket_report(dataset, global_batch_size: int, train_small_buckets: bool) -> str | None:
+    """One line on the buckets smaller than a global batch (None when there are none)."""
+    small = small_buckets(_bucket_ids_of(dataset), global_batch_size, getattr(dataset, "buckets", None))
+    if not small:
+        return None
+    total = len(dataset)
+    listing = ", ".join(f"bucket {b}{f' ({hw[0]}x{hw[1]})' if hw else ''}: {n}" for b, hw, n in small)
+    n_small = sum(n for _, _, n in small)
+    if train_small_buckets:
+        return (f"{len(small)} aspect bucket(s) hold fewer samples than one global batch of {global_batch_size} "
+                f"({listing}; {n_small} of {total} samples): --train-small-buckets trains each as one global "
+                f"batch per epoch, its samples repeated to fill it")
+    return (f"warning: {len(small)} aspect bucket(s) hold fewer samples than one global batch of "
+            f"{global_batch_size} and are never trained on ({listing}; {n_small} of {total} samples); "
+            f"pass --train-small-buckets to train them (samples repeated to fill one global batch per epoch) "
+            f"or lower --global-batch-size")
 
 
 def collate(samples: list[dict[str, torch.Tensor]], indices: Iterable[int]) -> dict[str, torch.Tensor]:
@@ -154,7 +191,7 @@ class DataIterator:
 
     def __init__(self, dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                  seed: int, consumed_samples: int = 0, keys: Sequence[str] | None = None, prefetch: int = 2,
-                 holdout: int = 0):
+                 holdout: int = 0, train_small_buckets: bool = False):
         G, mbs = int(global_batch_size), int(micro_batch_size)
         if dp_size <= 0 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"bad dp_rank/dp_size: {dp_rank}/{dp_size}")
@@ -168,7 +205,8 @@ class DataIterator:
         if not 0 <= int(holdout) < len(ids):
             raise ValueError(f"holdout={holdout} must leave training samples of the {len(ids)} in the dataset")
         ids = ids[:len(ids) - int(holdout)]  # the held-out tail is never trained on
-        self.plan = GlobalBatchPlan(ids, G, seed, getattr(dataset, "buckets", None))
+        self.plan = GlobalBatchPlan(ids, G, seed, getattr(dataset, "buckets", None),
+                                    train_small_buckets=train_small_buckets)
         self.global_batch_size, self.micro_batch_size = G, mbs
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.num_microbatches = G // (mbs * dp_size)
@@ -255,8 +293,8 @@ class DataIterator:
 
 def build_data_iterator(dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
                         seed: int, consumed_samples: int = 0, keys: Sequence[str] | None = None,
-                        prefetch: int = 2, holdout: int = 0) -> DataIterator:
+                        prefetch: int = 2, holdout: int = 0, train_small_buckets: bool = False) -> DataIterator:
     """This DP rank's infinite microbatch iterator, resuming at ``consumed_samples``, never touching
     the last ``holdout`` samples (see module docstring)."""
     return DataIterator(dataset, global_batch_size, micro_batch_size, dp_rank, dp_size, seed,
-                        consumed_samples, keys, prefetch, holdout)
+                        consumed_samples, keys, prefetch, holdout, train_small_buckets=train_small_buckets)

@@ -40,7 +40,16 @@ _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"
 
 
 class ShardError(ValueError):
-    """A corrupt, missing or inconsistent shard or manifest; the message is one line naming the file."""
+    """A corrupt, missing or inconsistent shard or manifest; the message is one line naming the file
+    and the fix."""
+
+
+REDO = ("re-run tools/preprocess_data.py with the same arguments into this directory (it redoes the units "
+        "whose shards are missing or damaged)")
+
+
+def _damaged(path, what: str) -> ShardError:
+    return ShardError(f"shard {path}: {what}; {REDO}")
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -108,36 +117,38 @@ def read_header(path: str | os.PathLike) -> dict:
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
-                raise ShardError(f"shard {path}: truncated (no safetensors header)")
+                raise _damaged(path, "truncated (no safetensors header)")
             (n,) = struct.unpack("<Q", raw)
             if n <= 0 or 8 + n > size:
-                raise ShardError(f"shard {path}: corrupt safetensors header (length {n}, file {size} bytes)")
+                raise _damaged(path, f"corrupt safetensors header (length {n}, file {size} bytes)")
             header = json.loads(f.read(n))
     except ShardError:
         raise
     except FileNotFoundError:
-        raise ShardError(f"shard {path}: missing") from None
+        raise _damaged(path, "missing") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise ShardError(f"shard {path}: unreadable safetensors header ({type(e).__name__}: {e})") from None
+        raise _damaged(path, f"unreadable safetensors header ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     for name, info in header.items():
         if name == "__metadata__":
             continue
         end = info.get("data_offsets", [0, 0])[1]
         if 8 + n + end > size:
-            raise ShardError(f"shard {path}: truncated (tensor {name!r} ends past the end of the file)")
+            raise _damaged(path, f"truncated (tensor {name!r} ends past the end of the file)")
     return header
 
 
 def load_manifest(root: str | os.PathLike) -> dict:
     path = Path(root) / MANIFEST
     if not path.exists():
-        raise ShardError(f"manifest {path}: missing (was the preprocessing finished?)")
+        raise ShardError(f"manifest {path}: missing; check --data-path, or finish the preprocessing "
+                         f"(tools/preprocess_data.py writes the manifest last)")
     try:
         m = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ShardError(f"manifest {path}: unreadable ({e})") from None
+        raise ShardError(f"manifest {path}: unreadable ({str(e).splitlines()[0][:200]}); {REDO}") from None
     if m.get("format") != FORMAT or m.get("version") != VERSION:
-        raise ShardError(f"manifest {path}: not a {FORMAT} v{VERSION} manifest")
+        raise ShardError(f"manifest {path}: not a {FORMAT} v{VERSION} manifest; point --data-path at a "
+                         f"directory made by tools/preprocess_data.py")
     return m
 
 
@@ -145,20 +156,20 @@ def check_shard(root: str | os.PathLike, entry: dict, full: bool = True):
     """Check one shard against its manifest entry: exists, size, header (shapes, dtypes, count), sha256 if ``full``."""
     path = Path(root) / entry["file"]
     if not path.exists():
-        raise ShardError(f"shard {path}: missing")
+        raise _damaged(path, "missing")
     size = path.stat().st_size
     if size != entry["bytes"]:
-        raise ShardError(f"shard {path}: size {size} bytes, manifest says {entry['bytes']} (truncated or replaced)")
+        raise _damaged(path, f"size {size} bytes, manifest says {entry['bytes']} (truncated or replaced)")
     header = read_header(path)
     for name, t in entry["tensors"].items():
         info = header.get(name)
         want = [entry["num_samples"]] + list(t["shape"])
         if info is None or list(info["shape"]) != want or info["dtype"] != _ST_DTYPES[dtype_from_name(t["dtype"])]:
-            raise ShardError(f"shard {path}: tensor {name!r} does not match the manifest (expected {want} {t['dtype']})")
+            raise _damaged(path, f"tensor {name!r} does not match the manifest (expected {want} {t['dtype']})")
     if full:
         digest = sha256_file(path)
         if digest != entry["sha256"]:
-            raise ShardError(f"shard {path}: sha256 mismatch (corrupt): {digest} != {entry['sha256']}")
+            raise _damaged(path, f"sha256 mismatch (corrupt): {digest} != {entry['sha256']}")
 
 
 def verify(root: str | os.PathLike, fast: bool = False) -> dict:
@@ -172,8 +183,28 @@ def verify(root: str | os.PathLike, fast: bool = False) -> dict:
         check_shard(root, entry, full=not fast)
         total += entry["num_samples"]
     if total != m["num_samples"]:
-        raise ShardError(f"manifest {Path(root) / MANIFEST}: shards hold {total} samples, manifest says {m['num_samples']}")
+        raise ShardError(f"manifest {Path(root) / MANIFEST}: shards hold {total} samples, manifest says "
+                         f"{m['num_samples']}; {REDO}")
     return m
+
+
+def check_fits_model(root: str | os.PathLike, m: dict, *, text_dim: int, pooled_dim: int, latent_channels: int,
+                     text_len: int | None = None) -> None:
+    """The dataset's widths must be the model's (``text_len``: only when the run needs the declared text
+    length, i.e. pipeline parallelism). One line naming the manifest and the fix, else nothing."""
+    have = {"text_dim": m.get("text_dim"), "pooled_dim": m.get("pooled_dim"),
+            "latent_channels": m.get("latent_channels"), "text_len": m.get("text_len")}
+    want = {"text_dim": ("joint_attention_dim", text_dim), "pooled_dim": ("pooled_projection_dim", pooled_dim),
+            "latent_channels": ("in_channels", latent_channels), "text_len": ("text_seq_len", text_len)}
+    bad = [(k, field, v) for k, (field, v) in want.items() if v is not None and have[k] != v]
+    if not bad:
+        return
+    what = "; ".join(f"{k} {have[k]} vs the model's {field} = {v}" for k, field, v in bad)
+    fix = ", ".join(f"{field} = {have[k]}" for k, field, _ in bad)
+    why = " (pipeline stages exchange activations of the declared text length)" if any(
+        k == "text_len" for k, _, _ in bad) else ""
+    raise ShardError(f"data {Path(root) / MANIFEST} does not fit the model: {what}{why}; set [model] {fix} "
+                     f"(or preprocess with encoders that match the model)")
 
 
 def main(argv=None):  # python -m megatron_sd3.data DATASET [--fast]

@@ -6,7 +6,11 @@
   splits come from ``num_layers_in_first/last_pipeline_stage`` or ``pipeline_model_parallel_layout``).
 * ``post_process`` (last stage): adaLN-continuous norm, projection, unpatchify.
 
-Between stages the activations travel packed (``packing.ActivationLayout``). The
+Text length: a single-stage model (``pre_process`` and ``post_process``) takes any number of
+text tokens, as diffusers' transformer does (its layout is derived from the input); between
+pipeline stages the activations travel packed (``packing.ActivationLayout``) in a tensor whose
+shape every stage declares up front, so a pipeline-parallel model takes exactly
+``config.text_seq_len`` tokens and says so in one line otherwise. The
 text-reconstruction target (``docs/design.md``, section "Text reconstruction") is captured on
 whichever stage holds it: the embedded text for target layer 0, the text output of block k
 otherwise, detached.
@@ -86,12 +90,29 @@ class SD3Model(MegatronModule):
             return True
         return self.config.text_recon  # the last block's text feeds only the recon loss
 
-    def layout(self, latent_hw) -> ActivationLayout:
+    def padded_len(self, text_len: int) -> int:
+        """Text tokens as they travel: ``text_len`` rounded up to ``text_pad_multiple``."""
+        m = max(1, self.config.text_pad_multiple)
+        return -(-int(text_len) // m) * m
+
+    def layout(self, latent_hw, text_len: Optional[int] = None) -> ActivationLayout:
+        """The packed activation for latents of ``latent_hw`` and ``text_len`` text tokens
+        (default: the declared ``text_seq_len``, what pipeline stages agree on)."""
         cfg = self.config
         n_img = cfg.num_image_tokens(*latent_hw)
         sp.check_image_tokens(cfg, n_img)
-        return ActivationLayout(n_img=n_img, n_txt=sp.text_len(cfg), carry_target=cfg.text_recon,
+        n = cfg.text_seq_len if text_len is None else text_len
+        return ActivationLayout(n_img=n_img, n_txt=sp.text_len(cfg, self.padded_len(n)), carry_target=cfg.text_recon,
                                 sp=sp.size(cfg))
+
+    def check_text_len(self, text_len: int) -> None:
+        """A single-stage model takes any text length; pipeline stages need the declared one."""
+        if text_len < 1:
+            raise ValueError("the text has no tokens; give at least one (a dropped prompt is zeros, not empty)")
+        if not (self.pre_process and self.post_process) and text_len != self.config.text_seq_len:
+            raise ValueError(f"text has {text_len} tokens but pipeline stages exchange activations of the "
+                             f"declared text_seq_len={self.config.text_seq_len}; set [model] text_seq_len = "
+                             f"{text_len} (or preprocess the text to {self.config.text_seq_len} tokens)")
 
     def set_input_tensor(self, input_tensor) -> None:
         """Megatron's schedules hand the previous stage's output here (a list of one tensor)."""
@@ -119,15 +140,16 @@ class SD3Model(MegatronModule):
             if hidden_states is None:
                 raise ValueError("stages after the first need latent_hw=(H, W)")
             latent_hw = tuple(hidden_states.shape[-2:])
-        layout = self.layout(latent_hw)
+        n_text = cfg.text_seq_len
+        if self.pre_process:
+            n_text = encoder_hidden_states.shape[1]
+            self.check_text_len(n_text)
+        layout = self.layout(latent_hw, n_text)
         target = None
         if self.pre_process:
-            if encoder_hidden_states.shape[1] != cfg.text_seq_len:
-                raise ValueError(f"text has {encoder_hidden_states.shape[1]} tokens, the model was "
-                                 f"configured with text_seq_len={cfg.text_seq_len}")
             x, c, y = self.embeddings(hidden_states, encoder_hidden_states, pooled_projections, timestep)
-            if layout.n_txt > cfg.text_seq_len:
-                c = torch.cat([c, c.new_zeros(layout.n_txt - cfg.text_seq_len, *c.shape[1:])], dim=0)
+            if layout.n_txt > n_text:
+                c = torch.cat([c, c.new_zeros(layout.n_txt - n_text, *c.shape[1:])], dim=0)
             x, c = sp.scatter(cfg, x), sp.scatter(cfg, c)  # this rank's slices (sequence parallel)
             if cfg.text_recon and cfg.text_recon_target_layer == 0:
                 target = c.detach()
@@ -135,7 +157,7 @@ class SD3Model(MegatronModule):
             x, c, target, y = layout.unpack(self.input_tensor)
 
         # Padded text (FP8): the blocks keep the pads out of attention (no mask needed).
-        text_len = cfg.text_seq_len if layout.n_txt > cfg.text_seq_len else None
+        text_len = n_text if layout.n_txt > n_text else None
         # FP8 GEMMs inside the blocks only (embedders, adaLN and head stay high precision), with
         # megatron's TransformerBlock policy: one context for the pass (delayed recipe) or one
         # per block (otherwise), as the backend says.
@@ -150,8 +172,7 @@ class SD3Model(MegatronModule):
         if not cfg.text_recon:
             return velocity
         c, target = sp.gather(cfg, c), sp.gather(cfg, target)
-        n = cfg.text_seq_len
-        return velocity, c[:n].transpose(0, 1), target[:n].transpose(0, 1)
+        return velocity, c[:n_text].transpose(0, 1), target[:n_text].transpose(0, 1)
 
     def _run_blocks(self, start: int, end: int, text_len):
         """Blocks ``start..end-1`` of this stage as one function of (x, c, y) -> (x, c, target)."""

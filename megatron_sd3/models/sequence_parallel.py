@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Optional
 
 import torch
 from megatron.core.tensor_parallel.mappings import (
@@ -47,9 +48,10 @@ def size(config) -> int:
     return config.tensor_model_parallel_size if getattr(config, "sequence_parallel", False) else 1
 
 
-def text_len(config) -> int:
-    """Text tokens as they travel: the FP8 padding, then rounded up to a multiple of the SP size."""
-    n, k = config.padded_text_len, size(config)
+def text_len(config, padded: Optional[int] = None) -> int:
+    """Text tokens as they travel: the FP8-padded length (``padded``, default the declared
+    ``text_seq_len`` padded), then rounded up to a multiple of the SP size."""
+    n, k = (config.padded_text_len if padded is None else padded), size(config)
     return int(math.ceil(n / k) * k)
 
 

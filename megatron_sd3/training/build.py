@@ -236,14 +236,16 @@ def build_training(cfg: SD3Config, *, transformer_impl: str = "local", optimizer
                    overlap_param_gather: bool = False, ddp_bucket_size: Optional[int] = None,
                    torch_compile: bool = False, torch_compile_mode: str = "default",
                    scheduler: Optional[dict] = None,
-                   ema_decay: float = 0.0, ema_update_interval: int = 1) -> Built:
+                   ema_decay: float = 0.0, ema_update_interval: int = 1, ema_warmup: str = "none",
+                   ema_inv_gamma: float = 1.0, ema_power: float = 2 / 3) -> Built:
     """Model chunks, DDP, optimizer (and optionally compiled blocks, LR scheduler, EMA).
 
     ``optimizer``: ``OptimizerConfig`` fields (``lr``, ``weight_decay``, ``clip_grad``, ...);
     ``optimizer`` defaults to "adam", and ``bf16``, ``params_dtype`` and
     ``use_distributed_optimizer`` come from ``cfg`` and the arguments here, so that optimizer,
     model and DDP cannot disagree. ``scheduler``: ``OptimizerParamScheduler`` keyword arguments
-    (None: no scheduler). ``ema_decay`` > 0 keeps an EMA of the bare models' weights.
+    (None: no scheduler). ``ema_decay`` > 0 keeps an EMA of the optimizer's fp32 master weights
+    (``training/ema.py``; ``ema_warmup`` / ``ema_inv_gamma`` / ``ema_power``: diffusers' EMAModel warmup).
     ``torch_compile_mode``: see ``check_compile_mode`` (refused here as in preflight).
     """
     check_compile_mode(torch_compile_mode, torch_compile=torch_compile, transformer_impl=transformer_impl)
@@ -263,6 +265,7 @@ def build_training(cfg: SD3Config, *, transformer_impl: str = "local", optimizer
     compiled = compile_blocks(chunks, torch_compile_mode) if torch_compile else 0
     sched = OptimizerParamScheduler(opt, **scheduler) if scheduler is not None else None
     models = [unwrap(m) for m in ddp]
-    ema = EMA(models, ema_decay, ema_update_interval) if ema_decay > 0 else None
+    ema = EMA(models, ema_decay, ema_update_interval, optimizer=opt, warmup=ema_warmup, inv_gamma=ema_inv_gamma,
+              power=ema_power) if ema_decay > 0 else None
     return Built(cfg=cfg, chunks=chunks, ddp=ddp, optimizer=opt, scheduler=sched, ema=ema,
                  compiled_blocks=compiled, models=models)

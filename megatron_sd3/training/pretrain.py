@@ -70,12 +70,16 @@ def build_dataset(args, cfg, path=None):
 
 
 def _check_data_matches_model(ds, cfg, args, path=None):
-    """The dataset's text/pooled widths must be the model's: said before training starts."""
+    """The dataset's text/pooled widths must be the model's (the text length too with pipeline
+    stages; a single stage takes any): said before training starts."""
     sample = ds[0]
     t, p, lat = sample["prompt_embeds"], sample["pooled_prompt_embeds"], sample["latents"]
     problems = []
-    if tuple(t.shape) != (cfg.text_seq_len, cfg.joint_attention_dim):
-        problems.append(f"text tokens {tuple(t.shape)} vs model ({cfg.text_seq_len}, {cfg.joint_attention_dim})")
+    if t.shape[-1] != cfg.joint_attention_dim:
+        problems.append(f"text width {t.shape[-1]} vs model joint_attention_dim {cfg.joint_attention_dim}")
+    if cfg.pipeline_model_parallel_size > 1 and t.shape[0] != cfg.text_seq_len:
+        problems.append(f"text length {t.shape[0]} vs model text_seq_len {cfg.text_seq_len} (pipeline stages "
+                        f"exchange activations of the declared length)")
     if p.shape[-1] != cfg.pooled_projection_dim:
         problems.append(f"pooled width {p.shape[-1]} vs model {cfg.pooled_projection_dim}")
     if lat.shape[0] != cfg.in_channels:
@@ -121,10 +125,15 @@ def preflight(args):
     if args.attention_backend == "fused" and args.transformer_impl == "local" and not torch.cuda.is_available():
         raise ConfigError("--attention-backend fused is cuDNN attention and needs a CUDA GPU; "
                           "use auto, flash or unfused on CPU")
-    if args.data_path:
-        from megatron_sd3.data.shards import load_manifest
+    if args.data_path:  # a missing or damaged shard, or data of other widths: said before any work starts
+        from megatron_sd3.data.shards import check_fits_model, verify
+        from megatron_sd3.loss import ConfigView
 
-        load_manifest(args.data_path)
+        manifest = verify(args.data_path, fast=True)
+        model = ConfigView(mf)  # the preset's fields over the SD3Config defaults
+        check_fits_model(args.data_path, manifest, text_dim=model.joint_attention_dim,
+                         pooled_dim=model.pooled_projection_dim, latent_channels=model.in_channels,
+                         text_len=model.text_seq_len if pp > 1 else None)
     # -- validation, samples, W&B (training/evaluate.py, training/metrics.py) --
     if args.valid_data_path:
         from megatron_sd3.data.shards import load_manifest
@@ -358,7 +367,8 @@ def pretrain(args, plan) -> int:
                            overlap_param_gather=args.overlap_param_gather, ddp_bucket_size=args.ddp_bucket_size,
                            torch_compile=args.torch_compile, torch_compile_mode=args.torch_compile_mode,
                            scheduler=scheduler_options(args), ema_decay=args.ema_decay,
-                           ema_update_interval=args.ema_update_interval)
+                           ema_update_interval=args.ema_update_interval, ema_warmup=args.ema_warmup,
+                           ema_inv_gamma=args.ema_inv_gamma, ema_power=args.ema_power)
     ddp, optimizer, scheduler, ema, models = built.ddp, built.optimizer, built.scheduler, built.ema, built.models
     if args.torch_compile:
         _print0(f" > torch.compile: {built.compiled_blocks} joint blocks, mode {args.torch_compile_mode} "
@@ -385,14 +395,18 @@ def pretrain(args, plan) -> int:
                      cuda_graphs=args.torch_compile_mode == "reduce-overhead")
     data_iter = None
     if step.first or step.last:
-        from megatron_sd3.data.sampler import build_data_iterator
+        from megatron_sd3.data.sampler import build_data_iterator, small_bucket_report
 
         ds = build_dataset(args, cfg)
         _check_data_matches_model(ds, cfg, args)
+        small = small_bucket_report(ds, args.global_batch_size, args.train_small_buckets)
+        if small and dist.get_rank() == 0:
+            print(f" > {small}", flush=True)
         keys = None if step.first else ("latents", "mask")
         data_iter = build_data_iterator(ds, args.global_batch_size, args.micro_batch_size,
                                         ps.get_data_parallel_rank(), dp, args.seed, consumed_samples=consumed,
-                                        keys=keys, holdout=args.valid_samples or 0)
+                                        keys=keys, holdout=args.valid_samples or 0,
+                                        train_small_buckets=args.train_small_buckets)
         # whole iterations read (and pinned on CUDA) ahead in the background
         from megatron_sd3.data.prefetch import IterationPrefetcher
 

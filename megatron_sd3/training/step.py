@@ -45,7 +45,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_sd3.config import SD3Config
 from megatron_sd3.flow_matching import FlowMatchingConfig, drop_text, make_flow_inputs
-from megatron_sd3.loss import enabled_loss_terms, loss_inputs, loss_terms, total_of
+from megatron_sd3.loss import enabled_loss_terms, keep_text_flags, loss_inputs, loss_terms, total_of
 from megatron_sd3.models.packing import ActivationLayout
 from megatron_sd3.training.build import device, unwrap
 
@@ -111,28 +111,40 @@ class TrainStep:
         start = consumed_samples + ps.get_data_parallel_rank() * (self.gbs // self.dp) + m * self.mbs
         return list(range(start, start + self.mbs))
 
-    def _global_weights(self, microbatches) -> dict[str, torch.Tensor]:
+    def _global_weights(self, microbatches, consumed) -> dict[str, torch.Tensor]:
         """Each enabled loss term's weight over the whole global batch (this DP rank's
         microbatches, all-reduced over DP), as 0-d device tensors: summed on the host from the
-        host-side microbatches, copied without waiting, reduced on the device."""
-        terms = enabled_loss_terms(self.cfg)
-        w = [sum(t.batch_weight(self.cfg, mb) for mb in microbatches) for t in terms]
-        t = _to_device(torch.tensor(w, dtype=torch.float64))
+        host-side microbatches where the weight is known there (shapes, masks), on the device
+        where it depends on a device draw (the text-dropout keep flags), reduced on the device."""
+        cfg, dev = self.cfg, device()
+        terms = enabled_loss_terms(cfg)
+        if self.flow.text_dropout > 0 and cfg.text_recon:
+            # which samples keep their text (the text-recon weight counts those): the flags the
+            # forward step will draw, from the same per-sample generators on the same device
+            microbatches = [dict(mb, keep_text=keep_text_flags(self._positions(consumed, m), self.seed, self.flow,
+                                                               dev))
+                            for m, mb in enumerate(microbatches)]
+        host = [sum(t.batch_weight(cfg, mb) for mb in microbatches) for t in terms]
+        t = torch.stack([v.to(torch.float64) if isinstance(v, torch.Tensor)
+                         else _to_device(torch.tensor(v, dtype=torch.float64)) for v in host]) if terms else \
+            torch.zeros(0, dtype=torch.float64, device=dev)
         if self.dp > 1:
             dist.all_reduce(t, group=ps.get_data_parallel_group())
         return {term.name: t[i] for i, term in enumerate(terms)}
 
     # -- the megatron forward step ---------------------------------------------------------------
-    def _loss_func(self, latents, target, mask, weights, output):
+    def _loss_func(self, latents, target, mask, weights, keep_text, output):
         cfg = self.cfg
-        inp = loss_inputs(output, target, mask, cfg)
+        inp = loss_inputs(output, target, mask, cfg, keep_text)
         loss, report = None, {}
         for term in enabled_loss_terms(cfg):
             s, w = term.terms(inp)
-            scale = self.gbs / weights[term.name]  # a device tensor in the step (a float in tests)
-            if isinstance(scale, torch.Tensor):
-                scale = scale.to(s.dtype)
-            v = term.weight(cfg) * s * scale
+            w_term = weights[term.name]  # a device tensor in the step (a float in tests)
+            if not isinstance(w_term, torch.Tensor):
+                w_term = torch.tensor(w_term, dtype=torch.float64, device=s.device)
+            # a term may have no weight in the whole batch (all texts dropped): it then adds 0
+            scale = torch.where(w_term > 0, self.gbs / w_term.clamp_min(1e-300), torch.zeros_like(w_term))
+            v = term.weight(cfg) * s * scale.to(s.dtype)
             loss = v if loss is None else loss + v
             report[term.name] = torch.stack([s.detach(), w.detach().to(s.dtype)])
         count = torch.full((), latents.shape[0], dtype=torch.int, device=loss.device)  # no host copy
@@ -174,7 +186,7 @@ class TrainStep:
             return output, None
         mask = mb.get("mask")
         mask = None if mask is None else mask.to(flow.target.device, non_blocking=True)
-        return output, partial(self._loss_func, mb["latents"], flow.target, mask, weights)
+        return output, partial(self._loss_func, mb["latents"], flow.target, mask, weights, flow.keep_text)
 
     # -- one iteration ---------------------------------------------------------------------------
     def __call__(self, microbatches: Optional[list[dict]], consumed_samples: int) -> StepResult:
@@ -186,7 +198,7 @@ class TrainStep:
         if self.cuda_graphs:  # a new iteration: the graphs' outputs of the last one may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         latent_hw = self._broadcast_latent_hw(microbatches)
-        weights = self._global_weights(microbatches) if self.last else {}
+        weights = self._global_weights(microbatches, consumed_samples) if self.last else {}
         layout = self.layout(latent_hw)
         state = {"latent_hw": latent_hw, "consumed": consumed_samples, "weights": weights, "m": 0}
         if not self.forward_only:
@@ -239,10 +251,13 @@ class TrainStep:
 
     def reduce_report(self, reports) -> torch.Tensor:
         """``[loss, *every registered term's global mean]`` (float64, on the device), on every
-        rank. A disabled term reports 0; an enabled one with no weight NaN."""
+        rank. A disabled term reports 0; an enabled one with no weight NaN (0 if ``may_be_empty``)."""
         terms = loss_terms()
         tot = self.report_totals(reports)
-        means = torch.where(tot[:, 1] > 0, tot[:, 0] / tot[:, 1], torch.full_like(tot[:, 0], float("nan")))
+        # no weight: NaN, or 0 for a term that may legitimately be empty (text recon, all dropped)
+        empty = torch.tensor([0.0 if term.may_be_empty else float("nan") for term in terms],
+                             dtype=tot.dtype).to(tot.device)
+        means = torch.where(tot[:, 1] > 0, tot[:, 0] / tot[:, 1].clamp_min(1e-300), empty)
         zero = torch.zeros((), dtype=means.dtype, device=means.device)
         means = torch.stack([means[i] if term.enabled(self.cfg) else zero for i, term in enumerate(terms)])
         total = total_of({term.name: means[i] for i, term in enumerate(terms)}, self.cfg)
