@@ -139,3 +139,12 @@ def test_untracked_newer_iteration_is_ignored(tmp_path):
     (ck / ckpt.LATEST).write_text("2")
     assert ckpt.resolve_load(str(ck), str(ck)) == good
     assert ckpt.resolve_load(str(ck), None, ckpt_step=2) == good
+
+
+def test_weights_without_optimizer_state_reach_the_fp32_masters(tmp_path):
+    """A weights-only checkpoint (or --no-load-optim) under bf16: the optimizer's fp32 master
+    copies take the loaded weights (else the first step would write the old ones back)."""
+    from _ranks import run_ranks
+
+    logs = run_ranks("tests/_reload_worker.py", 1, [str(tmp_path / "ck")], timeout=240)
+    assert "masters equal the loaded weights" in logs[0]

@@ -460,6 +460,11 @@ def load_checkpoint(ckpt: Path, model_chunks, optimizer, ema, scheduler, *, mode
         with torch.no_grad():  # the optimizer copies into views of (fp32) model weights
             optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(common["scheduler"])
+    elif optimizer is not None:
+        # weights without optimizer state (--no-load-optim, converted weights): the fp32 master
+        # copies of bf16 parameters must take the loaded weights, or the first step would write
+        # the old masters back (what Megatron-LM does in this case)
+        optimizer.reload_model_params()
     if ema is not None:
         if has_ema:
             for i in range(n):
