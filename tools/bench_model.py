@@ -28,7 +28,7 @@ is; hidden 256, 32x32 latents, 154 text tokens, batch 2):
 * ``ours_recon``   same truncated model with ``text_recon_gamma = 0.5``: the last block's text
                    stream runs and the loss adds gamma * MSE(final text, embedded text).
 
-Goals (issue #2): ours no slower than diffusers (ours / diffusers <= 1 + --tolerance, default
+Goals: ours no slower than diffusers (ours / diffusers <= 1 + --tolerance, default
 2%, the noise floor of a 2-core box); text-recon overhead (ours_recon / ours_trunc - 1) <= 3%.
 The recon overhead is mostly the last block's text output projection + MLP, which recon-off
 skips; its share shrinks with depth (1 of 15 blocks in sd3_light, 1 of ``blocks - 1`` here),

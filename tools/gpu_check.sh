@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# FP8 correctness checks + throughput benchmark on ONE GPU, in one go (issue 6).
+# FP8 correctness checks + throughput benchmark on ONE GPU, in one go.
 #
 #   bash tools/gpu_check.sh [--dry-run] [--budget SECONDS]
 #
-# Made for the lent GPU machine: torch + CUDA, no internet, no megatron-core / torchao. When
+# For a GPU machine with torch + CUDA but no internet and no megatron-core / torchao. When
 # those do not import, the wheels in .whl/fp8/ (megatron-core 0.16.1 cp312, torchao 0.18.0) are
 # installed to /tmp/site with pip --no-index --no-deps (and .whl/extra/*.whl if that folder
 # exists). Everything it writes goes to $OUT (default runs/gpu_check/): gpu_check.log (progress
