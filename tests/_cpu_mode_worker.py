@@ -1,4 +1,4 @@
-"""Worker for tests/test_cpu_mode.py: the real SD3Model (tiny preset) through the production wiring
+"""Worker for tests/multiprocess/test_cpu_mode.py: the real SD3Model (tiny preset) through the production wiring
 (``megatron_sd3.training.build.build_training`` and ``training.step.TrainStep``)
 on CPU (gloo, ``megatron_sd3.testing.cpu_mode``), then a dist_checkpointing save/load/resume.
 

@@ -1,4 +1,4 @@
-"""Worker for tests/test_ema.py: the EMA of a bf16 model under DP=2 (CPU mode), with
+"""Worker for tests/multiprocess/test_ema.py: the EMA of a bf16 model under DP=2 (CPU mode), with
 megatron's Float16OptimizerWithFloat16Params and with the distributed optimizer.
 
     python tests/_ema_worker.py --case float16|distopt --out DIR      (2 ranks, tests/_ranks.py)

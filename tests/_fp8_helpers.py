@@ -1,4 +1,4 @@
-"""Helpers for tests/test_fp8.py: the torchao FP8 linear pair and the TP=2 worker started by
+"""Helpers for tests/unit/test_fp8.py: the torchao FP8 linear pair and the TP=2 worker started by
 torch.multiprocessing.spawn (kept in a module so spawn can import it).
 
 The pair is ``megatron_sd3.testing.helpers.build_fp8_pair`` (also used by tools/fp8_gpu_check.py):

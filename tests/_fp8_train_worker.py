@@ -1,4 +1,4 @@
-"""torchrun-style worker for tests/test_fp8_training.py: a few optimizer steps of the tiny preset
+"""torchrun-style worker for tests/multiprocess/test_fp8_training.py: a few optimizer steps of the tiny preset
 in FP8 (``--fp8 hybrid|e4m3``, local backend: torchao float8 GEMMs inside megatron-core's
 parallel linears) and/or bf16 (``--bf16``), through the real training path (megatron schedules,
 DDP, megatron optimizer, ``TrainStep``), on CPU with gloo (or on a GPU if one is present).

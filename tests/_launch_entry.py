@@ -1,4 +1,4 @@
-"""A stand-in for pretrain_sd3.py, used by tests/test_launch.py to test launch.sh quickly.
+"""A stand-in for pretrain_sd3.py, used by tests/launch/test_launch.py to test launch.sh quickly.
 
 It runs as a torchrun worker and mimics the parts of the real entry's contract that launch.sh
 and SLURM care about:

@@ -1,4 +1,4 @@
-"""torchrun worker for tests/test_parallel.py: a few optimizer steps of the tiny preset.
+"""torchrun worker for tests/multiprocess/test_parallel.py: a few optimizer steps of the tiny preset.
 
 Writes, from every rank, ``OUT/rank{R}.pt`` with the losses of each step (all ranks agree) and this
 rank's parameters as full (TP-gathered) tensors keyed by global name, and records the bytes of

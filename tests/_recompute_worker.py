@@ -1,4 +1,4 @@
-"""torchrun worker for tests/test_recompute.py: the same two optimizer steps of the tiny preset
+"""torchrun worker for tests/multiprocess/test_recompute.py: the same two optimizer steps of the tiny preset
 with every activation-recompute mode, in one process group.
 
 For each text-reconstruction weight in ``--gammas`` and each mode (none, full uniform 1 and 2,

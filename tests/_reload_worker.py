@@ -1,4 +1,4 @@
-"""Worker for tests/test_checkpoint_integrity.py: weights loaded without optimizer state reach
+"""Worker for tests/multiprocess/test_checkpoint_integrity.py: weights loaded without optimizer state reach
 the bf16 optimizer's fp32 master copies (one process, CPU mode)."""
 import sys
 

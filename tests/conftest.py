@@ -17,4 +17,9 @@ def single_process():
 
 import sys  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/_ranks.py and friends
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+# tests/_ranks.py and the other helpers (workers, fixtures), and the groups' modules, which some
+# tests share (tests/README.md)
+sys.path.insert(0, _TESTS)
+for _group in ("unit", "tools", "multiprocess", "launch"):
+    sys.path.insert(1, os.path.join(_TESTS, _group))

@@ -23,8 +23,8 @@
 #      and host syncs per iteration (CUDA sync debug mode) of each row; compare with step 3
 #   3c. the GPU halves of the sync-free tests: no synchronising call in a microbatch
 #      (torch.cuda.set_sync_debug_mode("error")), device-side noise layout-independent, pinned
-#      prefetch, CUDA-graph training == default-mode training (tests/test_sync_free.py,
-#      tests/test_flow_matching.py, tests/test_prefetch.py)
+#      prefetch, CUDA-graph training == default-mode training (tests/multiprocess/test_sync_free.py,
+#      tests/unit/test_flow_matching.py, tests/unit/test_prefetch.py)
 #   3d. tools/bench_data.py: samples/s of the data path at sd3_light's 1024 px sample against
 #      one GPU's consumption at the measured step time
 #   4. FP8 vs bf16 loss tracking on SD3-sized blocks: tests/_fp8_train_worker.py with the
@@ -165,7 +165,7 @@ if [ "$CUDA" = 1 ]; then
   fi
   # 3c. the sync-free tests' GPU halves (sync debug mode, device RNG, pinning, CUDA-graph training)
   step sync_free_tests $(( $(left) - 5 < 90 ? $(left) - 5 : 90 )) \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_sync_free.py tests/test_flow_matching.py tests/test_prefetch.py
+    "$PY" -m pytest -q -p no:cacheprovider tests/multiprocess/test_sync_free.py tests/unit/test_flow_matching.py tests/unit/test_prefetch.py
   # 3d. the data path against one GPU's consumption (sd3_light, 1024 px, micro batch 4, 294 ms)
   step bench_data $(( $(left) - 5 < 60 ? $(left) - 5 : 60 )) \
     "$PY" tools/bench_data.py --step-ms 294 --gpu-samples-per-step 4
@@ -219,7 +219,7 @@ else
     "$PY" tools/bench_throughput.py --resolution 64 --warmup 1 --iters 2 --variants bf16 fp8-local \
       --recon off --compile both --profile --json "$OUT/bench.json"
   step sync_free_tests 120 \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_sync_free.py tests/test_prefetch.py
+    "$PY" -m pytest -q -p no:cacheprovider tests/multiprocess/test_sync_free.py tests/unit/test_prefetch.py
   step bench_data 60 "$PY" tools/bench_data.py --num-samples 16 --latent-size 32 --global-batch-size 8 --iterations 2
   mkdir -p "$OUT/fp8_train"
   step fp8_train_tracking 120 \

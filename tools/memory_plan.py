@@ -10,7 +10,7 @@ x the microbatches in flight under 1F1B (interleaved with --num-virtual-stages-p
 and the total; then the largest micro batch that fits in --gpu-memory GiB. ``--recompute`` is
 ``none``, ``selective`` or ``full`` (full: ``--recompute-method``/``--recompute-num-layers``,
 default uniform, 1). The activation figures are the closed forms of ``megatron_sd3.memory``,
-checked against autograd's saved tensors (tests/test_memory_plan.py, tools/bench_memory.py).
+checked against autograd's saved tensors (tests/tools/test_memory_plan.py, tools/bench_memory.py).
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ Agreed amax across TP ranks (so TP does not change the scales)
     (split along hidden) and the output gradient of the column layer (split along its output
     features). Replicated operands (the column layer's input, the row layer's output gradient)
     already have the same amax on every rank and are cast inside torchao's matmul. With this, FP8
-    at TP=2 reproduces FP8 at TP=1 up to fp32 summation order (tests/test_fp8.py).
+    at TP=2 reproduces FP8 at TP=1 up to fp32 summation order (tests/unit/test_fp8.py).
 
 Recipes
     ``tensorwise`` only: torchao 0.18 has no delayed scaling (``ScalingType`` is only ``DYNAMIC``

@@ -51,11 +51,11 @@ in ``_PATCHES`` below:
      tensor (megatron assigns one shared tensor, which AdamW then increments once per param per
      step: wrong bias correction after a resume).
 
-Tested on CPU (tests/test_cpu_mode.py): 1F1B with PP=2, TP=2, DP=2, DDP (with and without
+Tested on CPU (tests/multiprocess/test_cpu_mode.py): 1F1B with PP=2, TP=2, DP=2, DDP (with and without
 overlap_grad_reduce), FP32Optimizer, Float16OptimizerWithFloat16Params (bf16), the distributed
 optimizer, grad clipping, finalize_model_grads with per-token loss, dist_checkpointing save/load
 (``dp_reshardable``), the RNG tracker; sequence parallelism (its all-gather / reduce-scatter
-buffers, tests/test_parallel.py) and the distributed optimizer's overlapped parameter all-gather.
+buffers, tests/multiprocess/test_parallel.py) and the distributed optimizer's overlapped parameter all-gather.
 Smoke-tested by hand: ``use_cpu_initialization=False``. Not covered (they fail loudly if reached): fp16 loss-scaler
 state loading (``.cuda()``), CUDA graphs, several distributed-optimizer instances (CUDA streams),
 fully-parallel checkpoint loading (``exchange_utils`` ``.cuda()``), megatron FSDP, Transformer
@@ -81,7 +81,7 @@ _REAL_TORCH = torch
 
 # Modules whose code allocates on CUDA / calls torch.cuda.* on the CPU paths we use. Each one gets
 # the `_CpuTorch` proxy as its module-global `torch`. Why each is listed (hit by
-# tests/test_cpu_mode.py, and for sequence parallelism by tests/test_parallel.py):
+# tests/multiprocess/test_cpu_mode.py, and for sequence parallelism by tests/multiprocess/test_parallel.py):
 _CUDA_ALLOCATING_MODULES: Tuple[Tuple[str, str], ...] = (
     ("megatron.core.pipeline_parallel.schedules",
      'total_num_tokens = torch.zeros([], ..., device="cuda") in every schedule'),

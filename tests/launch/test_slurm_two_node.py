@@ -8,7 +8,7 @@ and trains the tiny preset with PP=2, one rank per node.
 Needs root, Debian's `slurmctld slurmd munge`, iproute2 and util-linux (unshare, nsenter), and
 network namespaces with veths. Without them the tests skip, except under CI=true, where that is a
 failure. The cluster uses its own SLURM_LOCAL_DIR and port, so a single-node cluster of
-tests/test_launch.py may run at the same time; it is stopped again when the module ends, and the
+tests/launch/test_launch.py may run at the same time; it is stopped again when the module ends, and the
 teardown checks that no namespace, interface or daemon is left.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch.sh"
 SLURM_LOCAL = ROOT / "tools" / "slurm_local.sh"
 CONFIG = str(ROOT / "configs" / "sd3_light_tiny.toml")

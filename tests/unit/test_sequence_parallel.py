@@ -1,6 +1,6 @@
 """Sequence parallelism without process groups: the pipeline message layout, the padding of the
 streams, the flag checks. (TP=2 + SP against one process, also with PP=2 and gamma > 0, is in
-tests/test_parallel.py.)"""
+tests/multiprocess/test_parallel.py.)"""
 import pytest
 import torch
 

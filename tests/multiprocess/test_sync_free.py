@@ -21,10 +21,16 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ (_ranks)
 
 READS = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "__complex__", "cpu", "numpy"}
 _TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _ranks_root() -> str:
+    from _ranks import ROOT
+
+    return ROOT
 
 
 def _origin() -> tuple[str, str]:
@@ -297,7 +303,7 @@ def test_pipeline_stages_keep_the_budget(tmp_path):
 
     from _ranks import run_ranks
 
-    run_ranks(os.path.relpath(__file__, os.path.dirname(os.path.dirname(__file__))), 2,
+    run_ranks(os.path.relpath(__file__, _ranks_root()), 2,
               ["--pp2-worker", str(tmp_path)], timeout=500)
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert ranks[0]["loss"] == ranks[1]["loss"] and not any(r["skipped"] for r in ranks)
@@ -337,7 +343,7 @@ def test_training_loop_reads_losses_at_log_intervals(tmp_path):
 
     from _ranks import run_ranks
 
-    logs = run_ranks(os.path.relpath(__file__, os.path.dirname(os.path.dirname(__file__))), 1,
+    logs = run_ranks(os.path.relpath(__file__, _ranks_root()), 1,
                      ["--loop-worker", str(tmp_path)], timeout=500)
     d = json.load(open(tmp_path / "loop.json"))
     assert d["code"] == 0, logs[0][-2000:]
@@ -348,5 +354,5 @@ def test_training_loop_reads_losses_at_log_intervals(tmp_path):
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] in ("--pp2-worker", "--loop-worker"):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     (_pp2_worker if sys.argv[1] == "--pp2-worker" else _loop_worker)(sys.argv[2])

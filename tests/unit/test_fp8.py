@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _fp8_helpers as H  # noqa: E402
 
 pytest.importorskip("torchao")

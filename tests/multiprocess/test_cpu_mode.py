@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(REPO, "tests", "_cpu_mode_worker.py")
 
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU mode is for CPU hosts")

@@ -12,7 +12,7 @@ import torch
 from megatron_sd3.data import MockDataset, ShardedDataset, ShardError, build_data_iterator, verify
 from megatron_sd3.data.shards import write_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()

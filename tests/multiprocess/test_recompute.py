@@ -48,7 +48,7 @@ def test_every_mode_matches_the_plain_run(root, layout):
             assert got["grads"].keys() == want["grads"].keys() and want["grads"]
             for n in want["grads"]:
                 _close(got["grads"][n], want["grads"][n], (r, gamma, mode, "grad", n))
-            for n, w in want["params"].items():  # after two Adam steps, as tests/test_parallel.py
+            for n, w in want["params"].items():  # after two Adam steps, as tests/multiprocess/test_parallel.py
                 rel = float((got["params"][n] - w).norm() / w.norm().clamp(min=1e-12))
                 assert rel <= 1e-5, (r, gamma, mode, "param", n, rel)
             if "saved" in got:  # the planner under TP: head-sized tensors split over the ranks

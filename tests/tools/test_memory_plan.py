@@ -16,7 +16,7 @@ from megatron_sd3 import memory
 from megatron_sd3.config import make_config
 from megatron_sd3.models.sd3_model import SD3Model
 
-ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
 
 MODES = {
     "none": {},

@@ -12,10 +12,10 @@ import torch
 
 from megatron_sd3.data import ShardedDataset, build_data_iterator, verify
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _data_fixtures import build_tiny_sd3_encoders, make_image_folder  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "preprocess_data.py"
 COMMON = ["--resolution", "64", "--buckets", "64x64,96x48,48x96", "--t5-len", "16", "--shard-size", "3",
           "--batch-size", "2", "--mask-suffix", "_mask"]
