@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test test-all demo bench clean
 
 venv: $(STAMP)
 
@@ -14,7 +14,11 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The default suite (under 15 min on 2 cores); test-all adds the cases marked slow.
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # The main job on the built-in default: tiny preset, synthetic data, PP=2 over 2 local CPU ranks

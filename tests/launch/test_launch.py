@@ -83,6 +83,7 @@ def test_launch_sh_syntax_and_header():
     assert "#SBATCH --exclusive" not in head
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_local_run_two_cpu_ranks(tmp_path):
     """`bash launch.sh` outside SLURM: torchrun on this machine, 2 CPU ranks without a GPU."""
@@ -137,7 +138,7 @@ def test_bad_input_through_launch_sh_is_one_line(tmp_path, args, message):
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("ranks, args", [
     (2, ["--pipeline-model-parallel-size", "2"]),
-    (1, ["--fp8-format", "hybrid"]),  # torchao's FP8 path
+    pytest.param(1, ["--fp8-format", "hybrid"], marks=pytest.mark.slow),  # torchao's FP8 path
 ], ids=["demo-pp2", "fp8"])
 def test_demo_run_is_quiet(tmp_path, ranks, args):
     """The demo through launch.sh: no warning on stderr from any rank (megatron's TE/apex fallbacks,
@@ -238,7 +239,7 @@ def log_of(path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("mode", ["direct", "srun"])
+@pytest.mark.parametrize("mode", [pytest.param("direct", marks=pytest.mark.slow), "srun"])
 def test_sbatch_job_completes_and_saves(slurm, tmp_path, mode):
     """`sbatch launch.sh ...` runs to the end and leaves a checkpoint. `srun` forces the
     multi-node path (one torchrun per node through srun) on our single node."""
@@ -258,7 +259,8 @@ def test_sbatch_job_completes_and_saves(slurm, tmp_path, mode):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("how", [[], ["--batch", "--signal=TERM"]], ids=["scancel", "scancel-batch-TERM"])
+@pytest.mark.parametrize("how", [pytest.param([], marks=pytest.mark.slow), ["--batch", "--signal=TERM"]],
+                         ids=["scancel", "scancel-batch-TERM"])
 def test_scancel_saves_and_second_job_resumes(slurm, tmp_path, how):
     """A running job is cancelled (plain `scancel`, or the recommended
     `scancel --batch --signal=TERM`): the ranks get SIGTERM, save, and a second job with --load

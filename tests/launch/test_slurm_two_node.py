@@ -196,6 +196,7 @@ def test_sbatch_two_nodes_trains_pp2_and_saves(cluster, tmp_path):
     assert "world size 2 = TP 1 x PP 2 x DP 1" in log, log[-4000:]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_two_node_scancel_batch_term_saves(cluster, tmp_path):
     """`scancel --batch --signal=TERM` on a running two-node job: launch.sh's batch shell passes

@@ -7,7 +7,7 @@ again, many times; at the end every iteration logged by any of the runs must equ
 uninterrupted run's, bit for bit, and the checkpoint folder holds only complete checkpoints.
 ``--async-save`` (dist_checkpointing's asynchronous save) has the same guarantee.
 
-The long variant (more kills) runs with MEGATRON_SD3_SLOW_TESTS=1.
+The async variant and the long variant (more kills) are marked slow (``make test-all``).
 """
 import os
 import random
@@ -20,7 +20,6 @@ from _jobs import Job, metrics_records
 
 ITERS = 10
 KEYS = ("loss", "denoise_loss", "text_recon_loss", "lr", "grad_norm", "consumed_samples", "skipped_iters")
-SLOW = os.environ.get("MEGATRON_SD3_SLOW_TESTS") == "1"
 
 
 def command(d, extra=()):
@@ -113,6 +112,7 @@ def test_random_kills_then_same_command_is_bit_exact(tmp_path):
     assert sum(row[-1].startswith("killed") for row in table) >= 4
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_random_kills_with_async_save(tmp_path):
     # an asynchronous save counts once finalised, iterations later: the kills aim further ahead
@@ -120,7 +120,7 @@ def test_random_kills_with_async_save(tmp_path):
     assert sum(row[-1].startswith("killed") for row in table) >= 3
 
 
-@pytest.mark.skipif(not SLOW, reason="long variant: MEGATRON_SD3_SLOW_TESTS=1")
+@pytest.mark.slow
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("extra", [(), ("--async-save",)])
 def test_many_random_kills(tmp_path, extra):

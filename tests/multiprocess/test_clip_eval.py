@@ -88,6 +88,7 @@ def test_clip_score_without_vae_or_prompt_texts_is_one_line(fixtures, capsys):
         assert msg in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_clip_score_is_the_same_under_pipeline_parallelism(fixtures, tmp_path):
     """The initial weights do not depend on the layout: the score before the first iteration is

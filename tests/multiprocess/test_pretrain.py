@@ -170,6 +170,7 @@ def test_bad_toml_names_the_key(tmp_path, capsys):
     assert code == 2 and "'lr' must be float, got str" in err
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_damaged_and_mismatched_checkpoints(tmp_path):
     bad = tmp_path / "bad.toml"
@@ -216,6 +217,7 @@ def test_nan_losses_are_skipped_then_stop_the_run():
     assert "skipped iterations: 3" in r.stdout and "stopped: diverged at iteration 4/10" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_torch_compile_trains_the_same_numbers(tmp_path):
     """--torch-compile (every joint block compiled; FP8 and the text-recon loss on) trains the

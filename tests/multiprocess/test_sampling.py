@@ -173,6 +173,7 @@ def test_generate_matches_diffusers_pipeline_parallel(setup):
     assert _rel(load_file(str(out))["latents"], setup["ref"]) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_generate_matches_diffusers_tensor_and_data_parallel(setup):
     """TP=2, and DP=2 (the prompts split over two model replicas)."""
