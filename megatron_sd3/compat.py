@@ -16,6 +16,12 @@ What is here, and why no public hook exists (see ``docs/design.md``, section "Ba
 * :func:`set_te_attention_backend`: megatron's mapping of ``config.attention_backend`` onto
   Transformer Engine's ``NVTE_*`` variables is the private
   ``LanguageModule._set_attention_backend``, which reads only ``self.config``.
+* :func:`checkpoint_writer_results_queue`: megatron-core's torch_dist writer collects its write
+  results through a queue served by a spawned multiprocessing manager, created on the first save
+  and kept in the private ``filesystem_async._results_queue``. That server process never watches
+  its parent: a rank that dies without running its exit handlers (SIGKILL, or SIGTERM when its
+  launcher died) would leave it, and the resource tracker beside it, running for ever. This
+  function creates the queue first, with a server that dies with its rank.
 * :func:`require_supported_megatron_core`: called by the CPU mode
   (``megatron_sd3.testing.cpu_mode``), whose patches name private megatron-core functions.
 """
@@ -81,3 +87,28 @@ def set_te_attention_backend(config) -> None:
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
     LanguageModule._set_attention_backend(_ConfigHolder(config))
+
+
+_results_manager = None
+
+
+def checkpoint_writer_results_queue() -> None:
+    """Before the first save: megatron-core's write-results queue, served by a manager process
+    that gets SIGTERM from the kernel when its rank dies (see the module docstring). Idempotent."""
+    global _results_manager
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_sd3.training import watchdog
+
+    if not hasattr(filesystem_async, "_results_queue"):
+        raise RuntimeError("megatron-core's filesystem_async has no _results_queue: this megatron-core "
+                           "release is not one megatron_sd3 supports")
+    if filesystem_async._results_queue is not None:
+        return
+    manager = SyncManager(ctx=mp.get_context("spawn"))  # what megatron-core uses: ctx.Manager()
+    manager.start(initializer=watchdog.helper_dies_with_parent)
+    _results_manager = manager  # the manager's finaliser shuts the server down at a clean exit
+    filesystem_async._results_queue = manager.Queue()

@@ -50,6 +50,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+from megatron_sd3 import compat
+
 LATEST = "latest_checkpointed_iteration.txt"
 INTEGRITY = "integrity.json"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
@@ -320,6 +322,7 @@ def save_checkpoint(root: str | Path, iteration: int, model_chunks, optimizer, e
     state = _state_dict(model_chunks, optimizer, ema, common, None if weights_only else _rng_state(),
                         loading=False, with_optim=not weights_only)
     finalize = functools.partial(_finalize_save, root, iteration, tmp, final, run_config)
+    compat.checkpoint_writer_results_queue()  # its server process must not outlive this rank
     request = dist_checkpointing.save(state, str(tmp), content_metadata=METADATA,
                                       async_sharded_save=async_saver is not None)
     if request is None:

@@ -16,7 +16,9 @@ closed) or times out after ``--distributed-timeout-minutes`` (the process-group 
 ``torch.distributed.init_process_group`` and megatron's ``initialize_model_parallel``).
 
 ``die_with_parent()`` is step 1 alone, for helper processes a rank forks (the asynchronous
-checkpoint writer), so they cannot outlive the rank either.
+checkpoint writer), so they cannot outlive the rank either; ``helper_dies_with_parent()`` is the
+same for a helper the rank spawns through ``multiprocessing`` (megatron-core's checkpoint
+write-results server, see ``compat.checkpoint_writer_results_queue``).
 """
 from __future__ import annotations
 
@@ -44,6 +46,17 @@ def die_with_parent(sig: int = signal.SIGTERM) -> bool:
         return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
     except OSError:
         return False
+
+
+def helper_dies_with_parent() -> None:
+    """In a ``multiprocessing`` child: SIGTERM when the parent exits, and exit now if it already
+    has (it may die between the fork and the ``prctl``)."""
+    import multiprocessing
+
+    die_with_parent(signal.SIGTERM)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)
 
 
 def launched_by_launcher(env=os.environ) -> bool:

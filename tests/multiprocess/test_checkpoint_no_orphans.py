@@ -88,7 +88,8 @@ def _alive(pid):
 
 @pytest.mark.timeout(600)
 def test_ranks_of_a_killed_torchrun_exit(tmp_path):
-    """torchrun SIGKILLed (it cannot stop its ranks): the ranks and what they started go too."""
+    """torchrun SIGKILLed (it cannot stop its ranks) after a checkpoint was saved: the ranks and what
+    they started go too (megatron-core's checkpoint writer starts a results server per rank)."""
     m = str(tmp_path / "m.jsonl")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -100,10 +101,17 @@ def test_ranks_of_a_killed_torchrun_exit(tmp_path):
                                      "--save", str(tmp_path / "ck"), "--save-interval", "3"],
                                     cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
     try:
+        latest = tmp_path / "ck" / "latest_checkpointed_iteration.txt"
         assert _wait_training(m, lambda: launcher.poll() is None), (tmp_path / "torchrun.log").read_text()[-3000:]
+        deadline = time.time() + 120  # after a save: the ranks have started megatron's writer helpers
+        while time.time() < deadline and launcher.poll() is None and not latest.exists():
+            time.sleep(0.2)
+        assert latest.exists(), (tmp_path / "torchrun.log").read_text()[-3000:]
         ranks = _children(launcher.pid)
         assert len(ranks) == 2, ranks
-        family += ranks + [c for r in ranks for c in _children(r)]  # checkpoint writer helpers too
+        helpers = [c for r in ranks for c in _children(r)]
+        assert helpers, "no rank has started a checkpoint helper process: the test no longer covers them"
+        family += ranks + helpers
         launcher.kill()
         launcher.wait()
         deadline = time.time() + 60
