@@ -184,6 +184,24 @@ def build_optimizer(cfg: SD3Config, ddp_chunks, opt_config: OptimizerConfig):
     return optimizer
 
 
+def finalize_grads_over_samples(global_samples: int):
+    """``config.finalize_model_grads_func`` for a step whose loss count is the global batch's
+    number of samples (``training/step.py``): megatron-core's ``finalize_model_grads`` without
+    its ``num_tokens`` (which it broadcasts over PP, all-reduces over DP, then tests with
+    ``num_tokens > 0``: a host read every iteration), followed by the same division, by the
+    count the host already knows."""
+    if global_samples <= 0:
+        raise ValueError(f"global batch of {global_samples} samples: it must be positive")
+    scaling = 1.0 / global_samples
+
+    def finalize(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
+        finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
+        for chunk in model:
+            chunk.scale_gradients(scaling)
+
+    return finalize
+
+
 @contextmanager
 def params_synced(ddp_chunks):
     """The model's parameters up to date inside the block, also with ``overlap_param_gather``.

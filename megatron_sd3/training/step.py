@@ -17,7 +17,9 @@ virtual stages are used):
   ``calculate_per_token_loss``: ``count`` is the number of samples, and ``loss`` is scaled so that
   megatron's division by the global count gives exactly ``sum_k weight_k * sum_k / W_k`` over
   the global batch (``denoise_sum / W + gamma * text_sum / T`` by default), so the gradient is
-  exact also when masks differ across DP ranks;
+  exact also when masks differ across DP ranks; that count is the global batch size, so the
+  division happens with the host's number (``build.finalize_grads_over_samples``), not after a
+  read of megatron's summed ``num_tokens``;
 * the report carries ``(sum, weight)`` per term; ``reduce_report`` sums them over
   microbatches and DP ranks: the logged losses are global per-element means.
 
@@ -26,10 +28,10 @@ section "A step that never waits on the host"): inputs are copied with ``non_blo
 by ``data/prefetch.py`` on CUDA), noise and timesteps are drawn on the device, the global loss
 weights are built on the host from shapes and host-side masks and copied without a wait, and the
 reported losses stay a device tensor (``StepResult.loss_tensor``; ``StepResult.losses`` reads
-it, once, when asked: at log intervals). Per iteration the host reads one flag: whether the
+it, once, when asked: at log intervals). Per iteration the host reads two numbers: whether the
 global loss is finite, which decides the NaN/Inf skip before ``optimizer.step()`` (megatron's
-optimizer checks ``found_inf`` only with a loss scaler, fp16; its gradient clipping reads the
-grad norm, one more read, inside megatron). Pipelines deeper than two stages also read the
+optimizer checks ``found_inf`` only with a loss scaler, fp16), and, inside megatron, the grad
+norm its gradient clipping reads. Pipelines deeper than two stages also read the
 latent size on their middle stages, which have no data of their own.
 """
 from __future__ import annotations
@@ -47,7 +49,7 @@ from megatron_sd3.config import SD3Config
 from megatron_sd3.flow_matching import FlowMatchingConfig, drop_text, make_flow_inputs
 from megatron_sd3.loss import enabled_loss_terms, keep_text_flags, loss_inputs, loss_terms, total_of
 from megatron_sd3.models.packing import ActivationLayout
-from megatron_sd3.training.build import device, unwrap
+from megatron_sd3.training.build import device, finalize_grads_over_samples, unwrap
 
 
 @dataclass
@@ -86,6 +88,8 @@ class TrainStep:
                              f"= {micro_batch_size} x {self.dp}")
         self.num_microbatches = global_batch_size // (micro_batch_size * self.dp)
         self.forward_only = forward_only
+        if not forward_only:  # the loss count is the global batch's sample count, known here
+            cfg.finalize_model_grads_func = finalize_grads_over_samples(global_batch_size)
         self.first = ps.is_pipeline_first_stage(ignore_virtual=True)
         self.last = ps.is_pipeline_last_stage(ignore_virtual=True)
 
