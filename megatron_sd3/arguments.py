@@ -181,8 +181,8 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
     ]),
     Section("fp8", "FP8", [
         F("fp8_format", str, None, "FP8 GEMMs in the joint blocks (default: off)", choices=("e4m3", "hybrid")),
-        F("fp8_recipe", str, None, "default: delayed with transformer_engine, tensorwise with local (torchao)",
-          choices=("tensorwise", "delayed")),
+        F("fp8_recipe", str, None, "default: delayed with transformer_engine, tensorwise with local "
+          "(torchao); rowwise: torchao's per-row scales (e4m3, TP=1)", choices=("tensorwise", "rowwise", "delayed")),
         F("fp8_amax_history_len", int, 1, "amax history of delayed scaling", check=at_least(1)),
         F("first_last_layers_bf16", bool, False, "keep the first and last joint blocks in bf16"),
     ]),
@@ -358,9 +358,13 @@ def validate(args) -> None:
             "FP8 GEMMs do not all-gather/reduce-scatter the sequence); drop one of them")
     if args.fp8_recipe is None:
         args.fp8_recipe = "delayed" if args.transformer_impl == "transformer_engine" else "tensorwise"
-    if args.fp8_format and args.transformer_impl == "local" and args.fp8_recipe == "delayed":
-        bad("--fp8-recipe delayed needs --transformer-impl transformer_engine "
-            "(torchao has no delayed scaling); use --fp8-recipe tensorwise")
+    if args.fp8_format:
+        from megatron_sd3.backends.fp8_settings import recipe_problem
+
+        problem = recipe_problem(args.fp8_recipe, args.fp8_format, args.transformer_impl,
+                                 args.tensor_model_parallel_size)
+        if problem:
+            bad(problem)
 
 
 def effective_config(args) -> dict[str, Any]:

@@ -75,7 +75,8 @@ def train(a, fp8, bf16, steps, snapshot_at=None):
     parallel = dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
                     **pipeline_config_fields(a.num_layers, a.pp, None))
     if fp8:
-        parallel["fp8"] = fp8  # make_config pads text to 16 and picks the tensorwise recipe
+        parallel["fp8"] = fp8  # make_config pads text to 16
+        parallel["fp8_recipe"] = a.fp8_recipe
     if bf16:
         parallel.update(bf16=True, params_dtype=torch.bfloat16)
     overrides = dict(num_layers=a.num_layers, text_seq_len=a.text_len)
@@ -116,6 +117,7 @@ def main():
     ap.add_argument("--text-len", type=int, default=13,
                     help="text tokens per sample; 13 makes FP8 mode pad the text stream to 16")
     ap.add_argument("--fp8", choices=["none", "hybrid", "e4m3"], default="none")
+    ap.add_argument("--fp8-recipe", choices=["tensorwise", "rowwise"], default="tensorwise")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--gamma", type=float, default=0.0)
     ap.add_argument("--target", type=int, default=0)

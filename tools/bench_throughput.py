@@ -21,8 +21,10 @@ Precision variants
                   this row is fp32 (named ``fp32``), CPU bf16 GEMMs being no reference.
     ``fp8-local`` FP8 GEMMs in the joint blocks through torchao (``--fp8-format hybrid``,
                   tensorwise), bf16 params on GPU; text padded to a multiple of 16.
-    ``fp8-te``    ``--transformer-impl transformer_engine`` under megatron's FP8 context; only
-                  when Transformer Engine imports.
+    ``fp8-rowwise`` as ``fp8-local`` with torchao's rowwise recipe (``--fp8-format e4m3
+                  --fp8-recipe rowwise``: per-row scales, all operands e4m3).
+    ``fp8-te``    ``--transformer-impl transformer_engine`` under megatron's FP8 context (delayed
+                  recipe, the training default with TE); only when Transformer Engine imports.
     each with ``text_recon_gamma`` 0 (off) and 0.5 (on, target layer 0).
 
 Measurements
@@ -115,7 +117,7 @@ def rss_mb() -> tuple[float, float]:
 
 
 def variants(cuda: bool, want: list[str]):
-    """(name, fp8 format or None, transformer_impl, bf16 params)."""
+    """(name, (fp8 format, fp8 recipe) or None, transformer_impl, bf16 params)."""
     from megatron_sd3.backends.transformer_engine import transformer_engine_available as have_transformer_engine
 
     out = []
@@ -123,14 +125,16 @@ def variants(cuda: bool, want: list[str]):
         if v == "bf16":
             out.append(("bf16" if cuda else "fp32", None, "local", cuda))
         elif v == "fp8-local":
-            out.append(("fp8-local", "hybrid", "local", cuda))
+            out.append(("fp8-local", ("hybrid", "tensorwise"), "local", cuda))
+        elif v == "fp8-rowwise":
+            out.append(("fp8-rowwise", ("e4m3", "rowwise"), "local", cuda))
         elif v == "fp8-te":
             if have_transformer_engine():
-                out.append(("fp8-te", "hybrid", "transformer_engine", cuda))
+                out.append(("fp8-te", ("hybrid", "delayed"), "transformer_engine", cuda))
             else:
                 log("fp8-te skipped: Transformer Engine not importable")
         else:
-            raise SystemExit(f"unknown variant {v!r}; choose from bf16, fp8-local, fp8-te")
+            raise SystemExit(f"unknown variant {v!r}; choose from bf16, fp8-local, fp8-rowwise, fp8-te")
     return out
 
 
@@ -152,7 +156,7 @@ def build(preset, fp8, impl, bf16, gamma, num_layers, init="cpu", attention_back
     if bf16:
         parallel.update(bf16=True, params_dtype=torch.bfloat16)
     if fp8:
-        parallel["fp8"] = fp8
+        parallel["fp8"], parallel["fp8_recipe"] = fp8
     overrides = dict(text_recon_gamma=gamma, text_recon_target_layer=0)
     if num_layers:
         overrides["num_layers"] = num_layers  # the preset's first N blocks
@@ -416,10 +420,10 @@ def summarize(rows):
                              "mfu_bf16_peak": r.get("mfu_bf16_peak")}
     for res, s in summary.items():
         base = s.get("bf16/off") or s.get("fp32/off")
-        for fp8 in ("fp8-local", "fp8-te"):
+        for fp8 in ("fp8-local", "fp8-rowwise", "fp8-te"):
             if base and f"{fp8}/off" in s:
                 s[f"{fp8}_speedup_vs_{'bf16' if 'bf16/off' in s else 'fp32'}"] = round(s[f"{fp8}/off"]["samples_per_s"] / base["samples_per_s"], 3)
-        for var in ("bf16", "fp32", "fp8-local", "fp8-te"):
+        for var in ("bf16", "fp32", "fp8-local", "fp8-rowwise", "fp8-te"):
             if f"{var}/off" in s and f"{var}/on" in s:
                 s[f"{var}_recon_slowdown"] = round(
                     1 - s[f"{var}/on"]["samples_per_s"] / s[f"{var}/off"]["samples_per_s"], 4)

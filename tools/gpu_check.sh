@@ -27,6 +27,8 @@
 #      tests/unit/test_flow_matching.py, tests/unit/test_prefetch.py)
 #   3d. tools/bench_data.py: samples/s of the data path at sd3_light's 1024 px sample against
 #      one GPU's consumption at the measured step time
+#   3e. FP8 rowwise (torchao's recipe: per-row scales, all e4m3) against tensorwise, compiled,
+#      1024 px, with the kernel breakdown
 #   4. FP8 vs bf16 loss tracking on SD3-sized blocks: tests/_fp8_train_worker.py with the
 #      sd3_light widths (2 joint blocks, hidden 1536, 24 heads, 333 text tokens of width 4096 ->
 #      padded to 336), 256 px, text recon on (gamma 0.5, target 1), bf16 params, 10 steps of the
@@ -49,7 +51,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --budget) BUDGET=$2; shift ;;
-    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -169,6 +171,14 @@ if [ "$CUDA" = 1 ]; then
   # 3d. the data path against one GPU's consumption (sd3_light, 1024 px, micro batch 4, 294 ms)
   step bench_data $(( $(left) - 5 < 60 ? $(left) - 5 : 60 )) \
     "$PY" tools/bench_data.py --step-ms 294 --gpu-samples-per-step 4
+  # 3e. FP8 rowwise against tensorwise (compiled, 1024 px; compare with step 3's compiled rows)
+  if [ "$(left)" -ge 150 ]; then
+    LIM=$(( $(left) - 120 )); [ $LIM -gt 120 ] && LIM=120
+    step bench_rowwise "$LIM" \
+      "$PY" tools/bench_throughput.py --preset sd3_light --resolution 1024 --micro-batch-size 4 \
+        --warmup 3 --iters 5 --variants fp8-rowwise --recon off --compile on --profile \
+        --time-budget $((LIM - 15)) --json "$OUT/bench_rowwise.json"
+  fi
   # 4. FP8 vs bf16 loss tracking on SD3-sized blocks (333 text tokens -> padded 336, gamma 0.5)
   mkdir -p "$OUT/fp8_train"
   step fp8_train_tracking $(( $(left) - 5 < 60 ? $(left) - 5 : 60 )) \
@@ -217,7 +227,7 @@ else
   step attention 60 "$PY" tools/bench_attention.py --json "$OUT/attention.json"
   step bench 180 \
     "$PY" tools/bench_throughput.py --resolution 64 --warmup 1 --iters 2 --variants bf16 fp8-local \
-      --recon off --compile both --profile --json "$OUT/bench.json"
+      fp8-rowwise --recon off --compile both --profile --json "$OUT/bench.json"
   step sync_free_tests 120 \
     "$PY" -m pytest -q -p no:cacheprovider tests/multiprocess/test_sync_free.py tests/unit/test_prefetch.py
   step bench_data 60 "$PY" tools/bench_data.py --num-samples 16 --latent-size 32 --global-batch-size 8 --iterations 2

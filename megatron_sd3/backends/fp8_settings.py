@@ -6,10 +6,15 @@ Formats (Megatron-LM's meaning of ``--fp8-format``)
 
 Recipes (``--fp8-recipe``)
     ``tensorwise``: dynamic (current) per-tensor scaling (TE calls it ``Float8CurrentScaling``);
-    the ``torchao`` backend's only recipe.
+    both backends.
+    ``rowwise``: torchao's rowwise recipe: dynamic scales per row of each GEMM operand (per
+    token for activations and output gradients, per output feature for weights), rounded down to
+    powers of two, every operand e4m3 (``--fp8-format e4m3``); the ``torchao`` backend at TP=1
+    (the scales of TP-split operands are not agreed across TP ranks).
     ``delayed``: scales from an amax history (``--fp8-amax-history-len``,
     ``--fp8-amax-compute-algo``); ``transformer_engine`` only (torchao 0.18 removed delayed
-    scaling). Which backend accepts which recipe is each backend's ``check``.
+    scaling). :func:`recipe_problem` states these rules once; the backends' ``check`` and the
+    command-line checks both use it.
 
 Shapes
     On a GPU ``torch._scaled_mm`` needs every GEMM dimension divisible by 16, including the token
@@ -29,7 +34,27 @@ from dataclasses import dataclass
 from typing import Optional
 
 FP8_FORMATS = ("e4m3", "hybrid")
-FP8_RECIPES = ("tensorwise", "delayed")
+FP8_RECIPES = ("tensorwise", "rowwise", "delayed")
+
+
+def recipe_problem(recipe: str, fp8_format: str, transformer_impl: str,
+                   tensor_parallel: int = 1) -> Optional[str]:
+    """The one line refusing ``--fp8-recipe`` with this backend / format / TP, or None."""
+    if recipe == "delayed" and transformer_impl != "transformer_engine":
+        return ("--fp8-recipe delayed needs --transformer-impl transformer_engine (torchao 0.18, which "
+                "runs FP8 for --transformer-impl local, removed delayed scaling); use --fp8-recipe tensorwise")
+    if recipe == "rowwise":
+        if transformer_impl == "transformer_engine":
+            return ("--fp8-recipe rowwise is torchao's recipe (--transformer-impl local); with "
+                    "--transformer-impl transformer_engine use --fp8-recipe tensorwise or delayed")
+        if fp8_format != "e4m3":
+            return ("--fp8-recipe rowwise casts every operand to e4m3 (torchao's rowwise recipe); "
+                    "use --fp8-format e4m3 with it")
+        if tensor_parallel > 1:
+            return ("--fp8-recipe rowwise runs at --tensor-model-parallel-size 1 only (its per-row "
+                    "scales of TP-split operands are not agreed across TP ranks); use --fp8-recipe "
+                    "tensorwise with tensor parallelism")
+    return None
 
 
 @dataclass(frozen=True)
@@ -37,7 +62,8 @@ class Fp8Settings:
     """FP8 flags with Megatron-LM's names and meanings.
 
     format: ``'e4m3'`` (everything e4m3) or ``'hybrid'`` (e4m3 forward, e5m2 gradients).
-    recipe: ``'tensorwise'`` (dynamic per-tensor scaling) or ``'delayed'`` (amax history; TE only).
+    recipe: ``'tensorwise'`` (dynamic per-tensor scaling), ``'rowwise'`` (dynamic per-row
+        scaling; torchao, e4m3, TP=1) or ``'delayed'`` (amax history; TE only).
     amax_history_len / amax_compute_algo: delayed scaling's history (TE only; ignored otherwise).
     agree_amax_across_tp: all-reduce (MAX) the amax of TP-split operands over the TP group so the
         scales do not depend on TP (default on; off only to demonstrate the difference).

@@ -31,9 +31,12 @@ Agreed amax across TP ranks (so TP does not change the scales)
     at TP=2 reproduces FP8 at TP=1 up to fp32 summation order (tests/unit/test_fp8.py).
 
 Recipes
-    ``tensorwise`` only: torchao 0.18 has no delayed scaling (``ScalingType`` is only ``DYNAMIC``
+    ``tensorwise`` (above) and ``rowwise``: torchao's own rowwise ``Float8LinearConfig`` (scales
+    per row of every operand, rounded to powers of two, all e4m3), every operand cast inside
+    torchao's matmul; TP=1 only, since per-row scales of a TP-split operand would need an
+    all-reduce per row. torchao 0.18 has no delayed scaling (``ScalingType`` is only ``DYNAMIC``
     / ``DISABLED``), and it is not emulated with a hand-kept amax history: :func:`check` refuses
-    ``delayed`` up front (:data:`DELAYED_NEEDS_TE`, the one statement of that rule).
+    ``delayed`` up front (``fp8_settings.recipe_problem``, the one statement of these rules).
 
 Switching FP8 on
     The layers follow the switch set by :func:`fp8_context` (nestable, so a bf16 layer can be
@@ -57,7 +60,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
 from megatron_sd3.backends import Backend, register_backend
-from megatron_sd3.backends.fp8_settings import FP8_FORMATS, Fp8Settings
+from megatron_sd3.backends.fp8_settings import FP8_FORMATS, Fp8Settings, recipe_problem
 from megatron_sd3.backends.local import SD3LocalSpecProvider
 from megatron_sd3.compat import GemmOverride
 
@@ -84,13 +87,6 @@ try:  # torchao is a soft dependency: only FP8 with the local backend needs it
 except ImportError:  # pragma: no cover - exercised only where torchao is missing
     HAVE_TORCHAO = False
 
-DELAYED_NEEDS_TE = (
-    "--fp8-recipe delayed needs --transformer-impl transformer_engine "
-    "(torchao 0.18, which runs FP8 for --transformer-impl local, removed delayed scaling; "
-    "use --fp8-recipe tensorwise)"
-)
-
-
 def require_torchao() -> None:
     if not HAVE_TORCHAO:
         raise RuntimeError(
@@ -99,9 +95,12 @@ def require_torchao() -> None:
 
 
 def check(fp8_settings: Optional[Fp8Settings] = None) -> None:
-    """The torchao backend runs the tensorwise recipe only, and needs torchao."""
-    if fp8_settings is not None and fp8_settings.recipe == "delayed":
-        raise ValueError(DELAYED_NEEDS_TE)
+    """The torchao backend runs the tensorwise and rowwise recipes (``recipe_problem``), and
+    needs torchao."""
+    if fp8_settings is not None:
+        problem = recipe_problem(fp8_settings.recipe, fp8_settings.format, "local")
+        if problem:
+            raise ValueError(problem)
     require_torchao()
 
 
@@ -116,23 +115,26 @@ def grad_dtype(settings: Fp8Settings) -> torch.dtype:
 
 
 def float8_linear_config(settings: Fp8Settings) -> "Float8LinearConfig":
-    """torchao ``Float8LinearConfig``: dynamic tensorwise scaling for all three operands."""
-    return _float8_linear_config(settings.format)
+    """torchao ``Float8LinearConfig``: dynamic scaling of all three operands, tensorwise or
+    rowwise (``settings.recipe``)."""
+    return _float8_linear_config(settings.format, settings.recipe)
 
 
 def linear_mm_config(settings: Fp8Settings) -> "LinearMMConfig":
     """torchao ``LinearMMConfig`` (the three GEMMs' ``ScaledMMConfig``), as Float8Linear."""
-    return _linear_mm_config(settings.format)
+    return _linear_mm_config(settings.format, settings.recipe)
 
 
 # Cached with functools.lru_cache on purpose: torch.compile does not trace through it, so each
 # FP8 GEMM becomes its own compiled region. Measured on an H200 (MMDiT MLP, 1024 px, micro-batch
 # 4, fwd+bwd, compiled): 2.61 ms this way vs 3.19 ms with one graph (bf16: 2.82-2.92 ms).
 @functools.lru_cache(maxsize=None)
-def _float8_linear_config(fmt: str) -> "Float8LinearConfig":
+def _float8_linear_config(fmt: str, recipe: str = "tensorwise") -> "Float8LinearConfig":
     require_torchao()
     if fmt not in FP8_FORMATS:
         raise ValueError(f"--fp8-format must be one of {FP8_FORMATS}, got {fmt!r}")
+    if recipe == "rowwise":  # torchao's own recipe (axiswise scales, powers of two, all e4m3)
+        return Float8LinearConfig.from_recipe_name("rowwise")
     fwd = CastConfig(ScalingType.DYNAMIC, ScalingGranularity.TENSORWISE, e4m3_dtype)
     grad_dtype = e4m3_dtype if fmt == "e4m3" else e5m2_dtype
     grad = CastConfig(ScalingType.DYNAMIC, ScalingGranularity.TENSORWISE, grad_dtype)
@@ -143,8 +145,8 @@ def _float8_linear_config(fmt: str) -> "Float8LinearConfig":
 
 
 @functools.lru_cache(maxsize=None)
-def _linear_mm_config(fmt: str) -> "LinearMMConfig":
-    c = _float8_linear_config(fmt)
+def _linear_mm_config(fmt: str, recipe: str = "tensorwise") -> "LinearMMConfig":
+    c = _float8_linear_config(fmt, recipe)
     # Exactly what torchao's Float8Linear.__init__ builds from its config.
     return LinearMMConfig(
         ScaledMMConfig(c.emulate, c.gemm_config_output.use_fast_accum, False, c.pad_inner_dim),
@@ -224,6 +226,15 @@ def float8_parallel_gemm(
     require_torchao()
     config = float8_linear_config(settings)
     mm_config = linear_mm_config(settings)
+    if settings.recipe == "rowwise":
+        # per-row scales, all computed inside torchao's matmul from this rank's operands: exact
+        # only when nothing is split over TP (recipe_problem refuses TP > 1 up front)
+        if _tp_group_to_reduce(tp_group) is not None:
+            raise ValueError(recipe_problem("rowwise", settings.format, "local", dist.get_world_size(tp_group)))
+        # 2-D before the cast: torchao cannot reshape (copy) a non-contiguous row-scaled operand
+        flat = input.reshape(-1, input.shape[-1])
+        out = matmul_with_hp_or_float8_args.apply(flat, weight.t(), mm_config, config)
+        return out.view(*input.shape[:-1], out.shape[-1])
     group = _tp_group_to_reduce(tp_group) if settings.agree_amax_across_tp else None
 
     # Weight: always pre-cast (scale from the amax over all TP shards). torchao's matmul uses an

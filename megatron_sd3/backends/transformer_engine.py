@@ -14,7 +14,7 @@ import contextlib
 from typing import Optional
 
 from megatron_sd3.backends import Backend, register_backend
-from megatron_sd3.backends.fp8_settings import Fp8Settings
+from megatron_sd3.backends.fp8_settings import Fp8Settings, recipe_problem
 
 
 def transformer_engine_available() -> bool:
@@ -35,6 +35,10 @@ def require_transformer_engine() -> None:
 
 
 def check(fp8_settings: Optional[Fp8Settings] = None) -> None:
+    if fp8_settings is not None:
+        problem = recipe_problem(fp8_settings.recipe, fp8_settings.format, "transformer_engine")
+        if problem:
+            raise ValueError(problem)
     require_transformer_engine()
 
 

@@ -24,10 +24,11 @@ def _tool(name, *args, timeout=240):
 def test_bench_throughput_rows_and_kernel_breakdown(tmp_path):
     out = tmp_path / "b.json"
     r = _tool("bench_throughput.py", "--resolution", "64", "--warmup", "1", "--iters", "1",
-              "--variants", "bf16", "fp8-local", "--recon", "off", "on", "--profile", "--json", str(out))
+              "--variants", "bf16", "fp8-local", "fp8-rowwise", "--recon", "off", "on", "--profile",
+              "--json", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(out.read_text())
-    assert d["complete"] and len(d["rows"]) == 4 and not any("error" in row for row in d["rows"])
+    assert d["complete"] and len(d["rows"]) == 6 and not any("error" in row for row in d["rows"])
     for row in d["rows"]:
         assert row["ms_per_iter"] > 0 and row["samples_per_s"] > 0
         kt = row["kernel_time"]
@@ -42,7 +43,7 @@ def test_bench_throughput_rows_and_kernel_breakdown(tmp_path):
     fp8 = [row for row in d["rows"] if row["variant"] == "fp8-local"]
     assert all(row["txt_tokens"] == 16 for row in fp8)  # tiny: 16 text tokens, already aligned
     s = d["summary"]["64"]
-    assert "fp8-local_speedup_vs_fp32" in s and "fp32_recon_slowdown" in s
+    assert "fp8-local_speedup_vs_fp32" in s and "fp8-rowwise_speedup_vs_fp32" in s and "fp32_recon_slowdown" in s
 
 
 @pytest.mark.timeout(120)

@@ -41,14 +41,17 @@ def tp1(single_process):
 
 
 @contextlib.contextmanager
-def count_scaled_mm():
-    """Count torch._scaled_mm calls (what torchao's Float8TrainingTensor mm dispatches to)."""
+def count_scaled_mm(scales=None):
+    """Count torch._scaled_mm calls (what torchao's Float8TrainingTensor mm dispatches to);
+    ``scales``, a list, gets each call's ``(scale_a.numel(), scale_b.numel())``."""
     calls = []
     orig = torch._scaled_mm
 
-    def wrapped(a, b, *args, **kwargs):
+    def wrapped(a, b, scale_a, scale_b, *args, **kwargs):
         calls.append((a.dtype, b.dtype))
-        return orig(a, b, *args, **kwargs)
+        if scales is not None:
+            scales.append((scale_a.numel(), scale_b.numel()))
+        return orig(a, b, scale_a, scale_b, *args, **kwargs)
 
     torch._scaled_mm = wrapped
     try:
@@ -83,6 +86,34 @@ def test_settings_validation_and_delayed_needs_te():
     assert check_backend("local", Fp8Settings(format="e4m3")).name == "torchao"
     s = Fp8Settings(format="e4m3", recipe="tensorwise", amax_history_len=16)
     assert Fp8Settings.from_config(type("C", (), s.transformer_config_kwargs())()) == s
+
+
+def test_recipe_rules_are_one_line_each():
+    from megatron_sd3.backends.fp8_settings import recipe_problem
+
+    assert recipe_problem("tensorwise", "hybrid", "local", 2) is None
+    assert recipe_problem("rowwise", "e4m3", "local", 1) is None
+    assert recipe_problem("delayed", "hybrid", "transformer_engine", 4) is None
+    for args, words in [(("delayed", "hybrid", "local"), "needs --transformer-impl transformer_engine"),
+                        (("rowwise", "hybrid", "local"), "use --fp8-format e4m3"),
+                        (("rowwise", "e4m3", "local", 2), "--tensor-model-parallel-size 1 only"),
+                        (("rowwise", "e4m3", "transformer_engine"), "torchao's recipe")]:
+        line = recipe_problem(*args)
+        assert line and words in line and "\n" not in line, (args, line)
+    with pytest.raises(ValueError, match="use --fp8-format e4m3"):
+        check_backend("local", Fp8Settings(format="hybrid", recipe="rowwise"))
+    with pytest.raises(ValueError, match="torchao's recipe"):
+        check_backend("transformer_engine", Fp8Settings(format="e4m3", recipe="rowwise"))
+
+
+def test_rowwise_is_torchaos_rowwise_recipe():
+    from torchao.float8.config import Float8LinearConfig, ScalingGranularity
+
+    c = F.float8_linear_config(Fp8Settings("e4m3", "rowwise"))
+    assert c == Float8LinearConfig.from_recipe_name("rowwise")
+    for cc in (c.cast_config_input, c.cast_config_weight, c.cast_config_grad_output):
+        assert cc.scaling_granularity is ScalingGranularity.AXISWISE and cc.target_dtype == torch.float8_e4m3fn
+    assert c.round_scales_to_power_of_2
 
 
 def test_torchao_config_formats():
@@ -312,18 +343,45 @@ def test_fp8_pair_close_to_fp32(tp1, fmt, params_dtype):
     assert rel(out["dw1"], ref["dw1"]) > 1e-3
 
 
-def test_same_numbers_as_torchao_float8_linear(tp1):
-    """At TP=1 our layer computes exactly what torchao's own Float8Linear computes."""
+def test_rowwise_pair_scales_per_row(tp1):
+    """``--fp8-recipe rowwise``: one scale per row of each operand (not one per tensor), all
+    e4m3; close to fp32, and not the tensorwise numbers."""
+    w = H.full_weights()
+    x, gy = _inputs()
+    ref = H.run_pair(*build_fp8_pair(w), x, gy, None)
+    tensorwise = H.run_pair(*build_fp8_pair(w), x, gy, Fp8Settings("e4m3"))
+    scales = []
+    with count_scaled_mm(scales) as calls:
+        out = H.run_pair(*build_fp8_pair(w), x, gy, Fp8Settings("e4m3", "rowwise"))
+    assert len(calls) == 6 and {d for c in calls for d in c} == {torch.float8_e4m3fn}
+    # the forward GEMMs: one scale per token of the input and per output feature of the weight;
+    # torchao runs the backward ones (no fast accumulation) with unit scales and applies the
+    # per-row scales to the output afterwards
+    tokens = x.shape[0] * x.shape[1]
+    assert scales[:2] == [(tokens, H.FFN), (tokens, H.HIDDEN)], scales
+    for k, t in {"y": 0.08, "dx": 0.12, "dw1": 0.12, "dw2": 0.12}.items():
+        assert rel(out[k], ref[k]) < t, k
+    assert rel(out["y"], tensorwise["y"]) > 1e-4
+
+
+@pytest.mark.parametrize("fmt,recipe", [("hybrid", "tensorwise"), ("e4m3", "rowwise")])
+def test_same_numbers_as_torchao_float8_linear(tp1, fmt, recipe):
+    """At TP=1 our layer computes exactly what torchao's own Float8Linear computes, with the
+    tensorwise and with the rowwise recipe."""
     from torchao.float8.float8_linear import Float8Linear
 
     w = H.full_weights()
     col, _ = build_fp8_pair(w)
-    settings = Fp8Settings("hybrid")
+    settings = Fp8Settings(fmt, recipe)
     lin = torch.nn.Linear(H.HIDDEN, H.FFN, bias=True)
     with torch.no_grad():
         lin.weight.copy_(w["w1"])
         lin.bias.copy_(w["b1"])
-    ref_mod = Float8Linear.from_float(lin, config=F.float8_linear_config(settings))
+    from torchao.float8.config import Float8LinearConfig
+
+    ref_config = Float8LinearConfig.from_recipe_name("rowwise") if recipe == "rowwise" else \
+        F.float8_linear_config(settings)
+    ref_mod = Float8Linear.from_float(lin, config=ref_config)
     x, _ = _inputs()
     gy = torch.randn(32, 2, H.FFN, generator=torch.Generator().manual_seed(7))
     outs = []
@@ -411,11 +469,11 @@ def _train(settings, steps=20):
     return losses
 
 
-@pytest.mark.parametrize("fmt", ["hybrid", "e4m3"])
-def test_fp8_training_tracks_fp32(tp1, fmt):
+@pytest.mark.parametrize("fmt,recipe", [("hybrid", "tensorwise"), ("e4m3", "tensorwise"), ("e4m3", "rowwise")])
+def test_fp8_training_tracks_fp32(tp1, fmt, recipe):
     ref = _train(None)
     with count_scaled_mm() as calls:
-        ours = _train(Fp8Settings(fmt))
+        ours = _train(Fp8Settings(fmt, recipe))
     assert len(calls) == 6 * 20
     assert ref[-1] < 0.5 * ref[0]  # it learns
     errs = [abs(a - b) / b for a, b in zip(ours, ref)]
