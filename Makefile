@@ -16,7 +16,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 # The default suite (under 15 min on 2 cores); test-all adds the cases marked slow.
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=30 tests
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -220,10 +220,12 @@ def _params(model_chunks):
 
 
 # -- model + weights for inference --------------------------------------------------------------------
-def build_inference_model(load: str, *, ema: bool = False, transformer_impl: str = "local"):
+def build_inference_model(load: str, *, ema: bool = False, transformer_impl: str = "local",
+                          ckpt_step: Optional[int] = None):
     """Build this rank's stage of the checkpoint's model under the current TP/PP layout
     (``parallel_state`` initialised) and load the checkpoint's weights (or its EMA weights),
-    whatever layout saved it. Returns ``(model_chunks, config, common_state)``."""
+    whatever layout saved it: the latest checkpoint under ``load``, or iteration ``ckpt_step``.
+    Returns ``(model_chunks, config, common_state)``."""
     from megatron.core import parallel_state as ps
 
     from megatron_sd3.config import make_config
@@ -232,7 +234,7 @@ def build_inference_model(load: str, *, ema: bool = False, transformer_impl: str
     from megatron_sd3.training.parallel_layout import pipeline_config_fields
     from megatron_sd3.training.build import build_model
 
-    d = ckpt.resolve_load(load, None)
+    d = ckpt.resolve_load(load, None, ckpt_step)
     common = ckpt.load_common(d)
     if ema and not common.get("has_ema"):
         raise ckpt.CheckpointError(f"--load {d}: the checkpoint has no EMA weights; drop --ema")

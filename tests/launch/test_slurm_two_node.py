@@ -148,8 +148,21 @@ def wait_job(job, timeout):
         if r.returncode == 0 and not r.stdout.strip():
             return job_state(job)
         time.sleep(0.5)
+    seen = diagnose(job)  # before the cancel: what SLURM saw while the job did not end
     subprocess.run(["scancel", "--signal=KILL", "--full", job], env=base_env())
-    raise AssertionError(f"job {job} still {job_state(job)} after {timeout}s")
+    raise AssertionError(f"job {job} did not end within {timeout}s\n{seen}")
+
+
+def diagnose(job):
+    """The job's state and reason, the nodes, and the daemons' last log lines."""
+    parts = []
+    for cmd in (["scontrol", "-o", "show", "job", job], ["sinfo", "-N", "-o", "%N %T %E"],
+                ["squeue", "-s", "-j", job]):
+        r = subprocess.run(cmd, env=base_env(), capture_output=True, text=True)
+        parts.append(f"$ {' '.join(cmd)}\n{(r.stdout + r.stderr).strip()}")
+    for log in sorted(Path(LOCAL_DIR, "log").glob("*.log")):
+        parts.append(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-15:]))
+    return "\n".join(parts)
 
 
 def log_of(path):

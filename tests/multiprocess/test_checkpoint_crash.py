@@ -108,8 +108,8 @@ def crash_and_requeue(tmp_path, kills, seed, extra=(), reach=2):
 
 @pytest.mark.timeout(900)
 def test_random_kills_then_same_command_is_bit_exact(tmp_path):
-    table = crash_and_requeue(tmp_path, kills=7, seed=3)
-    assert sum(row[-1].startswith("killed") for row in table) >= 4
+    table = crash_and_requeue(tmp_path, kills=4, seed=3)
+    assert sum(row[-1].startswith("killed") for row in table) >= 3
 
 
 @pytest.mark.slow
@@ -122,6 +122,7 @@ def test_random_kills_with_async_save(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-@pytest.mark.parametrize("extra", [(), ("--async-save",)])
-def test_many_random_kills(tmp_path, extra):
-    crash_and_requeue(tmp_path, kills=30, seed=2024, extra=extra)
+@pytest.mark.parametrize("extra,reach", [((), 2), (("--async-save",), 4)])
+def test_many_random_kills(tmp_path, extra, reach):
+    # asynchronous saves count iterations later: kills aimed at most 2 ahead would never let one land
+    crash_and_requeue(tmp_path, kills=30, seed=2024, extra=extra, reach=reach)

@@ -56,7 +56,7 @@ def test_unknown_warmup_is_refused():
         EMA([_model()], 0.9, warmup="cosine")
 
 
-@pytest.mark.parametrize("case", ["float16", "distopt"])
+@pytest.mark.parametrize("case", [pytest.param("float16", marks=pytest.mark.slow), "distopt"])  # distopt: the harder case
 def test_ema_of_fp32_master_weights_under_dp2(case, tmp_path):
     logs = run_ranks("tests/_ema_worker.py", 2, ["--case", case, "--out", str(tmp_path)], timeout=600)
     for r, log in enumerate(logs):

@@ -67,6 +67,7 @@ def test_dp2_with_different_masks(root):
     _compare(root, 2, ["--mask"], MASK)
 
 
+@pytest.mark.slow  # TP x PP is covered by test_tp2_pp2_sequence_parallel_halves_the_message
 @pytest.mark.timeout(400)
 def test_tp2_pp2(root):
     _compare(root, 4, ["--tp", "2", "--pp", "2"], PLAIN)
@@ -84,6 +85,7 @@ def test_pp2_recon_target_on_second_stage(root):
     assert all(shape == (IMG + 2 * TXT + 1, MB, HIDDEN) for shape, _ in ranks[0]["sent"])
 
 
+@pytest.mark.slow  # target 0 through PP: the SP test below; recon through PP: the target-3 test
 @pytest.mark.timeout(300)
 def test_pp2_recon_target_zero(root):
     ranks = _compare(root, 2, ["--pp", "2", *RECON_0], RECON_0)
@@ -99,6 +101,7 @@ def test_pp2_interleaved_virtual_stages(root):
 SP = ("--tp", "2", "--sequence-parallel")
 
 
+@pytest.mark.slow  # the next test runs the same layout with recon, masks and padded text
 @pytest.mark.timeout(300)
 def test_tp2_sequence_parallel(root):
     _compare(root, 2, list(SP), PLAIN)
