@@ -14,7 +14,8 @@
 # (slurm-client comes with slurmctld); several nodes also need `ip` (iproute2), `unshare`
 # and `nsenter` (util-linux). No systemd: the daemons are started directly.
 # Idempotent: `start` on a running cluster only checks it (and starts what is missing); `stop` on a
-# stopped one does nothing. One cluster per SLURM_LOCAL_DIR: `start --nodes 2` while a 1-node
+# stopped one does nothing. A stopped cluster starts again empty: no job of the earlier run is
+# recovered. One cluster per SLURM_LOCAL_DIR: `start --nodes 2` while a 1-node
 # cluster runs there fails; stop it first (or use another SLURM_LOCAL_DIR and SLURM_LOCAL_PORT).
 #
 # One node (default): NodeName=localhost, everything on 127.0.0.1.
@@ -326,8 +327,9 @@ cmd_start() {
     if ! any_daemon_alive; then write_conf "$n"; fi
     if [[ $n -eq 1 ]]; then
         if ! pid_alive "$DIR/slurmctld.pid"; then
-            # -i: ignore unreadable state from an older run; -c would also clear queued jobs.
-            slurmctld -f "$CONF" -i
+            # -c: a fresh cluster. Recovering the saved state of an earlier run brings back its
+            # jobs, and one still running when that cluster stopped would hold the nodes for ever.
+            slurmctld -f "$CONF" -c
         fi
         if ! pid_alive "$DIR/slurmd.pid"; then
             slurmd -f "$CONF" -N localhost
@@ -337,7 +339,7 @@ cmd_start() {
         setup_net "$n"
         write_hosts "$n"
         if ! pid_alive "$DIR/slurmctld.pid"; then
-            in_uts "$CTL_HOST" hosts.ctl slurmctld -f "$CONF" -i
+            in_uts "$CTL_HOST" hosts.ctl slurmctld -f "$CONF" -c  # a fresh cluster (see above)
         fi
         for i in $(seq "$n"); do
             name=$(node_name "$i")
@@ -383,6 +385,8 @@ cmd_stop() {
     local f
     if [[ -f $CONF ]] && pid_alive "$DIR/slurmctld.pid"; then
         scancel --full --signal=KILL --partition=debug 2>/dev/null || true
+        # let the slurmd kill the jobs' processes before they stop (at most 20 s)
+        for _ in $(seq 40); do [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break; sleep 0.5; done
     fi
     for f in "$DIR"/slurmd*.pid; do [[ -e $f ]] && stop_pidfile "$f"; done
     stop_pidfile "$DIR/slurmctld.pid"

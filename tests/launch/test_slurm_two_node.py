@@ -14,6 +14,7 @@ teardown checks that no namespace, interface or daemon is left.
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -236,3 +237,35 @@ def test_two_node_scancel_batch_term_saves(cluster, tmp_path):
     stopped = latest_iteration(save)
     assert stopped is not None and 2 <= stopped < LONG_ITERS, log[-4000:]
     assert f"stopped: signal at iteration {stopped}/{LONG_ITERS}" in log, log[-4000:]
+
+
+@pytest.mark.timeout(200)
+def test_restart_does_not_recover_a_job_of_a_dead_cluster(cluster, tmp_path):
+    """The daemons killed while a job runs (a machine that went down, a snapshot taken mid-job),
+    then `start`: the new cluster is empty and its nodes take the next job. Recovering the saved
+    state brought the old job back RUNNING on both nodes, for ever, with every later job pending.
+    Runs last in this file: it restarts the module's cluster."""
+    r = subprocess.run(["sbatch", "--parsable", "-N", "2", "--job-name=ghost", f"--chdir={tmp_path}",
+                        "--output=/dev/null", "--wrap", "sleep 600"], env=base_env(), capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    ghost = r.stdout.strip().split(";")[0]
+    deadline = time.time() + 60
+    while job_state(ghost) != "RUNNING":
+        assert time.time() < deadline, f"job {ghost} never started\n{diagnose(ghost)}"
+        time.sleep(0.5)
+    for pidfile in Path(LOCAL_DIR).glob("slurm*.pid"):  # no clean shutdown: the state still has the job
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    r = tool("stop", timeout=90)  # what is left: the namespaces and the job's processes in them
+    assert r.returncode == 0, r.stderr
+    left = subprocess.run(["pgrep", "-f", "sleep 600"], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes of job {ghost} outlive its cluster: {left}"
+    r = tool("start", "--nodes", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    listed = subprocess.run(["squeue", "-h", "-o", "%i %T"], env=base_env(), capture_output=True, text=True)
+    assert listed.returncode == 0 and not listed.stdout.strip(), listed.stdout + listed.stderr
+    r = subprocess.run(["sbatch", "--parsable", "-N", "2", "--job-name=after", f"--chdir={tmp_path}",
+                        "--output=/dev/null", "--wrap", "true"], env=base_env(), capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert wait_job(r.stdout.strip().split(";")[0], 60) == "COMPLETED"
