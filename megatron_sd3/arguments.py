@@ -178,6 +178,9 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
         F("torch_compile_mode", str, "default", "torch.compile mode of the joint blocks; reduce-overhead replays "
           "them as CUDA graphs (needs --torch-compile and a CUDA GPU)",
           choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs")),
+        F("cuda_graph_impl", str, "none", "Megatron-LM's flag, for megatron-core's CUDA graphs of "
+          "single-output layers; the joint blocks are graphed by --torch-compile-mode reduce-overhead",
+          choices=("none", "local", "transformer_engine")),
     ]),
     Section("fp8", "FP8", [
         F("fp8_format", str, None, "FP8 GEMMs in the joint blocks (default: off)", choices=("e4m3", "hybrid")),
@@ -347,6 +350,10 @@ def validate(args) -> None:
     if args.recompute_granularity == "selective" and args.torch_compile:
         bad("--recompute-granularity selective is for eager runs: with --torch-compile the compiler "
             "already recomputes the elementwise work; use --recompute-granularity full or drop it")
+    if args.cuda_graph_impl != "none":
+        bad(f"--cuda-graph-impl {args.cuda_graph_impl}: megatron-core's CUDA graphs capture layers with one "
+            "hidden-state output, and a joint block has two streams; use --torch-compile "
+            "--torch-compile-mode reduce-overhead (CUDA graphs of the compiled blocks)")
     if args.sequence_parallel and args.tensor_model_parallel_size < 2:
         bad("--sequence-parallel splits the sequence over the tensor-parallel ranks and needs "
             "--tensor-model-parallel-size >= 2; drop --sequence-parallel or raise TP")

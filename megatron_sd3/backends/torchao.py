@@ -51,7 +51,6 @@ Switching FP8 on
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Iterator, Optional
 
 import torch
@@ -117,22 +116,24 @@ def grad_dtype(settings: Fp8Settings) -> torch.dtype:
 def float8_linear_config(settings: Fp8Settings) -> "Float8LinearConfig":
     """torchao ``Float8LinearConfig``: dynamic scaling of all three operands, tensorwise or
     rowwise (``settings.recipe``)."""
-    return _float8_linear_config(settings.format, settings.recipe)
+    return _configs(settings)[0]
 
 
 def linear_mm_config(settings: Fp8Settings) -> "LinearMMConfig":
     """torchao ``LinearMMConfig`` (the three GEMMs' ``ScaledMMConfig``), as Float8Linear."""
-    return _linear_mm_config(settings.format, settings.recipe)
+    return _configs(settings)[1]
 
 
-# Cached with functools.lru_cache on purpose: torch.compile does not trace through it, so each
-# FP8 GEMM becomes its own compiled region. Measured on an H200 (MMDiT MLP, 1024 px, micro-batch
-# 4, fwd+bwd, compiled): 2.61 ms this way vs 3.19 ms with one graph (bf16: 2.82-2.92 ms).
-@functools.lru_cache(maxsize=None)
-def _float8_linear_config(fmt: str, recipe: str = "tensorwise") -> "Float8LinearConfig":
+def _configs(settings: Fp8Settings) -> tuple:
     require_torchao()
-    if fmt not in FP8_FORMATS:
-        raise ValueError(f"--fp8-format must be one of {FP8_FORMATS}, got {fmt!r}")
+    key = (settings.format, settings.recipe)
+    if key not in _CONFIGS:
+        raise ValueError(recipe_problem(settings.recipe, settings.format, "local")
+                         or f"--fp8-recipe {settings.recipe} is not a torchao recipe; use tensorwise")
+    return _CONFIGS[key]
+
+
+def _build_float8_linear_config(fmt: str, recipe: str) -> "Float8LinearConfig":
     if recipe == "rowwise":  # torchao's own recipe (axiswise scales, powers of two, all e4m3)
         return Float8LinearConfig.from_recipe_name("rowwise")
     fwd = CastConfig(ScalingType.DYNAMIC, ScalingGranularity.TENSORWISE, e4m3_dtype)
@@ -144,9 +145,7 @@ def _float8_linear_config(fmt: str, recipe: str = "tensorwise") -> "Float8Linear
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _linear_mm_config(fmt: str, recipe: str = "tensorwise") -> "LinearMMConfig":
-    c = _float8_linear_config(fmt, recipe)
+def _build_linear_mm_config(c: "Float8LinearConfig") -> "LinearMMConfig":
     # Exactly what torchao's Float8Linear.__init__ builds from its config.
     return LinearMMConfig(
         ScaledMMConfig(c.emulate, c.gemm_config_output.use_fast_accum, False, c.pad_inner_dim),
@@ -155,6 +154,31 @@ def _linear_mm_config(fmt: str, recipe: str = "tensorwise") -> "LinearMMConfig":
             c.emulate, c.gemm_config_grad_weight.use_fast_accum, False, c.pad_inner_dim
         ),
     )
+
+
+def _build_configs() -> dict:
+    """Every (format, recipe) this backend runs -> (Float8LinearConfig, LinearMMConfig).
+
+    Built once at import, outside any compiled region, and looked up from this module's dict:
+    torch.compile then reads them as guarded constants and traces a whole joint block, GEMMs,
+    scales and casts, as one graph (docs/design.md §7). A config object created inside the
+    traced code is one dynamo cannot wrap: it would break the graph at every GEMM."""
+    out = {}
+    for fmt in FP8_FORMATS:
+        for recipe in ("tensorwise", "rowwise"):
+            if recipe_problem(recipe, fmt, "local") is None:
+                c = _build_float8_linear_config(fmt, recipe)
+                out[(fmt, recipe)] = (c, _build_linear_mm_config(c))
+    return out
+
+
+_CONFIGS: dict = _build_configs() if HAVE_TORCHAO else {}
+
+#: ``"block"`` (default): a compiled joint block is one graph. ``"gemm"``: a graph break before
+#: every FP8 GEMM, so each GEMM with its casts is a compiled region of its own -- kept for
+#: ``tools/bench_throughput.py --variants fp8-per-gemm``, which measures the two against each
+#: other (docs/design.md §7 has the one measurement so far, of the MLP alone).
+COMPILE_REGIONS = "block"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,9 +247,9 @@ def float8_parallel_gemm(
     ``weight`` is this rank's shard; its amax (and that of the split operands named by the
     flags) is all-reduced over ``tp_group`` when ``settings.agree_amax_across_tp``.
     """
-    require_torchao()
-    config = float8_linear_config(settings)
-    mm_config = linear_mm_config(settings)
+    config, mm_config = _configs(settings)
+    if COMPILE_REGIONS == "gemm":
+        torch._dynamo.graph_break()
     if settings.recipe == "rowwise":
         # per-row scales, all computed inside torchao's matmul from this rank's operands: exact
         # only when nothing is split over TP (recipe_problem refuses TP > 1 up front)
@@ -393,6 +417,10 @@ class Float8RowParallelLinear(_Float8LocalGemmMixin, RowParallelLinear):
         )
         if bias is not None:  # megatron passes None here (the bias follows the all-reduce)
             output = output + bias
+        elif torch.compiler.is_compiling() and self.tp_group is not None and self.tp_group.size() > 1:
+            # megatron all-reduces this output in place; under torch.compile an in-place op on
+            # the output of torchao's autograd.Function (a view of its GEMM result) is refused
+            output = output.clone()
         return output
 
 

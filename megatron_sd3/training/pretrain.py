@@ -451,8 +451,9 @@ def pretrain(args, plan) -> int:
         if args.torch_compile and iteration == start_iteration + 1:
             from torch._dynamo.utils import counters
 
-            _print0(f" > torch.compile: {counters['stats']['unique_graphs']} graphs compiled in the first "
-                    f"iteration ({time.time() - start:.1f} s including the step)")
+            breaks = sum(counters["graph_break"].values())
+            _print0(f" > torch.compile: {counters['stats']['unique_graphs']} graphs compiled, {breaks} graph "
+                    f"breaks in the first iteration ({time.time() - start:.1f} s including the step)")
         if res.skipped:
             skipped_total += 1
             in_a_row += 1

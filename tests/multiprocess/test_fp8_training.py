@@ -186,3 +186,20 @@ def test_bf16_text_padding_changes_nothing(single_process):
     # the tolerance is below the bf16 rounding of this model (bf16 vs fp32 on the same weights)
     ref = build(None, bf16=False)(**batch)
     assert _tensor_rel(outs[0][0].float(), ref[0]) > 2e-3
+
+
+@pytest.mark.timeout(300)
+def test_compiled_fp8_block_is_one_graph_at_tp2():
+    """At TP=2 torch.compile still traces an FP8 joint block as one graph: the row-parallel
+    layers' output, which megatron all-reduces in place, is not the view torchao's matmul returns
+    (torch.compile refuses an in-place op on that)."""
+    import json
+
+    from _ranks import run_ranks
+
+    logs = run_ranks("tests/_compile_graphs_worker.py", 2, ["--tp", "2", "--fp8", "hybrid"], timeout=240)
+    for log in logs:
+        line = [ln for ln in log.splitlines() if ln.startswith("GRAPHS ")]
+        assert line, log[-3000:]
+        got = json.loads(line[-1][len("GRAPHS "):])
+        assert (got["graphs"], got["breaks"]) == (1, 0), got

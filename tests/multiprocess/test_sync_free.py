@@ -209,6 +209,8 @@ def _main(argv, capsys):
     (["--torch-compile-mode", "graphs"], "--torch-compile-mode"),
     (["--torch-compile", "--torch-compile-mode", "reduce-overhead"],
      None if torch.cuda.is_available() else "captures CUDA graphs and needs a CUDA GPU"),
+    (["--cuda-graph-impl", "local"], "use --torch-compile --torch-compile-mode reduce-overhead"),
+    (["--cuda-graph-impl", "none"], None),
 ])
 def test_compile_mode_refusals_are_one_line(extra, message, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")

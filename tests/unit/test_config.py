@@ -137,7 +137,8 @@ def test_precedence_and_sections(tmp_path, capsys):
     assert (args.lr, args.bf16, args.torch_compile) == (2e-3, False, False)
     assert _parse(["--mock-data"]).lr == 1e-4
     assert {f.name for f in arguments.SECTIONS["backend"].fields} == {
-        "transformer_impl", "attention_backend", "torch_compile", "torch_compile_mode"}
+        "transformer_impl", "attention_backend", "torch_compile", "torch_compile_mode",
+        "cuda_graph_impl"}
     code, err = _parse(["--config", str(_toml(tmp_path, "[fp8]\ntorch_compile = true\n")), "--mock-data"], capsys)
     assert code == 2 and "[fp8]: unknown key 'torch_compile'" in err
     code, err = _parse(["--config", str(_toml(tmp_path, "[backend]\nattention_backend = 'flahs'\n")),

@@ -207,21 +207,19 @@ def test_registry_names_and_unknown_backend():
         get_mmdit_layer_spec("te")
 
 
-def _tiny_fp8_model(**parallel):
+def _tiny_fp8_model(fp8="hybrid", **parallel):
+    """The tiny model, FP8 ``fp8`` (None: off) with more ``parallel`` fields."""
     from megatron_sd3.config import make_config
     from megatron_sd3.models.sd3_model import SD3Model
 
-    cfg = make_config("tiny", zero_init_adaln=False, parallel={"fp8": "hybrid", **parallel})
-    return SD3Model(cfg)
+    parallel = {"fp8": fp8, **parallel} if fp8 else parallel
+    return SD3Model(make_config("tiny", zero_init_adaln=False, parallel=parallel))
 
 
 def _tiny_batch(cfg):
-    g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(1, cfg.in_channels, 8, 8, generator=g),
-                encoder_hidden_states=torch.randn(1, cfg.text_seq_len, cfg.joint_attention_dim,
-                                                  generator=g),
-                pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
-                timestep=torch.tensor([500.0]))
+    from megatron_sd3.testing.helpers import tiny_forward_inputs
+
+    return tiny_forward_inputs(cfg)
 
 
 def _record_blocks(model, events, what):
@@ -479,6 +477,50 @@ def test_fp8_training_tracks_fp32(tp1, fmt, recipe):
     errs = [abs(a - b) / b for a, b in zip(ours, ref)]
     assert max(errs) < 0.02, errs
     assert ours != ref
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: a joint block is one graph, FP8 on or off
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fp8,recipe", [(None, None), ("hybrid", "tensorwise"), ("e4m3", "rowwise")])
+def test_compiled_block_is_one_graph(tp1, fp8, recipe):
+    """torch.compile traces a whole joint block, its FP8 GEMMs with their amax, scales and casts
+    included, as one graph: no graph break at any GEMM."""
+    from megatron_sd3.testing.helpers import block_graphs, tiny_forward_inputs
+
+    model = _tiny_fp8_model(fp8, fp8_recipe=recipe) if fp8 else _tiny_fp8_model(None)
+    inputs = tiny_forward_inputs(model.config)
+    with count_scaled_mm() as calls:
+        ex = block_graphs(model, inputs)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), [r.reason[:200] for r in ex.break_reasons]
+    assert bool(calls) == bool(fp8)  # the FP8 runs really went through torch._scaled_mm
+
+
+def test_per_gemm_regions_break_before_every_fp8_gemm(tp1, monkeypatch):
+    """``COMPILE_REGIONS = "gemm"`` (the benchmark's ``fp8-per-gemm`` variant) makes each FP8
+    GEMM a compiled region of its own: one graph break per forward GEMM of the block."""
+    from megatron_sd3.testing.helpers import block_graphs, tiny_forward_inputs
+
+    model = _tiny_fp8_model("hybrid")
+    inputs = tiny_forward_inputs(model.config)
+    block = model.blocks[1]
+    with count_scaled_mm() as calls, F.fp8_context(True, settings=Fp8Settings("hybrid")), torch.no_grad():
+        block_inputs = {}
+        handle = block.register_forward_pre_hook(lambda m, a, kw: block_inputs.update(a=a, kw=kw),
+                                                 with_kwargs=True)
+        model(**inputs)
+        handle.remove()
+        calls.clear()
+        block(*block_inputs["a"], **block_inputs["kw"])
+    gemms = len(calls)
+    assert gemms >= 8  # qkv, out projection, fc1, fc2 of both streams
+    monkeypatch.setattr(F, "COMPILE_REGIONS", "gemm")
+    ex = block_graphs(model, inputs)
+    # every break is the one before an FP8 GEMM (dynamo counts one per frame of the call stack)
+    assert {r.user_stack[-1].name for r in ex.break_reasons} == {"float8_parallel_gemm"}
+    assert len(ex.break_reasons) >= gemms and ex.graph_count > gemms, (ex.graph_count, gemms)
 
 
 # ---------------------------------------------------------------------------------------------
