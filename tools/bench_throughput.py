@@ -23,6 +23,9 @@ Precision variants
                   tensorwise), bf16 params on GPU; text padded to a multiple of 16.
     ``fp8-rowwise`` as ``fp8-local`` with torchao's rowwise recipe (``--fp8-format e4m3
                   --fp8-recipe rowwise``: per-row scales, all operands e4m3).
+    ``fp8-per-gemm`` as ``fp8-local``, but compiled with a graph break before every FP8 GEMM
+                  (each GEMM with its casts a compiled region of its own), against
+                  ``fp8-local``'s one graph per joint block; the same as ``fp8-local`` eager.
     ``fp8-te``    ``--transformer-impl transformer_engine`` under megatron's FP8 context (delayed
                   recipe, the training default with TE); only when Transformer Engine imports.
     each with ``text_recon_gamma`` 0 (off) and 0.5 (on, target layer 0).
@@ -128,13 +131,16 @@ def variants(cuda: bool, want: list[str]):
             out.append(("fp8-local", ("hybrid", "tensorwise"), "local", cuda))
         elif v == "fp8-rowwise":
             out.append(("fp8-rowwise", ("e4m3", "rowwise"), "local", cuda))
+        elif v == "fp8-per-gemm":
+            out.append(("fp8-per-gemm", ("hybrid", "tensorwise"), "local", cuda))
         elif v == "fp8-te":
             if have_transformer_engine():
                 out.append(("fp8-te", ("hybrid", "delayed"), "transformer_engine", cuda))
             else:
                 log("fp8-te skipped: Transformer Engine not importable")
         else:
-            raise SystemExit(f"unknown variant {v!r}; choose from bf16, fp8-local, fp8-rowwise, fp8-te")
+            raise SystemExit(f"unknown variant {v!r}; choose from bf16, fp8-local, fp8-rowwise, "
+                             "fp8-per-gemm, fp8-te")
     return out
 
 
@@ -145,7 +151,8 @@ def flops_per_sample(cfg, latent: int) -> int:
     return model_flops_per_sample(cfg, (latent, latent), training=True)
 
 
-def build(preset, fp8, impl, bf16, gamma, num_layers, init="cpu", attention_backend="auto"):
+def build(preset, fp8, impl, bf16, gamma, num_layers, init="cpu", attention_backend="auto",
+          hidden_size=None):
     """The config of one variant and its model, DDP and optimizer (``build_training``)."""
     from megatron.core.transformer.enums import AttnBackend
 
@@ -160,6 +167,8 @@ def build(preset, fp8, impl, bf16, gamma, num_layers, init="cpu", attention_back
     overrides = dict(text_recon_gamma=gamma, text_recon_target_layer=0)
     if num_layers:
         overrides["num_layers"] = num_layers  # the preset's first N blocks
+    if hidden_size:  # SD3's head width 64, MLP 4x (megatron's default ffn_hidden_size)
+        overrides.update(hidden_size=hidden_size, num_attention_heads=hidden_size // 64)
     cfg = make_config(preset, parallel=parallel, **overrides)
     if init == "device":
         # megatron initialises the parallel linears on the GPU (Megatron-LM's default): seconds
@@ -249,6 +258,14 @@ def count_syncs(fn) -> int:
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
+def set_compile_regions(variant: str) -> None:
+    """``fp8-per-gemm`` compiles each FP8 GEMM as a region of its own, every other variant a
+    joint block as one graph (``megatron_sd3.backends.torchao.COMPILE_REGIONS``)."""
+    from megatron_sd3.backends import torchao as fp8_torchao
+
+    fp8_torchao.COMPILE_REGIONS = "gemm" if variant == "fp8-per-gemm" else "block"
+
+
 class Built:
     """One model + DDP + optimizer, measured at several resolutions (and eager, then compiled)."""
 
@@ -263,7 +280,7 @@ class Built:
         with quiet():
             try:
                 self.training = build(args.preset, fp8, impl, bf16, gamma, args.num_layers, args.init,
-                                      args.attention_backend)
+                                      args.attention_backend, args.hidden_size)
             except Exception as e:  # noqa: BLE001 - device init is an optimisation only
                 if args.init != "device":
                     raise
@@ -271,7 +288,7 @@ class Built:
                 gc.collect()
                 self.init = "cpu"
                 self.training = build(args.preset, fp8, impl, bf16, gamma, args.num_layers, "cpu",
-                                      args.attention_backend)
+                                      args.attention_backend, args.hidden_size)
         self.build_s = round(time.time() - t, 1)
         self.params_m = round(sum(p.numel() for c in self.chunks for p in c.parameters()) / 1e6, 1)
         self.compiled = False
@@ -298,10 +315,12 @@ class Built:
         args, cfg, dev = self.args, self.cfg, self.dev
         cuda = dev.type == "cuda"
         latent = resolution // 8
+        set_compile_regions(self.name)
         row = dict(variant=self.name, text_recon="on" if self.gamma > 0 else "off",
                    resolution=resolution, latent=latent, micro_batch=mbs, compiled=bool(self.compiled),
                    compile_mode=self.compiled or None,
-                   preset=args.preset, num_layers=cfg.num_layers, params_M=self.params_m,
+                   preset=args.preset, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+                   params_M=self.params_m,
                    build_s=self.build_s, init=self.init, img_tokens=cfg.num_image_tokens(latent, latent),
                    txt_tokens=cfg.padded_text_len, attention_backend=args.attention_backend)
         if cuda:
@@ -420,10 +439,10 @@ def summarize(rows):
                              "mfu_bf16_peak": r.get("mfu_bf16_peak")}
     for res, s in summary.items():
         base = s.get("bf16/off") or s.get("fp32/off")
-        for fp8 in ("fp8-local", "fp8-rowwise", "fp8-te"):
+        for fp8 in ("fp8-local", "fp8-rowwise", "fp8-per-gemm", "fp8-te"):
             if base and f"{fp8}/off" in s:
                 s[f"{fp8}_speedup_vs_{'bf16' if 'bf16/off' in s else 'fp32'}"] = round(s[f"{fp8}/off"]["samples_per_s"] / base["samples_per_s"], 3)
-        for var in ("bf16", "fp32", "fp8-local", "fp8-rowwise", "fp8-te"):
+        for var in ("bf16", "fp32", "fp8-local", "fp8-rowwise", "fp8-per-gemm", "fp8-te"):
             if f"{var}/off" in s and f"{var}/on" in s:
                 s[f"{var}_recon_slowdown"] = round(
                     1 - s[f"{var}/on"]["samples_per_s"] / s[f"{var}/off"]["samples_per_s"], 4)
@@ -435,6 +454,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="sd3_light" if cuda else "tiny", choices=["tiny", "sd3_light"])
     ap.add_argument("--num-layers", type=int, default=None, help="override the preset's layer count")
+    ap.add_argument("--hidden-size", type=int, default=None,
+                    help="override the preset's width (heads of 64, MLP 4x): where FP8 starts to pay")
     ap.add_argument("--resolution", type=int, nargs="+", default=None,
                     help="pixels (latent = res/8); default: 256 1024 on GPU, 64 on CPU")
     ap.add_argument("--micro-batch-size", type=int, nargs="+", default=None,
@@ -467,6 +488,8 @@ def main(argv=None):
     args.iters = args.iters or (10 if cuda else 5)
     args.init = args.init or ("device" if cuda else "cpu")
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 2)
+    if args.hidden_size is not None and (args.hidden_size <= 0 or args.hidden_size % 64):
+        raise SystemExit(f"--hidden-size {args.hidden_size}: must be a positive multiple of 64 (heads of 64)")
     for r in args.resolution:
         if r % 16:
             raise SystemExit(f"--resolution {r}: must be a multiple of 16 (latent = res/8, patch 2)")
@@ -488,7 +511,8 @@ def main(argv=None):
     meta = dict(device=device_name, cuda=cuda, torch=torch.__version__, preset=args.preset,
                 attention_backend=args.attention_backend,
                 cpu_threads=None if cuda else torch.get_num_threads(),
-                num_layers=args.num_layers, iters=args.iters, warmup=args.warmup,
+                num_layers=args.num_layers, hidden_size=args.hidden_size, iters=args.iters,
+                warmup=args.warmup,
                 flop_count="megatron_sd3.flops.model_flops_per_sample(training=True): blocks, "
                            "embedders and head, unpadded text tokens",
                 optimizer="megatron get_megatron_optimizer: adam (AdamW, wd 0.01), clip 1.0")

@@ -40,6 +40,8 @@
 #   7. 256 px (micro batch 32), compiled, bf16 and FP8
 #   8. tools/fp8_gpu_check.py: the torchao FP8 linear pair at SD3 shapes (errors vs fp32, 333 vs
 #      336 tokens, MLP throughput bf16 vs FP8, eager and compiled) -> fp8_gpu.json
+#   9. where FP8 starts to pay: bf16 against FP8 (torchao, compiled) at 1024 px, micro batch 4,
+#      2 joint blocks, widened to hidden 3072, 4096 and 2304 (heads of 64, MLP 4x), in that order
 # Without CUDA (a development machine) it runs the same chain on the tiny preset on CPU, so the
 # script itself is tested; --dry-run only prints the commands of the GPU plan.
 set -uo pipefail
@@ -51,7 +53,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --budget) BUDGET=$2; shift ;;
-    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,46p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -171,12 +173,13 @@ if [ "$CUDA" = 1 ]; then
   # 3d. the data path against one GPU's consumption (sd3_light, 1024 px, micro batch 4, 294 ms)
   step bench_data $(( $(left) - 5 < 60 ? $(left) - 5 : 60 )) \
     "$PY" tools/bench_data.py --step-ms 294 --gpu-samples-per-step 4
-  # 3e. FP8 rowwise against tensorwise (compiled, 1024 px; compare with step 3's compiled rows)
+  # 3e. FP8 rowwise against tensorwise, and a graph break at every FP8 GEMM against one graph per
+  #     block (compiled, 1024 px; compare with step 3's compiled fp8-local rows)
   if [ "$(left)" -ge 150 ]; then
     LIM=$(( $(left) - 120 )); [ $LIM -gt 120 ] && LIM=120
     step bench_rowwise "$LIM" \
       "$PY" tools/bench_throughput.py --preset sd3_light --resolution 1024 --micro-batch-size 4 \
-        --warmup 3 --iters 5 --variants fp8-rowwise --recon off --compile on --profile \
+        --warmup 3 --iters 5 --variants fp8-rowwise fp8-per-gemm --recon off --compile on --profile \
         --time-budget $((LIM - 15)) --json "$OUT/bench_rowwise.json"
   fi
   # 4. FP8 vs bf16 loss tracking on SD3-sized blocks (333 text tokens -> padded 336, gamma 0.5)
@@ -220,14 +223,28 @@ print(min(rows, key=lambda r: r['fwd_bwd_ms'])['backend'] if rows else 'flash')"
   fi
   # 8. the torchao FP8 linear pair on its own (SD3 shapes)
   if [ "$(left)" -ge 60 ]; then
-    step fp8_gpu_check $(( $(left) - 5 )) "$PY" tools/fp8_gpu_check.py --out "$OUT"
+    LIM=$(( $(left) - 5 )); [ $LIM -gt 120 ] && LIM=120
+    step fp8_gpu_check "$LIM" "$PY" tools/fp8_gpu_check.py --out "$OUT"
   fi
+  # 9. the width at which FP8 starts to pay (2 blocks, compiled, 1024 px)
+  for W in 3072 4096 2304; do
+    if [ "$(left)" -ge 90 ]; then
+      LIM=$(( $(left) - 5 )); [ $LIM -gt 150 ] && LIM=150
+      step "bench_width_$W" "$LIM" \
+        "$PY" tools/bench_throughput.py --preset sd3_light --num-layers 2 --hidden-size "$W" \
+          --resolution 1024 --micro-batch-size 4 --warmup 3 --iters 5 --variants bf16 fp8-local \
+          --recon off --compile on --time-budget $((LIM - 15)) --json "$OUT/bench_width_$W.json"
+    fi
+  done
 else
   log "no CUDA: CPU version on the tiny preset (tests the script; numbers mean nothing)"
   step attention 60 "$PY" tools/bench_attention.py --json "$OUT/attention.json"
-  step bench 180 \
+  step bench 300 \
     "$PY" tools/bench_throughput.py --resolution 64 --warmup 1 --iters 2 --variants bf16 fp8-local \
       fp8-rowwise --recon off --compile both --profile --json "$OUT/bench.json"
+  step bench_width_128 120 \
+    "$PY" tools/bench_throughput.py --hidden-size 128 --num-layers 2 --resolution 64 --warmup 1 \
+      --iters 2 --variants bf16 fp8-local --recon off --json "$OUT/bench_width_128.json"
   step sync_free_tests 120 \
     "$PY" -m pytest -q -p no:cacheprovider tests/multiprocess/test_sync_free.py tests/unit/test_prefetch.py
   step bench_data 60 "$PY" tools/bench_data.py --num-samples 16 --latent-size 32 --global-batch-size 8 --iterations 2

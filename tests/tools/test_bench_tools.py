@@ -46,6 +46,44 @@ def test_bench_throughput_rows_and_kernel_breakdown(tmp_path):
     assert "fp8-local_speedup_vs_fp32" in s and "fp8-rowwise_speedup_vs_fp32" in s and "fp32_recon_slowdown" in s
 
 
+@pytest.mark.timeout(240)
+def test_bench_hidden_size_widens_the_model(tmp_path):
+    """``--hidden-size`` (where FP8 starts to pay) builds the preset at that width, heads of 64,
+    MLP 4x, and the FLOP count follows; a width that is no multiple of 64 is one line, exit != 0."""
+    out = tmp_path / "w.json"
+    r = _tool("bench_throughput.py", "--hidden-size", "128", "--num-layers", "2", "--resolution", "32",
+              "--warmup", "0", "--iters", "1", "--variants", "bf16", "--recon", "off", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["hidden_size"], row["num_layers"]) == (128, 2)
+    from megatron_sd3.config import make_config
+    from megatron_sd3.flops import model_flops_per_sample
+
+    cfg = make_config("tiny", num_layers=2, hidden_size=128, num_attention_heads=2, text_recon_gamma=0.0)
+    assert cfg.ffn_hidden_size == 512
+    assert row["model_flop_per_sample"] == model_flops_per_sample(cfg, (4, 4), training=True)
+    r = _tool("bench_throughput.py", "--hidden-size", "100", "--variants", "bf16")
+    assert r.returncode != 0 and "--hidden-size 100: must be a positive multiple of 64" in r.stderr
+
+
+def test_bench_per_gemm_variant_sets_the_compile_regions():
+    """``fp8-per-gemm`` is fp8-local's settings compiled with a region per FP8 GEMM; measuring
+    any other variant afterwards compiles whole blocks again."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import bench_throughput as bt
+    from megatron_sd3.backends import torchao as fp8_torchao
+
+    (local, per_gemm) = bt.variants(False, ["fp8-local", "fp8-per-gemm"])
+    assert per_gemm[1:] == local[1:] and per_gemm[0] == "fp8-per-gemm"
+    try:
+        bt.set_compile_regions("fp8-per-gemm")
+        assert fp8_torchao.COMPILE_REGIONS == "gemm"
+        bt.set_compile_regions("fp8-local")
+        assert fp8_torchao.COMPILE_REGIONS == "block"
+    finally:
+        fp8_torchao.COMPILE_REGIONS = "block"
+
+
 @pytest.mark.timeout(120)
 def test_bench_attention_runs_each_backend_or_says_why(tmp_path):
     out = tmp_path / "a.json"
@@ -66,8 +104,8 @@ def test_bench_frees_each_variant_before_the_next(single_process):
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import bench_throughput as bt
 
-    args = bt.argparse.Namespace(preset="tiny", num_layers=None, init="cpu", warmup=1, iters=1,
-                                 attention_backend="auto", profile=False)
+    args = bt.argparse.Namespace(preset="tiny", num_layers=None, hidden_size=None, init="cpu", warmup=1,
+                                 iters=1, attention_backend="auto", profile=False)
     gc.collect()
     gc.disable()  # only what free() releases counts, not a later automatic collection
     try:
