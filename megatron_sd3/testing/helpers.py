@@ -4,7 +4,7 @@
 * :func:`parallel_linear_config`: a ``ModelParallelConfig`` for bare parallel linears.
 * :func:`build_fp8_pair`: the ``torchao`` backend's column -> GELU -> row linear pair holding this
   rank's TP shards of given full weights.
-* :func:`tiny_forward_inputs` / :func:`block_graphs`: how many graphs (and graph breaks)
+* :func:`tiny_forward_inputs` / :func:`block_inputs` / :func:`block_graphs`: how many graphs (and graph breaks)
   torch.compile makes of one joint block of a model, FP8 on or off.
 """
 from __future__ import annotations
@@ -74,22 +74,28 @@ def tiny_forward_inputs(cfg, micro_batch: int = 1, latent: int = 8) -> dict:
                 timestep=torch.full((micro_batch,), 500.0))
 
 
-def block_graphs(model, inputs: dict, index: int = 1):
-    """torch.compile's view of joint block ``index`` of ``model``: ``torch._dynamo.explain`` of
-    the block on the inputs it gets in ``model(**inputs)``, inside the block's own FP8 context
-    (as the model runs it). Returns the explain output (``graph_count``, ``graph_break_count``,
-    ``break_reasons``). Traces only (nothing is compiled)."""
-    import torch._dynamo as dynamo
-
-    block = model.blocks[index]
+def block_inputs(model, inputs: dict, index: int = 1) -> tuple:
+    """The ``(args, kwargs)`` joint block ``index`` of ``model`` gets in ``model(**inputs)``."""
     seen = {}
-    handle = block.register_forward_pre_hook(lambda mod, a, kw: seen.update(args=a, kwargs=kw),
-                                             with_kwargs=True)
+    handle = model.blocks[index].register_forward_pre_hook(
+        lambda mod, a, kw: seen.update(args=a, kwargs=kw), with_kwargs=True)
     try:
         with torch.no_grad():
             model(**inputs)
     finally:
         handle.remove()
+    return seen["args"], seen["kwargs"]
+
+
+def block_graphs(model, inputs: dict, index: int = 1):
+    """torch.compile's view of joint block ``index`` of ``model``: ``torch._dynamo.explain`` of
+    the block on :func:`block_inputs`, inside the block's own FP8 context (as the model runs it).
+    Returns the explain output (``graph_count``, ``graph_break_count``, ``break_reasons``).
+    Traces only (nothing is compiled)."""
+    import torch._dynamo as dynamo
+
+    block = model.blocks[index]
+    args, kwargs = block_inputs(model, inputs, index)
     dynamo.reset()
     with model.backend.layer_fp8_context(model.config, block.layer_number - 1):
-        return dynamo.explain(block)(*seen["args"], **seen["kwargs"])
+        return dynamo.explain(block)(*args, **kwargs)

@@ -500,20 +500,14 @@ def test_compiled_block_is_one_graph(tp1, fp8, recipe):
 
 def test_per_gemm_regions_break_before_every_fp8_gemm(tp1, monkeypatch):
     """``COMPILE_REGIONS = "gemm"`` (the benchmark's ``fp8-per-gemm`` variant) makes each FP8
-    GEMM a compiled region of its own: one graph break per forward GEMM of the block."""
-    from megatron_sd3.testing.helpers import block_graphs, tiny_forward_inputs
+    GEMM a compiled region of its own: a graph break before every forward GEMM of the block."""
+    from megatron_sd3.testing.helpers import block_graphs, block_inputs, tiny_forward_inputs
 
     model = _tiny_fp8_model("hybrid")
     inputs = tiny_forward_inputs(model.config)
-    block = model.blocks[1]
+    args, kwargs = block_inputs(model, inputs)
     with count_scaled_mm() as calls, F.fp8_context(True, settings=Fp8Settings("hybrid")), torch.no_grad():
-        block_inputs = {}
-        handle = block.register_forward_pre_hook(lambda m, a, kw: block_inputs.update(a=a, kw=kw),
-                                                 with_kwargs=True)
-        model(**inputs)
-        handle.remove()
-        calls.clear()
-        block(*block_inputs["a"], **block_inputs["kw"])
+        model.blocks[1](*args, **kwargs)
     gemms = len(calls)
     assert gemms >= 8  # qkv, out projection, fc1, fc2 of both streams
     monkeypatch.setattr(F, "COMPILE_REGIONS", "gemm")
