@@ -1,8 +1,14 @@
 """torchrun worker for tests/multiprocess/test_parallel.py: a few optimizer steps of the tiny preset.
 
-Writes, from every rank, ``OUT/rank{R}.pt`` with the losses of each step (all ranks agree) and this
-rank's parameters as full (TP-gathered) tensors keyed by global name, and records the bytes of
-every pipeline p2p message it sends.
+Writes, from every rank, ``OUT/rank{R}.pt`` with the losses and the gradient norm of each step (all
+ranks agree), this rank's parameters before and after the steps as full (TP-gathered) tensors keyed
+by global name, and the bytes of every pipeline p2p message it sends.
+
+Adam runs with ``adam_eps`` far above every gradient element (the gradients are clipped to a total
+norm of 1), so its update ``lr * m / (sqrt(v) + eps)`` is linear in the gradients to within
+``|g| / eps``: a layout's rounding in the gradients reaches the update at the same relative size,
+where at the default eps Adam's first step is ``sign(g)`` and turns the rounding of a near-zero
+gradient element into a full step (tests/multiprocess/test_parallel.py derives its bound from this).
 """
 import argparse
 import os
@@ -11,6 +17,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Clipped gradients have elements well below 0.1: with eps = 10 the update is g / 10 to within 1%,
+# and lr = 1 moves a parameter tensor by about 1% of its norm per step.
+ADAM_EPS = 10.0
+LR = 1.0
 
 
 def main():
@@ -56,7 +67,7 @@ def main():
                                     **pipeline_config_fields(a.num_layers, a.pp, given), **vpp))
     overlap = dict(use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True) \
         if a.overlap else {}
-    built = build_training(cfg, optimizer=dict(lr=3e-3, weight_decay=0.01, clip_grad=1.0),
+    built = build_training(cfg, optimizer=dict(lr=LR, adam_eps=ADAM_EPS, weight_decay=0.01, clip_grad=1.0),
                            ddp_bucket_size=a.bucket_size, **overlap)
     chunks, ddp, opt = built.chunks, built.ddp, built.optimizer
     step = TrainStep(cfg, ddp, opt, global_batch_size=a.gbs, micro_batch_size=a.mbs, seed=42)
@@ -75,7 +86,10 @@ def main():
                      with_mask=a.mask, seed=5)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per_rank = a.gbs // dp
-    losses = []
+    params0 = {}
+    for c in chunks:
+        params0.update(gather_full_state_dict(c))
+    losses, grad_norms = [], []
     for it in range(a.steps):
         consumed = it * a.gbs
         mbs = None
@@ -88,11 +102,12 @@ def main():
         res = step(mbs, consumed)
         assert not res.skipped
         losses.append(res.losses)
+        grad_norms.append(res.grad_norm)
     params = {}
     with params_synced(ddp):  # with --overlap the last step's all-gather is still pending
         for c in chunks:
             params.update(gather_full_state_dict(c))
-    torch.save({"losses": losses, "params": params, "sent": sent,
+    torch.save({"losses": losses, "grad_norms": grad_norms, "params": params, "params0": params0, "sent": sent,
                 "buckets": sum(len(g.buckets) for m in ddp for g in m.bucket_groups),
                 "param_gather_pre_hooks": all(m.use_forward_hook for m in ddp),
                 "tp_rank": ps.get_tensor_model_parallel_rank()},
