@@ -95,7 +95,8 @@ def initialize_distributed(
     collective and the rendezvous, so a hung or dead peer ends the rank with an error; and
     ``watch_parent`` (default: when started by a launcher, see
     :func:`megatron_sd3.training.watchdog.launched_by_launcher`) stops the rank when its
-    launcher dies.
+    launcher dies. Every process the rank forks afterwards dies with it
+    (:func:`megatron_sd3.training.watchdog.forked_children_die_with_parent`).
     """
     from megatron.core import parallel_state
 
@@ -112,6 +113,7 @@ def initialize_distributed(
 
     from megatron_sd3.training import watchdog
 
+    watchdog.forked_children_die_with_parent()
     if watch_parent if watch_parent is not None else watchdog.launched_by_launcher():
         watchdog.watch_parent()
 

@@ -15,10 +15,14 @@ A peer that died or hangs is the other half: every collective then fails (gloo: 
 closed) or times out after ``--distributed-timeout-minutes`` (the process-group timeout given to
 ``torch.distributed.init_process_group`` and megatron's ``initialize_model_parallel``).
 
-``die_with_parent()`` is step 1 alone, for helper processes a rank forks (the asynchronous
-checkpoint writer), so they cannot outlive the rank either; ``helper_dies_with_parent()`` is the
-same for a helper the rank spawns through ``multiprocessing`` (megatron-core's checkpoint
-write-results server, see ``compat.checkpoint_writer_results_queue``).
+``forked_children_die_with_parent()`` covers every process a rank forks, whoever forks it
+(megatron-core's checkpoint writer workers, the asynchronous writer, data loader workers, code we
+do not own): an ``os.register_at_fork`` hook, run in each forked child, asks for SIGKILL when the
+forking process dies, so a child blocked forever (a queue read, a lock) cannot outlive its rank,
+however the rank dies, ``kill -9`` included (docs/design.md, "No process outlives its rank").
+``die_with_parent()`` is the kernel request alone; ``helper_dies_with_parent()`` is the same for a
+helper the rank *spawns* through ``multiprocessing`` (megatron-core's checkpoint write-results
+server, see ``compat.checkpoint_writer_results_queue``), which no fork hook reaches.
 """
 from __future__ import annotations
 
@@ -57,6 +61,44 @@ def helper_dies_with_parent() -> None:
     parent = multiprocessing.parent_process()
     if parent is not None and os.getppid() != parent.pid:
         os._exit(1)
+
+
+_FORKER = {"pid": 0, "main_thread": True}  # set in the parent just before each fork
+_fork_hook = False
+
+
+def _before_fork() -> None:
+    _FORKER["pid"] = os.getpid()
+    _FORKER["main_thread"] = threading.current_thread() is threading.main_thread()
+
+
+def _poll_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _after_fork_in_child() -> None:
+    parent = _FORKER["pid"]
+    if _FORKER["main_thread"]:
+        die_with_parent(signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died between the fork and the prctl
+            os._exit(1)
+    else:
+        # The kernel's parent-death signal follows the forking *thread*: a helper thread that
+        # forks and then ends would kill a healthy child. Such a child polls for its parent.
+        threading.Thread(target=_poll_parent, args=(parent,), name="parent-poll", daemon=True).start()
+
+
+def forked_children_die_with_parent() -> None:
+    """From now on, every child this process (or any child of it) forks is SIGKILLed when its
+    parent dies. Idempotent; a no-op off Linux. ``subprocess`` children (fork + exec of another
+    program) do not run Python's fork hooks and are not covered."""
+    global _fork_hook
+    if _fork_hook or not sys.platform.startswith("linux"):
+        return
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+    _fork_hook = True
 
 
 def launched_by_launcher(env=os.environ) -> bool:

@@ -132,3 +132,39 @@ def test_ranks_of_a_killed_torchrun_exit(tmp_path):
             except ProcessLookupError:
                 pass
         launcher.wait()
+
+
+@pytest.mark.timeout(180)
+def test_children_a_rank_forks_die_with_it(tmp_path):
+    """Children that a rank forks after start-up and that block forever (a queue read as in
+    megatron-core's writer workers, a bare fork, a fork from a thread that has ended) are gone
+    within 60 s of kill -9 of the rank (watchdog.forked_children_die_with_parent)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    rank = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "_fork_worker.py")], cwd=str(tmp_path),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    children = []
+    try:
+        line = ""
+        for line in rank.stdout:
+            if line.startswith("CHILDREN"):
+                break
+        assert line.startswith("CHILDREN"), line
+        words = line.split()
+        children = [int(w) for w in words[1:words.index("ALIVE")]]
+        assert len(children) == 3 and int(words[-1]) == 3, line  # all alive while the rank is
+        os.kill(rank.pid, signal.SIGKILL)
+        rank.wait()
+        deadline = time.time() + 60
+        while time.time() < deadline and any(_alive(p) for p in children):
+            time.sleep(0.2)
+        left = [p for p in children if _alive(p)]
+        assert not left, f"children {left} of the killed rank still run 60 s after it died"
+    finally:
+        for p in [rank.pid, *children]:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        rank.wait()
