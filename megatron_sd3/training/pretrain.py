@@ -28,6 +28,7 @@ from megatron_sd3.memory import report_at_start
 from megatron_sd3.training import checkpointing as ckpt
 from megatron_sd3.training.build import build_training, device, params_synced, use_fused_torch_adam
 from megatron_sd3.training.metrics import MetricsError, MetricsWriter, WandbSettings, check_wandb
+from megatron_sd3.training.output_paths import check_output_paths
 from megatron_sd3.training.parallel_layout import LayoutError, check_layout, pipeline_config_fields, stage_layers
 from megatron_sd3.training.step import TrainStep
 
@@ -91,7 +92,8 @@ def _check_data_matches_model(ds, cfg, args, path=None):
 
 def preflight(args):
     """Every check that needs no process group: model fields, parallel layout, pipeline split,
-    FP8 backend, checkpoint to resume from, data manifest. Raises before any work starts."""
+    FP8 backend, checkpoint to resume from, data manifest, the paths the run writes. Raises
+    before any work starts."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     fields = dict(args.model)
     preset = fields.pop("preset", "tiny")
@@ -158,6 +160,7 @@ def preflight(args):
             raise ConfigError(f"--clip-model {args.clip_model}: no config.json there; give a local transformers "
                               f"CLIPModel folder (CLIPModel.save_pretrained + CLIPProcessor.save_pretrained)")
     check_wandb(wandb_settings(args))
+    check_output_paths(args)
     return {"preset": preset, "fields": fields, "model_fields": mf, "dp": dp,
             "load_dir": ckpt.resolve_load(args.load, args.save, args.ckpt_step)}
 
