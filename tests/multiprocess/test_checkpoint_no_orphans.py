@@ -168,3 +168,77 @@ def test_children_a_rank_forks_die_with_it(tmp_path):
             except ProcessLookupError:
                 pass
         rank.wait()
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _descendants(pid):
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_no_process_of_the_run_outlives_a_rank_killed_mid_save(tmp_path):
+    """kill -9 of a rank while a checkpoint is being written (megatron-core forks writer workers
+    for it): torchrun ends the run, and 60 s after torchrun exits no process of the run is left."""
+    m, ck = str(tmp_path / "m.jsonl"), tmp_path / "ck"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    family = set()
+    with open(tmp_path / "torchrun.log", "w") as log:
+        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                     "--master-port", str(free_port()), ENTRY, *LONG, "--metrics-file", m,
+                                     "--save", str(ck), "--save-interval", "1"],
+                                    cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+    try:
+        assert _wait_training(m, lambda: launcher.poll() is None), (tmp_path / "torchrun.log").read_text()[-3000:]
+        # Mid-save: a rank has a forked copy of itself alive (megatron-core's writer workers live
+        # only while dist_checkpointing.save writes); kill that rank.
+        deadline, victim = time.time() + 120, None
+        while time.time() < deadline and launcher.poll() is None and victim is None:
+            family.update(_descendants(launcher.pid))
+            for r in _children(launcher.pid):
+                if any(_cmdline(c) == _cmdline(r) for c in _children(r)):
+                    victim = r
+                    break
+            else:
+                time.sleep(0.005)
+        assert victim is not None, (tmp_path / "torchrun.log").read_text()[-3000:]
+        family.update(_descendants(launcher.pid))
+        os.kill(victim, signal.SIGKILL)
+        assert any(ck.glob("iter_*.tmp")), "the rank was not killed during a save"
+        deadline = time.time() + 180
+        while time.time() < deadline and launcher.poll() is None:
+            family.update(_descendants(launcher.pid))
+            time.sleep(0.05)
+        assert launcher.poll() is not None, "torchrun still runs 180 s after a rank was killed"
+        assert len(family) > 2, family  # the ranks and what they started
+        deadline = time.time() + 60
+        while time.time() < deadline and any(_alive(p) for p in family):
+            time.sleep(0.2)
+        left = [p for p in family if _alive(p)]
+        assert not left, f"processes {left} of the run still run 60 s after torchrun exited"
+    finally:
+        groups = {launcher.pid}
+        for p in family:
+            try:
+                groups.add(os.getpgid(p))
+            except ProcessLookupError:
+                pass
+        for pgid in groups:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        launcher.wait()
