@@ -32,9 +32,11 @@ differing keys), plus per-rank RNG states (skipped, with a note, when the layout
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -62,6 +64,16 @@ METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_sh
 
 class CheckpointError(RuntimeError):
     """A missing, partial or mismatched checkpoint; the message says what and how to fix it."""
+
+
+class SaveError(CheckpointError):
+    """A save that failed; the previous complete checkpoint stays the one ``latest`` names.
+    ``quiet``: this rank only learnt that a write failed elsewhere (megatron-core raises the
+    details on its coordinator, rank 0, which says them)."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
 
 
 def iter_dir(root: str | Path, iteration: int) -> Path:
@@ -236,6 +248,73 @@ def _verify_checksums(d: Path) -> None:
                               f"{_good_hint(d.parent, int(m.group(1)) if m else None)}")
 
 
+class _WriterErrorLines(logging.Filter):
+    """megatron-core's writer logs each worker's error on every rank ("Local process N encountered
+    an error: ..."), then raises it: :func:`save_failed` says it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Local process ")
+
+
+logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").addFilter(_WriterErrorLines())
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) if d.is_dir() else 0
+
+
+def _says_no_space(e: BaseException) -> bool:
+    """ENOSPC anywhere in the error: its chain, or (megatron-core gathers the writers' errors as
+    text) its message and the failures it carries."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        texts = [str(e)] + [str(f[0] if isinstance(f, tuple) else f)
+                            for f in (getattr(e, "failures", None) or {}).values()]
+        if any("No space left on device" in t or "[Errno 28]" in t for t in texts):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _first_error_line(e: BaseException) -> str:
+    failures = getattr(e, "failures", None) or {}
+    for rank, f in sorted(failures.items()):
+        exc = f[0] if isinstance(f, tuple) else f
+        return f"rank {rank}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+    return _first_line(e)
+
+
+def save_failed(root: Path, iteration: int, e: BaseException) -> SaveError:
+    """The one error of a failed save. Rank 0 removes what the save left (``iter_*.tmp``, or an
+    ``iter_*`` folder ``latest`` does not name yet), then measures: the space the save needed
+    (the size of the last complete checkpoint) against the space free."""
+    if dist.get_rank() != 0 and isinstance(e, CheckpointException) and not e.failures:
+        return SaveError("a checkpoint write failed on another rank", quiet=True)
+    root = Path(root)
+    final, tmp = iter_dir(root, iteration), Path(str(iter_dir(root, iteration)) + ".tmp")
+    latest = read_latest(root) if root.is_dir() else None
+    written = _dir_bytes(tmp)
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if latest != iteration:
+            shutil.rmtree(final, ignore_errors=True)
+    needed = _dir_bytes(iter_dir(root, latest)) if latest is not None else None
+    free = shutil.disk_usage(root).free if root.is_dir() else None
+    kept = (f"iteration {latest} (in {root}) stays the latest checkpoint" if latest is not None
+            else f"{root} holds no complete checkpoint yet")
+    if _says_no_space(e) or (needed is not None and free is not None and free < needed):
+        need = (f"{needed} bytes, the size of the last checkpoint" if needed is not None
+                else f"more than the {written} bytes written before it failed")
+        return SaveError(f"saving iteration {iteration} to {root} failed: no space left on the device "
+                         f"(it needs {need}; {free} bytes free); {kept}. Free space or give --save a larger "
+                         f"disk, then run the same command to resume")
+    return SaveError(f"saving iteration {iteration} to {root} failed ({_first_error_line(e)}); {kept}; "
+                     f"run the same command to resume from it")
+
+
 def _cleanup_interrupted(root: Path) -> None:
     """Rank 0, before a save: what interrupted saves left (``*.tmp`` folders, iterations newer than
     ``latest``, which no resume loads) goes."""
@@ -277,15 +356,27 @@ class AsyncSaver:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         self.queue = AsyncCallsQueue(persistent=False)
+        self.in_flight: Optional[tuple[Path, int]] = None  # (root, iteration) of the save being written
 
-    def schedule(self, request) -> None:
+    def schedule(self, request, root: Path, iteration: int) -> None:
         # the forked writer gets SIGTERM when its rank dies, so it cannot outlive it
         request = request._replace(async_fn=functools.partial(_writer_with_parent, request.async_fn))
+        self.in_flight = (Path(root), iteration)
         self.queue.schedule_async_request(request)
 
     def maybe_finalize(self, blocking: bool = False) -> None:
+        """Finalise the save once its writer is done (every rank agrees when); a failed write
+        raises :class:`SaveError` (see :func:`save_failed`)."""
         if self.queue.get_num_unfinalized_calls():
-            self.queue.maybe_finalize_async_calls(blocking=blocking)
+            try:
+                self.queue.maybe_finalize_async_calls(blocking=blocking)
+            except (Exception, CheckpointException) as e:
+                from megatron_sd3.training.watchdog import peer_failure
+
+                if isinstance(e, Exception) and peer_failure(e):  # a peer rank died: it says why
+                    raise
+                root, iteration = self.in_flight
+                raise save_failed(root, iteration, e) from None
 
     def pending(self) -> int:
         return self.queue.get_num_unfinalized_calls()
@@ -309,27 +400,34 @@ def save_checkpoint(root: str | Path, iteration: int, model_chunks, optimizer, e
     if async_saver is not None:
         async_saver.maybe_finalize(blocking=True)  # one save in flight at a time (as Megatron-LM)
     rank0 = dist.get_rank() == 0
-    if rank0:
-        root.mkdir(parents=True, exist_ok=True)
-        _cleanup_interrupted(root)
-        tmp.mkdir()
-    dist.barrier()
-    weights_only = optimizer is None
-    common = {"iteration": iteration, "consumed_samples": consumed_samples, "skipped_iters": skipped_iters,
-              "global_batch_size": global_batch_size,
-              "scheduler": None if weights_only else scheduler.state_dict(), "model_config": model_config,
-              "layout": _layout(), "weights_only": weights_only, "has_ema": ema is not None}
-    state = _state_dict(model_chunks, optimizer, ema, common, None if weights_only else _rng_state(),
-                        loading=False, with_optim=not weights_only)
-    finalize = functools.partial(_finalize_save, root, iteration, tmp, final, run_config)
-    compat.checkpoint_writer_results_queue()  # its server process must not outlive this rank
-    request = dist_checkpointing.save(state, str(tmp), content_metadata=METADATA,
-                                      async_sharded_save=async_saver is not None)
-    if request is None:
-        finalize()
-    else:
+    try:
+        if rank0:
+            root.mkdir(parents=True, exist_ok=True)
+            _cleanup_interrupted(root)
+            tmp.mkdir()
+        dist.barrier()
+        weights_only = optimizer is None
+        common = {"iteration": iteration, "consumed_samples": consumed_samples, "skipped_iters": skipped_iters,
+                  "global_batch_size": global_batch_size,
+                  "scheduler": None if weights_only else scheduler.state_dict(), "model_config": model_config,
+                  "layout": _layout(), "weights_only": weights_only, "has_ema": ema is not None}
+        state = _state_dict(model_chunks, optimizer, ema, common, None if weights_only else _rng_state(),
+                            loading=False, with_optim=not weights_only)
+        finalize = functools.partial(_finalize_save, root, iteration, tmp, final, run_config)
+        compat.checkpoint_writer_results_queue()  # its server process must not outlive this rank
+        request = dist_checkpointing.save(state, str(tmp), content_metadata=METADATA,
+                                          async_sharded_save=async_saver is not None)
+        if request is None:
+            finalize()
+    except (Exception, CheckpointException) as e:
+        from megatron_sd3.training.watchdog import peer_failure
+
+        if isinstance(e, Exception) and peer_failure(e):  # a peer rank died: it says why
+            raise
+        raise save_failed(root, iteration, e) from None
+    if request is not None:
         request.add_finalize_fn(finalize)
-        async_saver.schedule(request)
+        async_saver.schedule(request, root, iteration)
     return final
 
 

@@ -540,6 +540,10 @@ def pretrain(args, plan) -> int:
     return code
 
 
+def _rank_prefix() -> str:
+    return f"rank {dist.get_rank()}: " if dist.is_initialized() and dist.get_world_size() > 1 else ""
+
+
 def main(argv=None) -> int:
     from megatron_sd3.arguments import parse_args
     from megatron_sd3.data.shards import ShardError
@@ -555,17 +559,21 @@ def main(argv=None) -> int:
         print(f"pretrain_sd3.py: checks passed (world size {os.environ.get('WORLD_SIZE', '1')}, "
               f"data-parallel size {plan['dp']})", file=sys.stderr, flush=True)
         return 0
+    from megatron_sd3.training.watchdog import first_to_fail, peer_failure
+
+    # An error met by running ranks is said once, by the first rank that meets it, naming it; the
+    # others exit quietly with a non-zero code (watchdog.first_to_fail).
     try:
         return pretrain(args, plan)
     except (ConfigError, ckpt.CheckpointError, ShardError) as e:
-        print(f"pretrain_sd3.py: error: {e}", file=sys.stderr, flush=True)
+        if not getattr(e, "quiet", False) and first_to_fail():
+            print(f"pretrain_sd3.py: error: {_rank_prefix()}{e}", file=sys.stderr, flush=True)
         return 2
     except RuntimeError as e:  # a collective failed: a peer died or hung (one line, not a traceback)
-        from megatron_sd3.training.watchdog import peer_failure
-
         if peer_failure(e) is None:
             raise
-        print(f"pretrain_sd3.py: error: {peer_failure(e)}", file=sys.stderr, flush=True)
+        if first_to_fail():
+            print(f"pretrain_sd3.py: error: {_rank_prefix()}{peer_failure(e)}", file=sys.stderr, flush=True)
         return 1
     finally:
         from megatron_sd3.distributed import destroy_distributed

@@ -133,6 +133,29 @@ def watch_parent(grace_s: float = GRACE_S, poll_s: float = 1.0) -> bool:
     return True
 
 
+FIRST_ERROR_KEY = "megatron_sd3/first_error"
+
+
+def first_to_fail(timeout_s: float = 10.0) -> bool:
+    """Whether this rank is the first of the job to meet an error after setup: an atomic counter in
+    the job's rendezvous store (torchrun's agent holds it, so it outlives any rank). The first rank
+    says what happened; the others, whose error is often only the first one's echo (a collective
+    whose peer has gone), exit quietly. True when there is no job to ask (one process, no store,
+    or a store that cannot be reached: better said twice than not at all)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=timeout_s))
+        return int(store.add(FIRST_ERROR_KEY, 1)) == 1
+    except Exception:  # the store's host is gone: nobody else can have been told either
+        return True
+
+
 _PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting",
                "timed out", "Socket Timeout", "NCCL", "ProcessGroupGloo")
 

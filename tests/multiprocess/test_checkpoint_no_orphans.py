@@ -43,7 +43,7 @@ def test_rank_whose_peer_died_exits(tmp_path):
         took = _wait_exit(job.procs[0], 120)
         assert took is not None, "rank 0 still runs 120 s after its peer died"
         assert job.procs[0].returncode == 1, job.log(0)[-3000:]
-        assert "error: a peer rank died or stopped responding" in job.log(0)
+        assert "error: rank 0: a peer rank died or stopped responding" in job.log(0)
         print(f"\nrank 0 exited {took:.1f} s after its peer was killed (code {job.procs[0].returncode})")
 
 
@@ -59,7 +59,7 @@ def test_rank_whose_peer_hangs_exits_after_the_distributed_timeout(tmp_path):
         assert took is not None, "rank 0 still waits 150 s after its peer hung (timeout 15 s)"
         assert job.procs[0].returncode == 1
         log = job.log(0)
-        assert "error: a peer rank died or stopped responding" in log and "Traceback" not in log, log[-3000:]
+        assert "error: rank 0: a peer rank died or stopped responding" in log and "Traceback" not in log, log[-3000:]
         print(f"\nrank 0 exited {took:.1f} s after its peer hung (code {job.procs[0].returncode}); "
               f"last lines:\n{job.log(0)[-600:]}")
 
