@@ -2,6 +2,7 @@
 bounded time (``--distributed-timeout-minutes`` and the parent-death watch of
 megatron_sd3/training/watchdog.py)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -242,3 +243,23 @@ def test_no_process_of_the_run_outlives_a_rank_killed_mid_save(tmp_path):
             except ProcessLookupError:
                 pass
         launcher.wait()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fail_rank", [2, 0])
+def test_an_error_in_one_of_four_ranks_is_said_once(tmp_path, fail_rank):
+    """PP=2 x DP=2 under torchrun; one rank meets an error mid-run: one line, by that rank, naming
+    it; the other ranks say nothing (watchdog.first_to_fail); the run exits non-zero."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT, FAIL_RANK=str(fail_rank))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
+                        str(free_port()), os.path.join(ROOT, "tests", "_failing_rank_entry.py"), *LONG[:-1], "8",
+                        "--global-batch-size", "8"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    errors = [ln for ln in out.splitlines() if "error:" in ln and "pretrain_sd3.py" in ln]
+    assert errors == [f"pretrain_sd3.py: error: rank {fail_rank}: shard /data/shard-00007.pt: truncated "
+                      f"(read 1024 of 4096 bytes); redo it"], out[-4000:]
+    assert "a peer rank died" not in out and not re.search(r"\[rank\d\]: Traceback", out), out[-4000:]
