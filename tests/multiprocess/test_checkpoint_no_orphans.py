@@ -246,7 +246,7 @@ def test_no_process_of_the_run_outlives_a_rank_killed_mid_save(tmp_path):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("fail_rank", [2, 0])
+@pytest.mark.parametrize("fail_rank", [2, pytest.param(0, marks=pytest.mark.slow)])  # 0: the same path
 def test_an_error_in_one_of_four_ranks_is_said_once(tmp_path, fail_rank):
     """PP=2 x DP=2 under torchrun; one rank meets an error mid-run: one line, by that rank, naming
     it; the other ranks say nothing (watchdog.first_to_fail); the run exits non-zero."""
