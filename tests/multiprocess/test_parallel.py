@@ -4,28 +4,19 @@ norms and parameter updates, to within the fp32 rounding of the reductions a lay
 Each case trains the tiny preset (4 joint blocks) for a few optimizer steps on the same global
 batch with megatron-core's schedules, DDP and optimizer, then compares with one process.
 
-The bound (``BOUND``) comes from the arithmetic, not from one machine's result. A layout changes the
-order of fp32 sums: TP splits GEMMs (and the CPU's BLAS picks its blocking, so its summation order,
-from the shapes), sequence parallelism splits the token sums of the weight gradients, DP and the
-micro-batches change the order of gradient accumulation, and TP / DP all-reduce partial sums. Two
-orders of a sum of K fp32 products differ by at most ``K * u`` of the sum of magnitudes (recursive
-summation's worst case, u = 2**-24, no credit for the statistical cancellation that keeps real
-errors far smaller). A gradient element depends in sequence on ``CHAIN`` such reductions (each
-block: 9 in the forward pass - adaLN modulation, norm, QKV, QK^T, softmax, PV, projection, MLP in
-and out - and twice that in the backward pass, plus the embeddings and the head), each of length at
-most ``K_MAX``; first-order errors add along the chain. Adam runs with an eps far above the
-gradients (tests/_parallel_worker.py), so the update is linear in the gradient and inherits its
-relative error; the gradient norm and the losses are sums of the same quantities.
-
-What the bound still catches, each seen failing when broken on purpose: a sequence-parallel chunk
-dropped from an all-gather, one tensor's gradient doubled, a data-parallel all-reduce skipped
-(relative differences of 1e-2 and more, against a bound near 2e-3).
+The bound (``BOUND``, tests/_fp32_bound.py) comes from the fp32 rounding of the reductions a
+layout may reorder, not from one machine's result; each case checks the losses, the gradient norm
+of every step and every tensor's update (the parameters after the steps less the common initial
+ones). Broken on purpose (a sequence-parallel chunk dropped from an all-gather, one tensor's
+gradient doubled, a data-parallel all-reduce skipped) the cases fail at 1e-2 and more.
 """
 import functools
 
 import pytest
 import torch
 
+from _fp32_bound import BOUND
+from _fp32_bound import rel as _rel
 from _ranks import run_training_worker
 
 WORKER = "tests/_parallel_worker.py"
@@ -40,18 +31,6 @@ def _run(nproc: int, args: tuple, tmp_root: str):
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("parallel"))
-
-
-U = 2.0 ** -24  # fp32 unit roundoff
-K_MAX = 256  # longest reduced dimension: the MLP's 4 x 64 (weight-gradient token sums: 4 x 56 = 224)
-CHAIN = 4 * 9 * 3 + 12  # 4 blocks x 9 reductions x (forward + 2 backward), + embeddings and head
-BOUND = CHAIN * K_MAX * U  # 1.8e-3
-
-
-def _rel(a, b):
-    """Relative difference of two tensors (or floats): ||a - b|| / ||b||."""
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def _compare(root, nproc, args, ref_args):
