@@ -4,7 +4,8 @@ with every activation-recompute mode, in one process group.
 For each text-reconstruction weight in ``--gammas`` and each mode (none, full uniform 1 and 2,
 full block 1, selective) it builds the model afresh (same initialisation), runs two steps and
 records the losses, the gradients of the first step (DDP's ``main_grad``, this rank's shards,
-by local name), the parameters after the second and, with one stage, the bytes this rank saves
+by local name), the parameters before the first step and after the second (Adam made linear in
+the gradients, tests/_fp32_bound.py) and, with one stage, the bytes this rank saves
 for backward in one forward next to the planner's figure. Writes ``OUT/rank{R}.pt``.
 """
 import argparse
@@ -14,6 +15,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from _fp32_bound import ADAM_EPS, LR  # noqa: E402
 
 MODES = {
     "none": {},
@@ -54,8 +57,9 @@ def main():
                               text_recon_target_layer=1 if gamma else 0,
                               parallel=dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
                                             **pipeline_config_fields(layers, a.pp, None), **vpp, **rec))
-            built = build_training(cfg, optimizer=dict(lr=3e-3, clip_grad=1.0))
+            built = build_training(cfg, optimizer=dict(lr=LR, adam_eps=ADAM_EPS, clip_grad=1.0))
             chunks, ddp, opt = built.chunks, built.ddp, built.optimizer
+            params0 = {n: p.detach().clone() for c in chunks for n, p in unwrap(c).named_parameters()}
             step = TrainStep(cfg, ddp, opt, global_batch_size=gbs, micro_batch_size=mbs, seed=42)
             losses, grads = [], {}
             for it in range(2):
@@ -71,7 +75,7 @@ def main():
                     grads = {n: p.main_grad.clone() for c in chunks for n, p in unwrap(c).named_parameters()
                              if p.requires_grad}
             params = {n: p.detach().clone() for c in chunks for n, p in unwrap(c).named_parameters()}
-            results[(gamma, mode)] = {"losses": losses, "grads": grads, "params": params}
+            results[(gamma, mode)] = {"losses": losses, "grads": grads, "params": params, "params0": params0}
             if a.pp == 1:  # one stage: this rank's saved bytes next to the planner's, under TP
                 from megatron_sd3.memory import measure_saved_bytes, planned_saved_bytes
 
