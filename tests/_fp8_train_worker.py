@@ -61,8 +61,9 @@ def microbatches(ds, it, gbs, mbs, dp, dp_rank):
 
 
 def train(a, fp8, bf16, steps, snapshot_at=None):
-    """One training run; returns (losses, grad_norms, params snapshot or None, names of this
-    rank's parameters that changed during training)."""
+    """One training run; returns (losses, grad_norms, params snapshot or None, the initial params
+    (full tensors, with a snapshot) or None, names of this rank's parameters that changed during
+    training)."""
     from megatron.core import parallel_state as ps
 
     from megatron_sd3.config import make_config
@@ -82,7 +83,8 @@ def train(a, fp8, bf16, steps, snapshot_at=None):
     overrides = dict(num_layers=a.num_layers, text_seq_len=a.text_len)
     cfg = make_config(a.preset, zero_init_adaln=False, text_recon_gamma=a.gamma,
                       text_recon_target_layer=a.target, parallel=parallel, **overrides)
-    built = build_training(cfg, optimizer=dict(lr=a.lr, weight_decay=0.01, clip_grad=1.0))
+    eps = {} if a.adam_eps is None else {"adam_eps": a.adam_eps}
+    built = build_training(cfg, optimizer=dict(lr=a.lr, weight_decay=0.01, clip_grad=1.0, **eps))
     chunks, ddp, opt = built.chunks, built.ddp, built.optimizer
     step = TrainStep(cfg, ddp, opt, global_batch_size=a.gbs, micro_batch_size=a.mbs, seed=42)
     lat = (a.latent, a.latent) if a.latent else (8, 6)
@@ -92,7 +94,11 @@ def train(a, fp8, bf16, steps, snapshot_at=None):
     init = {}
     for c in chunks:
         init.update({k: v.detach().clone() for k, v in unwrap(c).named_parameters()})
-    losses, norms, params = [], [], None
+    losses, norms, params, params0 = [], [], None, None
+    if snapshot_at is not None and not a.no_params:
+        params0 = {}
+        for c in chunks:
+            params0.update({k: v.float() for k, v in gather_full_state_dict(unwrap(c)).items()})
     for it in range(steps):
         mbs = microbatches(ds, it, a.gbs, a.mbs, dp, dp_rank) if (step.first or step.last) else None
         res = step(mbs, it * a.gbs)
@@ -104,7 +110,7 @@ def train(a, fp8, bf16, steps, snapshot_at=None):
             for c in chunks:
                 params.update({k: v.float() for k, v in gather_full_state_dict(unwrap(c)).items()})
     moved = sorted(k for c in chunks for k, v in unwrap(c).named_parameters() if not torch.equal(v, init[k]))
-    return losses, norms, params, moved
+    return losses, norms, params, params0, moved
 
 
 def main():
@@ -124,6 +130,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--snapshot-at", type=int, default=None, help="params after this many steps")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--adam-eps", type=float, default=None, help="Adam's eps (default: megatron's 1e-8)")
     ap.add_argument("--no-params", action="store_true", help="do not save parameters (big models)")
     ap.add_argument("--gbs", type=int, default=8)
     ap.add_argument("--mbs", type=int, default=2)
@@ -137,11 +144,12 @@ def main():
     info = initialize_distributed(a.tp, a.pp, seed=1234)
     out = {}
     if a.ref != "none":
-        out["ref_losses"], out["ref_grad_norms"], _, _ = train(a, None, a.ref == "bf16", a.steps)
+        out["ref_losses"], out["ref_grad_norms"], _, _, _ = train(a, None, a.ref == "bf16", a.steps)
     calls = count_scaled_mm()
     fp8 = None if a.fp8 == "none" else a.fp8
     snap = a.snapshot_at or a.steps
-    out["losses"], out["grad_norms"], out["params"], out["moved"] = train(a, fp8, a.bf16, a.steps, snap)
+    out["losses"], out["grad_norms"], out["params"], out["params0"], out["moved"] = train(a, fp8, a.bf16, a.steps,
+                                                                                         snap)
     out["scaled_mm_calls"] = len(calls)
     torch.save(out, os.path.join(a.out, f"rank{info.rank}.pt"))
     if info.rank == 0:  # a short summary for logs (the GPU check reads it)
