@@ -4,6 +4,9 @@ import warnings
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Before any test module imports megatron-core: the package's import gives each
+# ATEN_CPU_CAPABILITY a torch.compile cache of its own (megatron_sd3/compile_cache.py).
+import megatron_sd3  # noqa: E402,F401
 warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 
 
