@@ -17,6 +17,31 @@ LONG = ["--config", "configs/sd3_light_tiny.toml", "--pipeline-model-parallel-si
         "--no-progress", "--train-iters", "100000"]
 
 
+def _launcher_env(**extra):
+    """The environment of a process started as a user would start torchrun (no rank variables)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT, **extra)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _kill_launch(launcher, family):
+    """SIGKILL the launcher's group and every group of ``family`` (torchrun starts each rank in a
+    session of its own), then reap the launcher."""
+    groups = {launcher.pid}
+    for p in family:
+        try:
+            groups.add(os.getpgid(p))
+        except ProcessLookupError:
+            pass
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    launcher.wait()
+
+
 def _wait_training(metrics, job_alive, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline and job_alive():
@@ -92,9 +117,7 @@ def test_ranks_of_a_killed_torchrun_exit(tmp_path):
     """torchrun SIGKILLed (it cannot stop its ranks) after a checkpoint was saved: the ranks and what
     they started go too (megatron-core's checkpoint writer starts a results server per rank)."""
     m = str(tmp_path / "m.jsonl")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = _launcher_env()
     family = []
     with open(tmp_path / "torchrun.log", "w") as log:
         launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -120,19 +143,8 @@ def test_ranks_of_a_killed_torchrun_exit(tmp_path):
             time.sleep(0.2)
         left = [p for p in family if _alive(p)]
         assert not left, f"processes {left} of the job still run 60 s after torchrun died"
-    finally:  # torchrun starts each rank in a session of its own: kill those groups as well
-        groups = {launcher.pid}
-        for p in family:
-            try:
-                groups.add(os.getpgid(p))
-            except ProcessLookupError:
-                pass
-        for pgid in groups:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        launcher.wait()
+    finally:
+        _kill_launch(launcher, family)
 
 
 @pytest.mark.timeout(180)
@@ -140,9 +152,7 @@ def test_children_a_rank_forks_die_with_it(tmp_path):
     """Children that a rank forks after start-up and that block forever (a queue read as in
     megatron-core's writer workers, a bare fork, a fork from a thread that has ended) are gone
     within 60 s of kill -9 of the rank (watchdog.forked_children_die_with_parent)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = _launcher_env()
     rank = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "_fork_worker.py")], cwd=str(tmp_path),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     children = []
@@ -193,9 +203,7 @@ def test_no_process_of_the_run_outlives_a_rank_killed_mid_save(tmp_path):
     """kill -9 of a rank while a checkpoint is being written (megatron-core forks writer workers
     for it): torchrun ends the run, and 60 s after torchrun exits no process of the run is left."""
     m, ck = str(tmp_path / "m.jsonl"), tmp_path / "ck"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = _launcher_env()
     family = set()
     with open(tmp_path / "torchrun.log", "w") as log:
         launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -231,18 +239,7 @@ def test_no_process_of_the_run_outlives_a_rank_killed_mid_save(tmp_path):
         left = [p for p in family if _alive(p)]
         assert not left, f"processes {left} of the run still run 60 s after torchrun exited"
     finally:
-        groups = {launcher.pid}
-        for p in family:
-            try:
-                groups.add(os.getpgid(p))
-            except ProcessLookupError:
-                pass
-        for pgid in groups:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        launcher.wait()
+        _kill_launch(launcher, family)
 
 
 @pytest.mark.timeout(300)
@@ -250,9 +247,7 @@ def test_no_process_of_the_run_outlives_a_rank_killed_mid_save(tmp_path):
 def test_an_error_in_one_of_four_ranks_is_said_once(tmp_path, fail_rank):
     """PP=2 x DP=2 under torchrun; one rank meets an error mid-run: one line, by that rank, naming
     it; the other ranks say nothing (watchdog.first_to_fail); the run exits non-zero."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT, FAIL_RANK=str(fail_rank))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = _launcher_env(FAIL_RANK=str(fail_rank))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
                         str(free_port()), os.path.join(ROOT, "tests", "_failing_rank_entry.py"), *LONG[:-1], "8",
                         "--global-batch-size", "8"],

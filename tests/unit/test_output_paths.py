@@ -9,19 +9,10 @@ import tempfile
 import pytest
 
 from megatron_sd3.training.output_paths import path_problem
+from test_sync_free import _main  # pretrain_sd3.py's main in this process: (exit code, stderr)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = ["--config", "configs/sd3_light_tiny.toml", "--mock-data", "--train-iters", "8"]
-
-
-def _main(argv, capsys):
-    from megatron_sd3.training.pretrain import main
-
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def _one_line(err):
