@@ -138,10 +138,7 @@ def test_ranks_of_a_killed_torchrun_exit(tmp_path):
         family += ranks + helpers
         launcher.kill()
         launcher.wait()
-        deadline = time.time() + 60
-        while time.time() < deadline and any(_alive(p) for p in family):
-            time.sleep(0.2)
-        left = [p for p in family if _alive(p)]
+        left = _alive_after(family, 60)
         assert not left, f"processes {left} of the job still run 60 s after torchrun died"
     finally:
         _kill_launch(launcher, family)
@@ -167,10 +164,7 @@ def test_children_a_rank_forks_die_with_it(tmp_path):
         assert len(children) == 3 and int(words[-1]) == 3, line  # all alive while the rank is
         os.kill(rank.pid, signal.SIGKILL)
         rank.wait()
-        deadline = time.time() + 60
-        while time.time() < deadline and any(_alive(p) for p in children):
-            time.sleep(0.2)
-        left = [p for p in children if _alive(p)]
+        left = _alive_after(children, 60)
         assert not left, f"children {left} of the killed rank still run 60 s after it died"
     finally:
         for p in [rank.pid, *children]:
@@ -187,6 +181,14 @@ def _cmdline(pid):
             return fh.read()
     except OSError:
         return None
+
+
+def _alive_after(pids, seconds):
+    """The processes of ``pids`` still alive once all are gone or ``seconds`` have passed."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    return [p for p in pids if _alive(p)]
 
 
 def _descendants(pid):
@@ -233,10 +235,7 @@ def test_no_process_of_the_run_outlives_a_rank_killed_mid_save(tmp_path):
             time.sleep(0.05)
         assert launcher.poll() is not None, "torchrun still runs 180 s after a rank was killed"
         assert len(family) > 2, family  # the ranks and what they started
-        deadline = time.time() + 60
-        while time.time() < deadline and any(_alive(p) for p in family):
-            time.sleep(0.2)
-        left = [p for p in family if _alive(p)]
+        left = _alive_after(family, 60)
         assert not left, f"processes {left} of the run still run 60 s after torchrun exited"
     finally:
         _kill_launch(launcher, family)
