@@ -38,15 +38,14 @@ def path_problem(path: str, is_dir: bool) -> Optional[str]:
         if not is_dir and not os.access(p, os.W_OK):
             return f"{p} is not writable"
         return _probe(p if is_dir else p.parent)
-    ancestor = p.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    # A regular file on the way (or a path through one): nothing can be created below it.
-    for q in [*reversed(p.parents)]:
-        if q.exists() and not q.is_dir():
-            return f"{q} is a regular file, so {p} cannot be created under it"
+    # The deepest folder that exists; a regular file on the way means nothing can be created.
+    ancestor = Path(p.anchor)
+    for q in reversed(p.parents):
         if not q.exists():
             break
+        if not q.is_dir():
+            return f"{q} is a regular file, so {p} cannot be created under it"
+        ancestor = q
     return _probe(ancestor)
 
 
