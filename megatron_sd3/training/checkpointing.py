@@ -32,6 +32,7 @@ differing keys), plus per-rank RNG states (skipped, with a note, when the layout
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -315,6 +316,20 @@ def save_failed(root: Path, iteration: int, e: BaseException) -> SaveError:
                      f"run the same command to resume from it")
 
 
+@contextlib.contextmanager
+def _save_errors(root: Path, iteration: int):
+    """Any error of the save of ``iteration`` becomes :func:`save_failed`'s one error; a peer rank
+    that died is left as it is (that rank says why)."""
+    try:
+        yield
+    except (Exception, CheckpointException) as e:
+        from megatron_sd3.training.watchdog import peer_failure
+
+        if isinstance(e, Exception) and peer_failure(e):
+            raise
+        raise save_failed(root, iteration, e) from None
+
+
 def _cleanup_interrupted(root: Path) -> None:
     """Rank 0, before a save: what interrupted saves left (``*.tmp`` folders, iterations newer than
     ``latest``, which no resume loads) goes."""
@@ -359,8 +374,7 @@ class AsyncSaver:
         self.in_flight: Optional[tuple[Path, int]] = None  # (root, iteration) of the save being written
 
     def schedule(self, request, root: Path, iteration: int) -> None:
-        # the forked writer gets SIGTERM when its rank dies, so it cannot outlive it
-        request = request._replace(async_fn=functools.partial(_writer_with_parent, request.async_fn))
+        # the forked writer dies with its rank (watchdog.forked_children_die_with_parent)
         self.in_flight = (Path(root), iteration)
         self.queue.schedule_async_request(request)
 
@@ -368,25 +382,11 @@ class AsyncSaver:
         """Finalise the save once its writer is done (every rank agrees when); a failed write
         raises :class:`SaveError` (see :func:`save_failed`)."""
         if self.queue.get_num_unfinalized_calls():
-            try:
+            with _save_errors(*self.in_flight):
                 self.queue.maybe_finalize_async_calls(blocking=blocking)
-            except (Exception, CheckpointException) as e:
-                from megatron_sd3.training.watchdog import peer_failure
-
-                if isinstance(e, Exception) and peer_failure(e):  # a peer rank died: it says why
-                    raise
-                root, iteration = self.in_flight
-                raise save_failed(root, iteration, e) from None
 
     def pending(self) -> int:
         return self.queue.get_num_unfinalized_calls()
-
-
-def _writer_with_parent(fn, *args, **kwargs):
-    from megatron_sd3.training import watchdog
-
-    watchdog.die_with_parent()
-    return fn(*args, **kwargs)
 
 
 def save_checkpoint(root: str | Path, iteration: int, model_chunks, optimizer, ema, scheduler, *,
@@ -400,7 +400,7 @@ def save_checkpoint(root: str | Path, iteration: int, model_chunks, optimizer, e
     if async_saver is not None:
         async_saver.maybe_finalize(blocking=True)  # one save in flight at a time (as Megatron-LM)
     rank0 = dist.get_rank() == 0
-    try:
+    with _save_errors(root, iteration):
         if rank0:
             root.mkdir(parents=True, exist_ok=True)
             _cleanup_interrupted(root)
@@ -419,12 +419,6 @@ def save_checkpoint(root: str | Path, iteration: int, model_chunks, optimizer, e
                                           async_sharded_save=async_saver is not None)
         if request is None:
             finalize()
-    except (Exception, CheckpointException) as e:
-        from megatron_sd3.training.watchdog import peer_failure
-
-        if isinstance(e, Exception) and peer_failure(e):  # a peer rank died: it says why
-            raise
-        raise save_failed(root, iteration, e) from None
     if request is not None:
         request.add_finalize_fn(finalize)
         async_saver.schedule(request, root, iteration)
