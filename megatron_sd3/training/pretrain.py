@@ -392,7 +392,7 @@ def pretrain(args, plan) -> int:
 
     step = TrainStep(cfg, ddp, optimizer, global_batch_size=args.global_batch_size,
                      micro_batch_size=args.micro_batch_size, seed=args.seed,
-                     flow=FlowMatchingConfig(weighting=args.timestep_sampling, logit_mean=args.logit_mean,
+                     flow=FlowMatchingConfig(timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean,
                                              logit_std=args.logit_std, shift=args.timestep_shift,
                                              text_dropout=args.text_dropout),
                      cuda_graphs=args.torch_compile_mode == "reduce-overhead")
