@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from megatron_sd3.flow_matching import SCHEMES, TIMESTEP_SAMPLING, FlowMatchingConfig, scheme_problem
 from megatron_sd3.config import (
     MODEL_FIELDS, ConfigError, Field, above, at_least, check_model_fields, check_table, load_toml)
 
@@ -80,13 +81,23 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
         F("ema_power", float, 2 / 3, "exponent of --ema-warmup power", check=above(0)),
         F("max_skipped_iters", int, 10, "stop after this many NaN/Inf iterations in a row", check=at_least(1)),
     ]),
-    Section("flow", "flow matching", [
-        F("timestep_sampling", str, "logit_normal", "timestep distribution", choices=("logit_normal", "uniform")),
+    Section("flow", "flow matching: diffusers' --weighting-scheme names a timestep density and a loss "
+            "weight together (none, sigma_sqrt, cosmap: uniform t; logit_normal, mode: their own density; "
+            "sigma_sqrt 1/t^2, cosmap 2/(pi(1-2t+2t^2)), the others unit weights); --timestep-sampling "
+            "names the density alone. Give either, or both when they agree; --timestep-shift then "
+            "shifts the drawn t", [
+        F("weighting_scheme", str, None, "diffusers' SD3 density and loss weight (default: the "
+          "--timestep-sampling density with unit weights; logit_normal)", choices=SCHEMES),
+        F("timestep_sampling", str, None, "timestep density (default: the --weighting-scheme's; logit_normal)",
+          choices=TIMESTEP_SAMPLING),
         F("logit_mean", float, 0.0, "mean of the logit-normal timesteps"),
         F("logit_std", float, 1.0, "standard deviation of the logit-normal timesteps", check=above(0)),
+        F("mode_scale", float, 1.29, "scale of the mode density"),
         F("timestep_shift", float, 1.0, "SD3's timestep shift", check=above(0)),
+        F("precondition_outputs", bool, False, "the loss compares the x0 the prediction implies "
+          "(x_t - t * pred) with x0, as diffusers' --precondition-outputs"),
         F("text_dropout", float, 0.0, "probability of dropping the text (CFG)",
-          check=lambda v: None if 0 <= v <= 1 else "in [0, 1]"),
+          check=lambda v: None if 0 <= v < 1 else "in [0, 1)"),
     ]),
     Section("data", "data (one source: --data-path or --mock-data; one given as a flag replaces the TOML's)", [
         F("data_path", str, None, "dataset directory made by tools/preprocess_data.py", exclusive="data source"),
@@ -310,6 +321,12 @@ def validate(args) -> None:
         bad("--async-save needs --save DIR")
     if args.exit_signal_handler and not args.save:
         bad("--exit-signal-handler saves on SIGTERM and needs --save DIR")
+    problem = scheme_problem(args.timestep_sampling, args.weighting_scheme)
+    if problem:
+        bad(problem)
+    # the effective config names both: the scheme of the density, the density of the scheme
+    resolved = FlowMatchingConfig(timestep_sampling=args.timestep_sampling, weighting_scheme=args.weighting_scheme)
+    args.timestep_sampling, args.weighting_scheme = resolved.timestep_sampling, resolved.weighting_scheme
     if bool(args.data_path) == bool(args.mock_data):
         bad("give exactly one data source: --data-path DIR (tools/preprocess_data.py) or --mock-data")
     if args.mock_latent_size is not None:
@@ -374,6 +391,14 @@ def validate(args) -> None:
             bad(problem)
 
 
+def flow_config(args) -> FlowMatchingConfig:
+    """The run's flow-matching inputs (timestep density, loss weights, target, text dropout)."""
+    return FlowMatchingConfig(timestep_sampling=args.timestep_sampling, weighting_scheme=args.weighting_scheme,
+                              logit_mean=args.logit_mean, logit_std=args.logit_std, mode_scale=args.mode_scale,
+                              shift=args.timestep_shift, text_dropout=args.text_dropout,
+                              precondition_outputs=args.precondition_outputs)
+
+
 def effective_config(args) -> dict[str, Any]:
     """The run's configuration as printed at start and saved beside the checkpoints: ``config``,
     every declared field outside [model], and ``model`` (the checked model fields)."""
@@ -400,5 +425,5 @@ def optional_kernels() -> str:
     return state
 
 
-__all__ = ["Section", "SECTIONS", "fields", "build_parser", "parse_args", "validate", "effective_config",
+__all__ = ["Section", "SECTIONS", "fields", "build_parser", "parse_args", "validate", "flow_config", "effective_config",
            "optional_kernels"]

@@ -3,7 +3,8 @@
 The loss is ``sum_k weight_k * sum_k / W_k`` over the registered terms that are enabled; the
 default registry holds
 
-* ``denoise_loss``: denoise MSE or pseudo-Huber (optional mask), weight 1;
+* ``denoise_loss``: denoise MSE or pseudo-Huber (optional mask, optional per-sample weights of
+  the flow-matching scheme: ``--weighting-scheme``), weight 1;
 * ``text_recon_loss``: text reconstruction MSE, weight ``text_recon_gamma`` (on when > 0).
 
 A term (``LossTerm``) is a name (the key of the report, the metrics record and the log line),
@@ -64,9 +65,14 @@ def expand_mask(mask: Optional[torch.Tensor], like: torch.Tensor) -> Optional[to
                          f"{tuple(like.shape)}; give [B, H, W], [B, 1, H, W] or the full shape") from None
 
 
-def denoise_terms(pred, target, mask=None, pseudo_huber_c=None):
-    """(sum of weighted elementwise loss, total weight)."""
+def denoise_terms(pred, target, mask=None, pseudo_huber_c=None, sample_weight=None):
+    """(sum of weighted elementwise loss, total weight). ``sample_weight`` ([B], the flow
+    matching scheme's per-sample weights, ``flow_matching.loss_weighting``) multiplies each
+    sample's elements, as diffusers' ``weighting * (pred - target) ** 2``; it leaves the total
+    weight (the element count, or the mask's weight) as it is."""
     err = elementwise_denoise(pred, target, pseudo_huber_c)
+    if sample_weight is not None:
+        err = err * sample_weight.to(device=err.device, dtype=err.dtype).view(-1, *([1] * (err.dim() - 1)))
     m = expand_mask(mask, err)
     if m is None:
         return err.sum(), torch.tensor(float(err.numel()), device=err.device)
@@ -85,7 +91,8 @@ def text_recon_terms(final_tokens, target_tokens, keep_text=None):
 
 
 def _denoise(inp: "LossInputs"):
-    return denoise_terms(inp.pred, inp.target.to(inp.pred.device), inp.mask, inp.cfg.pseudo_huber_c)
+    return denoise_terms(inp.pred, inp.target.to(inp.pred.device), inp.mask, inp.cfg.pseudo_huber_c,
+                         inp.sample_weight)
 
 
 def _denoise_batch_weight(cfg, mb) -> float:
@@ -123,6 +130,8 @@ class LossInputs:
     cfg: Any = None
     keep_text: Optional[torch.Tensor] = None
     """[B] bool: False where the sample's text was dropped (classifier-free guidance); None: all kept."""
+    sample_weight: Optional[torch.Tensor] = None
+    """[B] per-sample weights of the denoise term (``--weighting-scheme``); None: all 1."""
 
 
 def _latent_elements(cfg, mb) -> float:
@@ -193,10 +202,16 @@ def keep_text_flags(positions, seed: int, flow, device="cpu") -> torch.Tensor:
     return make_flow_inputs(torch.zeros(len(positions), 1, device=device), positions, seed, flow).keep_text
 
 
-def loss_inputs(output, target, mask, cfg, keep_text=None) -> LossInputs:
+def loss_inputs(output, target, mask, cfg, keep_text=None, flow=None) -> LossInputs:
+    """The term functions' inputs; with ``flow`` (the microbatch's ``flow_matching.FlowSample``)
+    the prediction is what the flow compares with its target (the implied x0 under
+    ``precondition_outputs``) and the denoise term gets its per-sample weights."""
     pred, final_tokens, target_tokens = split_output(output)
+    if flow is not None:
+        pred = flow.prediction(pred)
     return LossInputs(pred=pred, target=target, mask=mask, final_tokens=final_tokens,
-                      target_tokens=target_tokens, cfg=cfg, keep_text=keep_text)
+                      target_tokens=target_tokens, cfg=cfg, keep_text=keep_text,
+                      sample_weight=None if flow is None else flow.loss_weight)
 
 
 def total_of(means: dict[str, float], cfg) -> float:

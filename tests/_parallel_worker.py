@@ -34,6 +34,8 @@ def main():
     ap.add_argument("--overlap", action="store_true",
                     help="distributed optimizer with overlapped grad reduce-scatter and param all-gather")
     ap.add_argument("--bucket-size", type=int, default=None, help="DDP bucket size (parameters)")
+    ap.add_argument("--weighting-scheme", default=None, help="diffusers' density and loss weight")
+    ap.add_argument("--precondition-outputs", action="store_true", help="the x0 target")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--gbs", type=int, default=8)
     ap.add_argument("--mbs", type=int, default=2)
@@ -47,6 +49,7 @@ def main():
     from megatron_sd3.convert import gather_full_state_dict
     from megatron_sd3.data.mock import MockDataset
     from megatron_sd3.distributed import initialize_distributed
+    from megatron_sd3.flow_matching import FlowMatchingConfig
     from megatron_sd3.training.parallel_layout import pipeline_config_fields
     from megatron_sd3.training.build import build_training, params_synced
     from megatron_sd3.training.step import TrainStep
@@ -64,7 +67,8 @@ def main():
     built = build_training(cfg, optimizer=dict(lr=LR, adam_eps=ADAM_EPS, weight_decay=0.01, clip_grad=1.0),
                            ddp_bucket_size=a.bucket_size, **overlap)
     chunks, ddp, opt = built.chunks, built.ddp, built.optimizer
-    step = TrainStep(cfg, ddp, opt, global_batch_size=a.gbs, micro_batch_size=a.mbs, seed=42)
+    flow = FlowMatchingConfig(weighting_scheme=a.weighting_scheme, precondition_outputs=a.precondition_outputs)
+    step = TrainStep(cfg, ddp, opt, global_batch_size=a.gbs, micro_batch_size=a.mbs, seed=42, flow=flow)
 
     sent = []
     orig = p2p_communication.P2PCommunicator._communicate

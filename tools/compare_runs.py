@@ -11,7 +11,10 @@ or with ``"type": "train"`` are training rows (``iteration``, ``loss``, ``denois
 ``text_recon_loss``); ``"type": "eval"`` rows hold ``loss``, ``denoise_loss``, ``loss_at_t``
 (``{t: loss}``), ``clip_score`` and the same for the EMA weights under ``"ema"`` (drawn dashed).
 The denoise loss is the figure comparable across gamma (the total loss includes gamma times the
-reconstruction loss). Needs matplotlib (``pip install matplotlib``).
+reconstruction loss); the validation denoise loss is also comparable across ``--weighting-scheme``s
+(it is the plain velocity MSE; training's is weighted by the scheme). Rows that name their
+``weighting_scheme`` put it in the run's legend label: ``gamma 0.5 [cosmap]``. Needs matplotlib
+(``pip install matplotlib``).
 """
 import argparse
 import json
@@ -55,6 +58,7 @@ def read_run(path: str) -> dict:
     series = {k: ([], []) for k, _ in PANELS if k != "eval_at_t"}
     series.update({"eval_denoise_ema": ([], []), "clip_ema": ([], [])})
     at_t: dict = {}
+    schemes: list[str] = []  # in the order the rows name them (a resumed run may change it)
     bad = 0
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()
@@ -72,6 +76,9 @@ def read_run(path: str) -> dict:
         if it is None:
             continue
         kind = row.get("type", "train")
+        scheme = row.get("weighting_scheme")
+        if isinstance(scheme, str) and scheme not in schemes:
+            schemes.append(scheme)
 
         def add(key, value):
             v = _num(value)
@@ -97,6 +104,7 @@ def read_run(path: str) -> dict:
     if bad:
         print(f"compare_runs: {path}: skipped {bad} line(s) that are not JSON", file=sys.stderr)
     series["eval_at_t"] = dict(sorted(at_t.items()))
+    series["weighting_scheme"] = ",".join(schemes)
     return series
 
 
@@ -130,6 +138,8 @@ def plot_runs(runs: list[tuple[str, dict]], output: str, smooth_window: int = 1,
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, s) in enumerate(runs):
         c = colors[i % len(colors)]
+        if s.get("weighting_scheme"):
+            label = f"{label} [{s['weighting_scheme']}]"
         for key in ("train_denoise", "train_loss", "train_recon"):
             xs, ys = s[key]
             if xs:

@@ -13,8 +13,12 @@ Validation (``Evaluator``):
 * the passes run through megatron's forward-only schedule (``EvalStep``: ``TrainStep`` with
   ``forward_only=True`` and the evaluation noise); the loss terms are the registry's
   (``megatron_sd3.loss``), summed as ``(sum, weight)`` over the whole set and DP ranks;
-* reported: ``loss``, every term (``denoise_loss``, ``text_recon_loss``) and ``loss_at_t``
-  (``{t: denoise loss}``); the mean over t is the mean of the per-t losses (every t sees the
+* reported: ``loss``, every term (``denoise_loss``, ``text_recon_loss``), ``loss_at_t``
+  (``{t: denoise loss}``) and ``denoise_loss_weighted``: ``denoise_loss`` and ``loss_at_t`` are
+  the plain velocity MSE, comparable across runs of any ``--weighting-scheme`` /
+  ``--precondition-outputs``; ``denoise_loss_weighted`` is the same samples scored as training
+  scores them (the scheme's per-sample weights at each t, the x0 target), and the record names
+  the ``weighting_scheme``; the mean over t is the mean of the per-t losses (every t sees the
   same samples); with EMA on, the same for the EMA weights under ``"ema"``, swapped in and
   back exactly (``EMA.copy_to``, then the saved tensors);
 * training is untouched: the model's train/eval flags, the CPU/CUDA RNG states and megatron's
@@ -34,8 +38,10 @@ of the prompt file) with ``clip_score.CLIPScorer`` on rank 0 and sent to every r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -44,12 +50,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_sd3.data._seeding import generator
-from megatron_sd3.flow_matching import FlowSample
-from megatron_sd3.loss import enabled_loss_terms, loss_terms, total_of
+from megatron_sd3.flow_matching import FlowMatchingConfig, FlowSample, loss_weighting
+from megatron_sd3.loss import denoise_terms, enabled_loss_terms, loss_terms, split_output, total_of
 from megatron_sd3.training.build import device
 from megatron_sd3.training.step import TrainStep
 
 EVAL_NOISE_TAG = "eval-noise"
+WEIGHTED = "denoise_loss_weighted"
+"""The denoise loss as the run's scheme weighs it (``--weighting-scheme``, ``--precondition-outputs``);
+``denoise_loss`` is the plain velocity MSE, comparable across runs of any scheme."""
 
 
 def eval_timesteps(k: int) -> list[float]:
@@ -59,16 +68,27 @@ def eval_timesteps(k: int) -> list[float]:
     return [(i + 0.5) / k for i in range(k)]
 
 
-def eval_flow_inputs(latents: torch.Tensor, sample_index, t: float, t_index: int, seed: int) -> FlowSample:
-    """``x_t = (1 - t) x0 + t noise`` with the fixed noise of each (sample, timestep)."""
+def eval_flow_inputs(latents: torch.Tensor, sample_index, t: float, t_index: int, seed: int,
+                     flow: Optional[FlowMatchingConfig] = None) -> tuple[FlowSample, Optional[FlowSample]]:
+    """``x_t = (1 - t) x0 + t noise`` with the fixed noise of each (sample, timestep):
+    ``(plain, trained)``: the velocity target with unit weights, and, when ``flow`` weights the
+    loss or preconditions the outputs, the same sample as training scores it (None otherwise)."""
     x0 = latents.float()
     noise = torch.stack([torch.randn(x0.shape[1:], generator=generator(seed, EVAL_NOISE_TAG, int(i), int(t_index)))
                          for i in sample_index]).to(x0.device)
     noisy = (1 - t) * x0 + t * noise
     n = x0.shape[0]
-    return FlowSample(noisy=noisy.to(latents.dtype), target=(noise - x0).to(latents.dtype),
-                      timestep=torch.full((n,), 1000.0 * t, dtype=torch.float32, device=x0.device),
-                      keep_text=torch.ones(n, dtype=torch.bool, device=x0.device))
+    sigmas = torch.full((n,), t, dtype=torch.float32, device=x0.device)
+    plain = FlowSample(noisy=noisy.to(latents.dtype), target=(noise - x0).to(latents.dtype),
+                       timestep=sigmas * 1000.0, keep_text=torch.ones(n, dtype=torch.bool, device=x0.device),
+                       sigmas=sigmas)
+    if flow is None or not (flow.weighted or flow.precondition_outputs):
+        return plain, None
+    trained = dataclasses.replace(
+        plain, target=x0.to(latents.dtype) if flow.precondition_outputs else plain.target,
+        loss_weight=loss_weighting(flow.weighting_scheme, sigmas) if flow.weighted else None,
+        precondition_outputs=flow.precondition_outputs)
+    return plain, trained
 
 
 # -- the validation set --------------------------------------------------------------------------
@@ -121,21 +141,45 @@ class EvalStep(TrainStep):
         """The fixed noise of each (sample, t), keyed by the sample's index (not its stream
         position), and the text as it is (no dropout)."""
         dev = device()
-        flow = eval_flow_inputs(mb["latents"].to(dev, non_blocking=True), mb["sample_index"].tolist(), self.t,
-                                self.t_index, self.seed)
+        plain, trained = eval_flow_inputs(mb["latents"].to(dev, non_blocking=True), mb["sample_index"].tolist(),
+                                          self.t, self.t_index, self.seed, self.flow)
+        self._trained = trained
         text = pooled = None
         if with_text:
             text = mb["prompt_embeds"].to(dev, non_blocking=True).float()
             pooled = mb["pooled_prompt_embeds"].to(dev, non_blocking=True).float()
-        return flow, text, pooled
+        return plain, text, pooled
+
+    def _forward_step(self, state, data_iterator, model):
+        output, loss_func = super()._forward_step(state, data_iterator, model)
+        if loss_func is not None:  # the microbatch's weighted sample goes with its loss function
+            loss_func = partial(self._with_weighted, loss_func, self._trained, loss_func.args[2])
+        return output, loss_func
+
+    def _with_weighted(self, loss_func, trained, mask, output):
+        """The registry's terms on the plain sample, plus ``WEIGHTED``: the denoise term of the
+        sample as training scores it (the plain one's when the scheme changes nothing)."""
+        loss, count, report = loss_func(output)
+        if trained is None:
+            report[WEIGHTED] = report["denoise_loss"]
+        else:
+            pred = trained.prediction(split_output(output)[0])
+            mask = None if mask is None else mask.to(pred.device)
+            s, w = denoise_terms(pred, trained.target.to(pred.device), mask, self.cfg.pseudo_huber_c,
+                                 trained.loss_weight)
+            report[WEIGHTED] = torch.stack([s.detach(), w.detach().to(s.dtype)])
+        return loss, count, report
+
+    def report_names(self) -> list[str]:
+        return [*super().report_names(), WEIGHTED]
 
     def reduce_report(self, reports) -> torch.Tensor:
         return self.report_totals(reports)
 
     def totals(self, microbatches) -> dict[str, tuple[float, float]]:
-        """Each term's ``(sum, weight)`` over the global batch of ``microbatches``, on every rank."""
+        """Each reported ``(sum, weight)`` over the global batch of ``microbatches``, on every rank."""
         tot = self(microbatches, 0).loss_tensor.tolist()
-        return {term.name: (s, w) for term, (s, w) in zip(loss_terms(), tot)}
+        return {name: (s, w) for name, (s, w) in zip(self.report_names(), tot)}
 
 
 @contextlib.contextmanager
@@ -179,10 +223,11 @@ class Evaluator:
     """``evaluate(iteration, ema)`` -> the ``"type": "eval"`` record (same on every rank)."""
 
     def __init__(self, cfg, ddp_chunks, valid: ValidationSet, *, global_batch_size: int, micro_batch_size: int,
-                 seed: int, timesteps: int = 8, eval_iters: int = 0):
+                 seed: int, timesteps: int = 8, eval_iters: int = 0, flow: Optional[FlowMatchingConfig] = None):
         self.cfg, self.chunks, self.valid = cfg, list(ddp_chunks), valid
+        self.flow = flow or FlowMatchingConfig()
         self.step = EvalStep(cfg, ddp_chunks, None, global_batch_size=global_batch_size,
-                             micro_batch_size=micro_batch_size, seed=seed)
+                             micro_batch_size=micro_batch_size, seed=seed, flow=self.flow)
         self.ts = eval_timesteps(timesteps)
         batches = valid.batches(global_batch_size)
         if not batches:
@@ -210,7 +255,7 @@ class Evaluator:
     @torch.no_grad()
     def losses(self) -> dict:
         """``loss``, every term's mean and ``loss_at_t`` over the validation set, current weights."""
-        names = [term.name for term in loss_terms()]
+        names = self.step.report_names()
         per_t = [{name: [0.0, 0.0] for name in names} for _ in self.ts]
         for batch in self.batches:  # each batch read once, evaluated at every t
             mbs = self._microbatches(batch)
@@ -224,7 +269,7 @@ class Evaluator:
         for t, p in zip(self.ts, per_t):
             s, w = p["denoise_loss"]
             at_t[f"{t:g}"] = s / w if w > 0 else float("nan")
-        enabled = {t.name for t in enabled_loss_terms(self.cfg)}
+        enabled = {t.name for t in enabled_loss_terms(self.cfg)} | {WEIGHTED}
         means = {name: ((s / w if w > 0 else float("nan")) if name in enabled else 0.0)
                  for name, (s, w) in sums.items()}
         return {"loss": total_of(means, self.cfg), **means, "loss_at_t": at_t}
@@ -234,6 +279,7 @@ class Evaluator:
             for c in self.chunks:
                 c.eval()
             rec = {"type": "eval", "iteration": int(iteration), **self.losses(),
+                   "weighting_scheme": self.flow.weighting_scheme,
                    "valid_samples": self.num_samples, "eval_timesteps": len(self.ts)}
             if clip is not None:
                 rec["clip_score"] = clip.score()
@@ -248,8 +294,8 @@ class Evaluator:
 def eval_log_line(rec: dict) -> str:
     """Megatron-LM's validation block: a rule, the losses, a rule."""
     def line(r, what):
-        names = ("loss", *(t.name for t in loss_terms()))
-        vals = " | ".join(f"{k} value: {r[k]:.6E}" for k in names)
+        names = ("loss", *(t.name for t in loss_terms()), WEIGHTED)
+        vals = " | ".join(f"{k} value: {r[k]:.6E}" for k in names if k in r)
         if "clip_score" in r:
             vals += f" | clip_score value: {r['clip_score']:.4f}"
         return f" validation loss{what} at iteration {rec['iteration']} | {vals} |"

@@ -18,11 +18,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.enums import AttnBackend
 
-from megatron_sd3.arguments import effective_config, optional_kernels
+from megatron_sd3.arguments import effective_config, flow_config, optional_kernels
 from megatron_sd3.config import ConfigError, config_to_dict, make_config, model_fields
 from megatron_sd3.distributed import initialize_distributed
 from megatron_sd3.flops import model_flops_per_sample
-from megatron_sd3.flow_matching import FlowMatchingConfig
 from megatron_sd3.loss import loss_terms
 from megatron_sd3.memory import report_at_start
 from megatron_sd3.training import checkpointing as ckpt
@@ -212,14 +211,17 @@ def optimizer_options(args) -> dict:
                 clip_grad=args.clip_grad)
 
 
-def metrics_record(iteration, consumed, dt, n_iters, samples, flops, world_size, lr, res, skipped_total) -> dict:
+def metrics_record(iteration, consumed, dt, n_iters, samples, flops, world_size, lr, res, skipped_total,
+                   weighting_scheme: Optional[str] = None) -> dict:
     """One line of ``--metrics-file``: timing, throughput, ``loss`` and every registered loss
-    term (``megatron_sd3.loss``), grad norm and skipped iterations."""
+    term (``megatron_sd3.loss``; ``denoise_loss`` as the ``weighting_scheme`` weighs it), grad
+    norm and skipped iterations."""
     losses = {k: res.losses[k] for k in ("loss", *(t.name for t in loss_terms()))}
+    scheme = {} if weighting_scheme is None else {"weighting_scheme": weighting_scheme}
     return {"type": "train", "iteration": iteration, "consumed_samples": consumed,
             "ms_per_iter": 1000 * dt / n_iters, "samples_per_sec": samples / dt,
             "tflops_per_gpu": flops / dt / world_size / 1e12,
-            "lr": lr, **losses, "grad_norm": res.grad_norm, "skipped_iters": skipped_total}
+            "lr": lr, **losses, **scheme, "grad_norm": res.grad_norm, "skipped_iters": skipped_total}
 
 
 def log_line(rec: dict, train_iters: int) -> str:
@@ -299,7 +301,7 @@ def build_side_tasks(args, cfg, ddp):
     if valid is not None:
         evaluator = Evaluator(cfg, ddp, valid, global_batch_size=args.global_batch_size,
                               micro_batch_size=args.micro_batch_size, seed=args.seed,
-                              timesteps=args.eval_timesteps, eval_iters=args.eval_iters)
+                              timesteps=args.eval_timesteps, eval_iters=args.eval_iters, flow=flow_config(args))
         _print0(f" > validation: {evaluator.num_samples} samples x {args.eval_timesteps} timesteps "
                 f"({'--valid-data-path ' + args.valid_data_path if args.valid_data_path else 'held out: the last ' + str(args.valid_samples) + ' samples'})")
     if args.sample_interval or args.clip_model:
@@ -392,9 +394,7 @@ def pretrain(args, plan) -> int:
 
     step = TrainStep(cfg, ddp, optimizer, global_batch_size=args.global_batch_size,
                      micro_batch_size=args.micro_batch_size, seed=args.seed,
-                     flow=FlowMatchingConfig(timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean,
-                                             logit_std=args.logit_std, shift=args.timestep_shift,
-                                             text_dropout=args.text_dropout),
+                     flow=flow_config(args),
                      cuda_graphs=args.torch_compile_mode == "reduce-overhead")
     data_iter = None
     if step.first or step.last:
@@ -485,7 +485,7 @@ def pretrain(args, plan) -> int:
             dt = time.time() - t_log
             n_iters = iteration % args.log_interval or args.log_interval
             rec = metrics_record(iteration, consumed, dt, n_iters, samples_log, flops_log, info.world_size,
-                                 optimizer.param_groups[0]["lr"], res, skipped_total)
+                                 optimizer.param_groups[0]["lr"], res, skipped_total, step.flow.weighting_scheme)
             metrics.write(rec)
             if not progress:
                 _print0(log_line(rec, args.train_iters))

@@ -137,9 +137,9 @@ class TrainStep:
         return {term.name: t[i] for i, term in enumerate(terms)}
 
     # -- the megatron forward step ---------------------------------------------------------------
-    def _loss_func(self, latents, target, mask, weights, keep_text, output):
+    def _loss_func(self, latents, flow, mask, weights, output):
         cfg = self.cfg
-        inp = loss_inputs(output, target, mask, cfg, keep_text)
+        inp = loss_inputs(output, flow.target, mask, cfg, flow.keep_text, flow)
         loss, report = None, {}
         for term in enabled_loss_terms(cfg):
             s, w = term.terms(inp)
@@ -190,7 +190,7 @@ class TrainStep:
             return output, None
         mask = mb.get("mask")
         mask = None if mask is None else mask.to(flow.target.device, non_blocking=True)
-        return output, partial(self._loss_func, mb["latents"], flow.target, mask, weights, flow.keep_text)
+        return output, partial(self._loss_func, mb["latents"], flow, mask, weights)
 
     # -- one iteration ---------------------------------------------------------------------------
     def __call__(self, microbatches: Optional[list[dict]], consumed_samples: int) -> StepResult:
@@ -237,16 +237,20 @@ class TrainStep:
         result.grad_norm = None if grad_norm is None else float(grad_norm)
         return result
 
+    def report_names(self) -> list[str]:
+        """The keys of a microbatch's report: every registered loss term."""
+        return [term.name for term in loss_terms()]
+
     def report_totals(self, reports) -> torch.Tensor:
-        """``[terms, 2]``: every registered term's ``(sum, weight)`` over the global batch
-        (float64, on the device), on every rank (summed on the last stage, broadcast)."""
-        terms = loss_terms()
-        tot = torch.zeros(len(terms), 2, dtype=torch.float64, device=device())
+        """``[names, 2]``: each reported ``(sum, weight)`` (``report_names``) over the global
+        batch (float64, on the device), on every rank (summed on the last stage, broadcast)."""
+        names = self.report_names()
+        tot = torch.zeros(len(names), 2, dtype=torch.float64, device=device())
         if self.last:
             for r in reports:
-                for i, term in enumerate(terms):
-                    if term.name in r:
-                        tot[i] += r[term.name].double()
+                for i, name in enumerate(names):
+                    if name in r:
+                        tot[i] += r[name].double()
             dist.all_reduce(tot, group=ps.get_data_parallel_group())
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(tot, src=ps.get_pipeline_model_parallel_last_rank(),

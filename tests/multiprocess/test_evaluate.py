@@ -31,10 +31,10 @@ def test_stratified_timesteps_and_fixed_noise():
 
     assert eval_timesteps(4) == [0.125, 0.375, 0.625, 0.875]
     x0 = torch.randn(3, 16, 4, 4)
-    a = eval_flow_inputs(x0, [5, 6, 7], 0.25, 1, seed=3)
-    b = eval_flow_inputs(x0[1:], [6, 7], 0.25, 1, seed=3)
+    a, _ = eval_flow_inputs(x0, [5, 6, 7], 0.25, 1, seed=3)
+    b, _ = eval_flow_inputs(x0[1:], [6, 7], 0.25, 1, seed=3)
     assert torch.equal(a.noisy[1:], b.noisy)  # keyed by the sample, not by its place in the batch
-    c = eval_flow_inputs(x0, [5, 6, 7], 0.25, 2, seed=3)
+    c, _ = eval_flow_inputs(x0, [5, 6, 7], 0.25, 2, seed=3)
     assert not torch.equal(a.target, c.target)  # another timestep index, another noise
     assert torch.equal(a.timestep, torch.full((3,), 250.0)) and bool(a.keep_text.all())
     noise = a.target + x0
@@ -103,6 +103,42 @@ def test_ema_swap_and_rng_are_restored_exactly(single_process):
         assert r1["denoise_loss"] == pytest.approx(np.mean(list(r1["loss_at_t"].values())), rel=1e-12)
         assert r1["valid_samples"] == 8 and r1["loss"] == pytest.approx(
             r1["denoise_loss"] + 0.5 * r1["text_recon_loss"], rel=1e-12)
+    finally:
+        built.free()
+
+
+def test_weighted_and_plain_denoise_loss(single_process):
+    """Evaluation reports the plain velocity MSE (``denoise_loss``, ``loss_at_t``: the same for
+    every scheme) and ``denoise_loss_weighted``: each t's loss as the run's scheme scores it."""
+    from megatron_sd3.config import make_config
+    from megatron_sd3.data.mock import MockDataset
+    from megatron_sd3.flow_matching import FlowMatchingConfig, loss_weighting
+    from megatron_sd3.training.build import build_training
+    from megatron_sd3.training.evaluate import Evaluator, ValidationSet, eval_log_line
+
+    cfg = make_config("tiny", text_recon_gamma=0.5, zero_init_adaln=False)
+    built = build_training(cfg, optimizer=dict(lr=1e-3))
+    try:
+        ds = MockDataset(16, latent_size=(8, 8), text_len=16, text_dim=32, pooled_dim=32)
+        recs = {}
+        for name, flow in [("default", None), ("cosmap", FlowMatchingConfig(weighting_scheme="cosmap")),
+                           ("x0", FlowMatchingConfig(weighting_scheme="sigma_sqrt", precondition_outputs=True))]:
+            ev = Evaluator(cfg, built.ddp, ValidationSet(ds, 8), global_batch_size=4, micro_batch_size=2, seed=0,
+                           timesteps=3, flow=flow)
+            recs[name] = ev.evaluate(1)
+        d, c, x = recs["default"], recs["cosmap"], recs["x0"]
+        for k in ("loss", "denoise_loss", "text_recon_loss", "loss_at_t"):
+            assert d[k] == c[k] == x[k], k
+        assert d["denoise_loss_weighted"] == d["denoise_loss"]
+        at_t = {float(t): v for t, v in d["loss_at_t"].items()}
+        cos = np.mean([float(loss_weighting("cosmap", torch.tensor(t))) * v for t, v in at_t.items()])
+        assert c["denoise_loss_weighted"] == pytest.approx(cos, rel=1e-5)
+        assert abs(c["denoise_loss_weighted"] / c["denoise_loss"] - 1) > 1e-2
+        # x0 error = t * velocity error, weighted by 1/t^2: the plain loss again, up to rounding
+        assert x["denoise_loss_weighted"] == pytest.approx(x["denoise_loss"], rel=1e-5)
+        assert [d["weighting_scheme"], c["weighting_scheme"], x["weighting_scheme"]] == \
+            ["logit_normal", "cosmap", "sigma_sqrt"]
+        assert "denoise_loss_weighted value:" in eval_log_line(c)
     finally:
         built.free()
 

@@ -57,6 +57,8 @@ def _compare(root, nproc, args, ref_args):
 PLAIN, MASK = (), ("--mask",)
 RECON_LATE = ("--gamma", "0.5", "--target", "3")
 RECON_0 = ("--gamma", "0.5", "--target", "0")
+COSMAP = ("--weighting-scheme", "cosmap")  # diffusers' non-uniform per-sample loss weights
+SQRT_X0 = ("--weighting-scheme", "sigma_sqrt", "--precondition-outputs")  # 1/t^2 weights, the x0 target
 HIDDEN, MB, IMG, TXT = 64, 2, 12, 16  # tiny preset, 8x6 latents, micro batch 2
 
 
@@ -74,8 +76,8 @@ def test_pp2_sends_exactly_the_plain_bytes(root):
 
 
 @pytest.mark.timeout(300)
-def test_dp2_with_different_masks(root):
-    _compare(root, 2, ["--mask"], MASK)
+def test_dp2_with_different_masks_weighted(root):
+    _compare(root, 2, ["--mask", *COSMAP], (*MASK, *COSMAP))
 
 
 @pytest.mark.slow  # TP x PP is covered by test_tp2_pp2_sequence_parallel_halves_the_message
@@ -90,8 +92,8 @@ def test_pp2_uneven(root):
 
 
 @pytest.mark.timeout(300)
-def test_pp2_recon_target_on_second_stage(root):
-    ranks = _compare(root, 2, ["--pp", "2", *RECON_LATE], RECON_LATE)
+def test_pp2_recon_target_on_second_stage_weighted_x0(root):
+    ranks = _compare(root, 2, ["--pp", "2", *RECON_LATE, *SQRT_X0], (*RECON_LATE, *SQRT_X0))
     assert ranks[0]["losses"][0]["text_recon_loss"] > 0
     assert all(shape == (IMG + 2 * TXT + 1, MB, HIDDEN) for shape, _ in ranks[0]["sent"])
 

@@ -238,3 +238,20 @@ def test_compare_runs_draws_both_runs(tmp_path):
     r = subprocess.run([sys.executable, COMPARE, str(tmp_path / "gamma0"), "--labels", "x,y"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--labels has 2 names for 1 runs" in r.stderr
+
+
+def test_compare_runs_legend_names_each_runs_weighting_scheme(tmp_path):
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import compare_runs
+
+    for name, scheme in (("a", "cosmap"), ("b", None)):
+        rows = [{"type": "train", "iteration": i, "loss": 1.0 / i, "denoise_loss": 1.0 / i,
+                 **({"weighting_scheme": scheme} if scheme else {})} for i in range(1, 5)]
+        rows.append({"type": "eval", "iteration": 4, "loss": 0.5, "denoise_loss": 0.5, "denoise_loss_weighted": 0.7,
+                     "loss_at_t": {"0.5": 0.5}, **({"weighting_scheme": scheme} if scheme else {})})
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    runs = [(n, compare_runs.read_run(str(tmp_path / f"{n}.jsonl"))) for n in ("a", "b")]
+    fig = compare_runs.plot_runs(runs, str(tmp_path / "cmp.png"))
+    labels = {ln.get_label() for ax in fig.axes for ln in ax.lines}
+    assert {"a [cosmap]", "b", "a [cosmap] t=0.5"} <= labels and "a" not in labels

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from megatron_sd3.flow_matching import FlowSample
 from megatron_sd3.loss import combine_local, denoise_terms, text_recon_terms
 from megatron_sd3.models.sd3_light import LightSD3Pipeline
 
@@ -87,11 +88,20 @@ def _batch(cfg, n, seed=0):
 
 @pytest.fixture
 def tiny_step(single_process):
+    yield from _tiny_step()
+
+
+@pytest.fixture
+def recon_step(single_process):
+    yield from _tiny_step(text_recon_gamma=0.5)
+
+
+def _tiny_step(**fields):
     from megatron_sd3.config import make_config
     from megatron_sd3.training.build import build_training
     from megatron_sd3.training.step import TrainStep
 
-    cfg = make_config("tiny", zero_init_adaln=False)
+    cfg = make_config("tiny", zero_init_adaln=False, **fields)
     built = build_training(cfg, optimizer=dict(lr=1e-3))
     step = TrainStep(cfg, built.ddp, built.optimizer, global_batch_size=4, micro_batch_size=2, seed=3,
                      forward_only=True)
@@ -131,7 +141,9 @@ def test_new_term_in_the_backpropagated_loss(tiny_step, pred_l2_term):
     pred = torch.randn(2, 16, 8, 8, generator=g, requires_grad=True)
     target = torch.randn(2, 16, 8, 8, generator=g)
     weights = {"denoise_loss": 3000.0, "pred_l2_loss": 5000.0}  # as if the global batch were bigger
-    loss, count, report = step._loss_func(target, target, None, weights, None, pred)
+    flow = FlowSample(noisy=target, target=target, timestep=torch.full((2,), 500.0),
+                      keep_text=torch.ones(2, dtype=torch.bool))
+    loss, count, report = step._loss_func(target, flow, None, weights, pred)
     assert set(report) == {"denoise_loss", "pred_l2_loss"} and int(count) == 2
     d, p = (pred - target).detach(), pred.detach()
     expect = step.gbs * ((d * d).sum() / 3000.0 + 0.3 * (p * p).sum() / 5000.0)
@@ -222,3 +234,46 @@ def test_step_with_every_text_dropped_is_finite(single_process):
     assert res.losses["text_recon_loss"] == 0.0
     assert res.losses["loss"] == pytest.approx(res.losses["denoise_loss"]) and res.losses["loss"] > 0
     built.free()
+
+
+# -- diffusers' per-sample weights and x0 target in the step's loss ---------------------------------------
+
+def test_scheme_weights_enter_the_denoise_term_once_as_diffusers(recon_step):
+    """The step's megatron loss under --weighting-scheme sigma_sqrt --precondition-outputs is
+    diffusers' ``mean((weighting * (model_pred * -sigma + x_t - x0) ** 2).reshape(B, -1), 1)``
+    summed over the samples (times gbs / global element count), and the text term is unweighted."""
+    from megatron_sd3.flow_matching import FlowMatchingConfig, make_flow_inputs
+
+    cfg, step = recon_step
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(2, 16, 8, 8, generator=g)
+    pred = torch.randn(2, 16, 8, 8, generator=g, requires_grad=True)
+    final, target_tok = torch.randn(2, 16, 64, generator=g), torch.randn(2, 16, 64, generator=g)
+    flow = make_flow_inputs(x0, [0, 1], seed=3, cfg=FlowMatchingConfig(weighting_scheme="sigma_sqrt",
+                                                                       precondition_outputs=True))
+    sig = (flow.timestep / 1000).view(-1, 1, 1, 1)
+    # diffusers' train_dreambooth_sd3.py, with its variable names
+    model_pred = pred.detach() * (-sig) + flow.noisy
+    weighting = (sig ** -2.0).float()
+    per_sample = torch.mean((weighting * (model_pred - x0) ** 2).reshape(2, -1), 1)
+    weights = {"denoise_loss": float(x0.numel()), "text_recon_loss": float(final.numel())}
+    loss, _, report = step._loss_func(x0, flow, None, weights, (pred, final, target_tok))
+    recon = ((final - target_tok) ** 2).mean()
+    assert torch.allclose(loss / step.gbs, per_sample.mean() + 0.5 * recon, rtol=1e-5)
+    assert torch.allclose(report["denoise_loss"][0] / report["denoise_loss"][1], per_sample.mean(), rtol=1e-5)
+    assert torch.allclose(report["text_recon_loss"][0] / report["text_recon_loss"][1], recon, rtol=1e-6)
+
+
+def test_weighted_step_keeps_the_text_term_and_the_draws(recon_step):
+    """--weighting-scheme cosmap draws the same uniform t as `none`: the text term is the same
+    number, the denoise term differs by the weights."""
+    from megatron_sd3.flow_matching import FlowMatchingConfig
+
+    cfg, step = recon_step
+    batch = _batch(cfg, step.num_microbatches)
+    step.flow = FlowMatchingConfig(weighting_scheme="none")
+    plain = step(batch, 0).losses
+    step.flow = FlowMatchingConfig(weighting_scheme="cosmap")
+    weighted = step(batch, 0).losses
+    assert weighted["text_recon_loss"] == plain["text_recon_loss"] > 0
+    assert abs(weighted["denoise_loss"] / plain["denoise_loss"] - 1) > 1e-3
