@@ -132,7 +132,8 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
         F("sample_prompts", str, None, "safetensors of prompt embeddings (tools/preprocess_data.py --prompts); "
           "default: DATA/sample_prompts.safetensors, else the text of the first --sample-num "
           "validation (or dataset) samples"),
-        F("sample_num", int, 4, "prompts taken from the data when there is no prompt file", check=at_least(1)),
+        F("sample_num", int, 4, "prompts taken from the data when there is no prompt file (--mock-classes: "
+          "samples of each class, a grid row per class)", check=at_least(1)),
         F("sample_steps", int, 20, "Euler steps per sample", check=at_least(1)),
         F("sample_cfg_scale", float, 4.0, "classifier-free guidance scale (<= 1: none)"),
         F("sample_shift", float, 3.0, "timestep shift of the sampling schedule", check=above(0)),

@@ -127,5 +127,19 @@ class MockDataset(torch.utils.data.Dataset):
             out[c, :, rows, cols] = 1.5
         return out * signs[:, :, None, None]
 
+    def prompt_rows(self, per_class: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(prompt_embeds, pooled, labels)``: each class's prompt ``per_class`` times, class by
+        class (the sample grid of the conditional task: one row per class)."""
+        text, pooled = self.class_prompts()
+        labels = torch.arange(self.classes).repeat_interleave(int(per_class))
+        return text[labels].contiguous(), pooled[labels].contiguous(), labels
+
+    def classify(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[N]``: the class whose pattern each ``[N, C, h, w]`` latent is nearest (mean
+        squared distance): a sample follows its prompt when this is the prompt's class."""
+        patterns = self.class_patterns(*latents.shape[-2:])
+        d = ((latents[:, None].float().cpu() - patterns[None]) ** 2).flatten(2).mean(-1)
+        return d.argmin(1)
+
 
 CLASS_NOISE = 0.2

@@ -329,21 +329,36 @@ def load_prompt_embeds(path: str) -> tuple[torch.Tensor, torch.Tensor, Optional[
     return text, pooled, prompts
 
 
-def grid_image(images: torch.Tensor, min_side: int = 64) -> np.ndarray:
-    """``[N, 3, h, w]`` uint8 -> one ``[H, W, 3]`` grid (ceil(sqrt N) columns), tiles enlarged
-    (nearest) to at least ``min_side`` pixels."""
+def grid_image(images: torch.Tensor, min_side: int = 64, cols: Optional[int] = None,
+               row_labels: Optional[list[str]] = None) -> np.ndarray:
+    """``[N, 3, h, w]`` uint8 -> one ``[H, W, 3]`` grid (``cols`` columns, default ceil(sqrt N)),
+    tiles enlarged (nearest) to at least ``min_side`` pixels; ``row_labels``: a name written
+    left of each row, and a white gap of 2 pixels between tiles."""
     n, _, h, w = images.shape
     scale = max(1, math.ceil(min_side / max(h, w)))
     if scale > 1:
         images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     H, W = images.shape[-2:]
-    grid = torch.zeros(3, rows * H, cols * W, dtype=torch.uint8)
+    gap = 2 if row_labels else 0
+    grid = torch.full((3, rows * (H + gap) - gap, cols * (W + gap) - gap), 255 if gap else 0, dtype=torch.uint8)
     for i in range(n):
         r, c = divmod(i, cols)
-        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = images[i]
-    return grid.permute(1, 2, 0).contiguous().numpy()
+        y, x = r * (H + gap), c * (W + gap)
+        grid[:, y:y + H, x:x + W] = images[i]
+    out = grid.permute(1, 2, 0).contiguous().numpy()
+    if not row_labels:
+        return out
+    from PIL import Image, ImageDraw
+
+    margin = 8 + 7 * max(len(s) for s in row_labels)  # PIL's default bitmap font: about 6 px a character
+    canvas = Image.new("RGB", (margin + out.shape[1], out.shape[0]), (255, 255, 255))
+    canvas.paste(Image.fromarray(out), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, label in enumerate(row_labels[:rows]):
+        draw.text((4, r * (H + gap) + H // 2 - 6), label, fill=(0, 0, 0))
+    return np.asarray(canvas)
 
 
 class SampleGrid:
@@ -351,9 +366,15 @@ class SampleGrid:
 
     def __init__(self, chunks, text: torch.Tensor, pooled: torch.Tensor, latent_hw, in_channels: int, *,
                  steps: int = 20, cfg_scale: float = 4.0, shift: float = 3.0, seed: int = 0,
-                 sd3_root: Optional[str] = None, out_dir: Optional[str] = None):
+                 sd3_root: Optional[str] = None, out_dir: Optional[str] = None, cols: Optional[int] = None,
+                 row_labels: Optional[list[str]] = None, judge=None, chance: Optional[float] = None):
+        """``cols``/``row_labels``: the grid's layout (``grid_image``); ``judge``: latents ->
+        ``[N]`` bool, whether each sample follows its prompt (a task that can tell, such as the
+        conditional mock task), reported by ``following_line`` against ``chance``."""
         from megatron_sd3.sampling import seeded_noise
 
+        self.cols, self.row_labels, self.judge, self.chance = cols, row_labels, judge, chance
+        self.following: Optional[tuple[int, int]] = None
         self.chunks = list(chunks)
         self.text, self.pooled = text, pooled
         self.noise = seeded_noise(seed, text.shape[0], (in_channels, *latent_hw))
@@ -390,13 +411,26 @@ class SampleGrid:
             return None
         from PIL import Image
 
-        grid = grid_image(self.images(lat))
+        grid = grid_image(self.images(lat), cols=self.cols, row_labels=self.row_labels)
+        if self.judge is not None:
+            ok = self.judge(lat)
+            self.following = (int(ok.sum()), int(ok.numel()))
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, f"iter_{iteration:07d}.png")
         Image.fromarray(grid).save(path)
         if metrics is not None:
             metrics.image("samples", grid, iteration)
         return path
+
+
+    def following_line(self) -> Optional[str]:
+        """``samples following their prompt: 0.97 (31 of 32; chance 0.25)`` after a judged
+        ``write`` (rank 0), else None."""
+        if self.following is None:
+            return None
+        hits, n = self.following
+        chance = "" if self.chance is None else f"; chance {self.chance:.2f}"
+        return f"samples following their prompt: {hits / n:.2f} ({hits} of {n}{chance})"
 
 
 class ClipEval:

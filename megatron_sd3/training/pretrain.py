@@ -306,12 +306,21 @@ def build_side_tasks(args, cfg, ddp):
                 f"({'--valid-data-path ' + args.valid_data_path if args.valid_data_path else 'held out: the last ' + str(args.valid_samples) + ' samples'})")
     if args.sample_interval or args.clip_model:
         source = valid if valid is not None else ValidationSet(build_dataset(args, cfg))
-        text, pooled = _sample_prompts(args, cfg, source)
         hw = tuple(source.dataset.buckets[0])
         out_dir = os.path.join(args.save, "samples") if args.save else None
+        layout = {}
+        if args.mock_data and args.mock_classes and _prompt_file(args) is None:
+            # the conditional task: --sample-num samples of each class's prompt, a row per class,
+            # each judged by the class pattern it is nearest
+            ds = source.dataset
+            text, pooled, labels = ds.prompt_rows(args.sample_num)
+            layout = dict(cols=args.sample_num, row_labels=[f"class {c}" for c in range(args.mock_classes)],
+                          judge=lambda lat: ds.classify(lat) == labels, chance=1 / args.mock_classes)
+        else:
+            text, pooled = _sample_prompts(args, cfg, source)
         grid = SampleGrid(ddp, text, pooled, hw, cfg.in_channels, steps=args.sample_steps,
                           cfg_scale=args.sample_cfg_scale, shift=args.sample_shift, seed=args.sample_seed,
-                          sd3_root=args.sd3_root, out_dir=out_dir)
+                          sd3_root=args.sd3_root, out_dir=out_dir, **layout)
         sampler = grid if args.sample_interval else None
         if args.clip_model and evaluator is not None:  # the same samples the grid shows, scored
             clip = ClipEval(grid, _clip_prompts(args), args.clip_model)
@@ -333,6 +342,8 @@ def run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, final=Fals
         path = sampler.write(iteration, metrics)
         if path:
             _print0(f" > samples: {path}")
+            if sampler.following_line():
+                _print0(f" > {sampler.following_line()}")
     return time.time() - t0
 
 
@@ -533,6 +544,8 @@ def pretrain(args, plan) -> int:
     run_samples = (iteration - start_iteration) * args.global_batch_size
     _print0(f"  samples/s: {run_samples / max(elapsed, 1e-9):.2f} ({run_samples} samples in {elapsed:.1f} s)")
     _print0(f"  skipped iterations: {skipped_total}")
+    if sampler is not None and sampler.following_line():
+        _print0(f"  {sampler.following_line()}")
     if args.save:
         latest = ckpt.read_latest(args.save)
         _print0(f"  checkpoint: {ckpt.iter_dir(args.save, latest) if latest is not None else 'none'}")
