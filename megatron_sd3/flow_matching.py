@@ -13,6 +13,8 @@
   weights; ``none`` is uniform, unit weights);
 * ``precondition_outputs`` (diffusers' ``--precondition-outputs``): the loss compares the x0 the
   prediction implies, ``x_t - t * pred``, with ``x0`` instead of ``pred`` with ``noise - x0``;
+  (``docs/design.md``, "Timestep densities and per-sample weights": why the weights leave the
+  data-parallel normalisation exact);
 * per-sample text dropout for classifier-free guidance: zeroed text tokens and pooled vector.
 
 Noise, timestep and dropout belong to the *sample*, not the rank (``docs/design.md``, section
