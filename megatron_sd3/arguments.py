@@ -90,7 +90,8 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
           "--timestep-sampling density with unit weights; logit_normal)", choices=SCHEMES),
         F("timestep_sampling", str, None, "timestep density (default: the --weighting-scheme's; logit_normal)",
           choices=TIMESTEP_SAMPLING),
-        F("logit_mean", float, 0.0, "mean of the logit-normal timesteps"),
+        F("logit_mean", float, 0.0, "mean of the logit-normal timesteps (t is the noise level, as in the SD3 "
+          "paper: > 0 trains noisier; diffusers' script indexes descending timesteps with it, the other way)"),
         F("logit_std", float, 1.0, "standard deviation of the logit-normal timesteps", check=above(0)),
         F("mode_scale", float, 1.29, "scale of the mode density"),
         F("timestep_shift", float, 1.0, "SD3's timestep shift", check=above(0)),
