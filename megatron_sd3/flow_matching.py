@@ -2,8 +2,7 @@
 
 * timesteps ``t`` in (0, 1), the noise level (diffusers' sigmas; its SD3 script takes the drawn
   u as an index into descending timesteps, sigma ~ 1 - u, the same for the symmetric densities):
-  logit-normal
-  (``sigmoid(N(mean, std))``, SD3's default), uniform, or ``mode``
+  logit-normal (``sigmoid(N(mean, std))``, SD3's default), uniform, or ``mode``
   (``1 - u - s (cos^2(pi u / 2) - 1 + u)``, u uniform): the densities of
   ``diffusers.training_utils.compute_density_for_timestep_sampling``; an optional shift
   ``t' = s t / (1 + (s - 1) t)`` (SD3's resolution-dependent shift);
