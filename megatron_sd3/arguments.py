@@ -101,7 +101,9 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
           check=lambda v: None if 0 <= v < 1 else "in [0, 1)"),
     ]),
     Section("data", "data (one source: --data-path or --mock-data; one given as a flag replaces the TOML's)", [
-        F("data_path", str, None, "dataset directory made by tools/preprocess_data.py", exclusive="data source"),
+        F("data_path", list, None, "dataset directory made by tools/preprocess_data.py, or a blend as "
+          "Megatron-LM's: weight-directory pairs, e.g. 0.7 A 0.3 B (TOML: \"DIR\" or [0.7, \"A\", 0.3, \"B\"])",
+          exclusive="data source", item=str),
         F("mock_data", bool, False, "deterministic synthetic data (as Megatron-LM)", exclusive="data source"),
         F("mock_num_samples", int, 100_000, "samples of the synthetic dataset", check=at_least(1)),
         F("mock_latent_size", str, None, "HxW of mock latents, e.g. 32x32 (default: the model's sample size)"),
@@ -112,7 +114,8 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
           "global batch per epoch, its samples repeated to fill it (default: they are skipped, with a warning)"),
     ]),
     Section("evaluation", "validation (held-out data, forward only, fixed noise)", [
-        F("valid_data_path", str, None, "validation dataset directory made by tools/preprocess_data.py"),
+        F("valid_data_path", list, None, "validation dataset directory made by tools/preprocess_data.py, or "
+          "a blend of them (weight-directory pairs)", item=str),
         F("valid_samples", int, None, "hold out the last N samples of --data-path / the mock source "
           "(never trained on) as the validation set", check=at_least(1)),
         F("eval_interval", int, None, "iterations between evaluations (and one at the end)", check=at_least(1)),
@@ -247,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
             if f.type is bool:
                 kw["action"] = argparse.BooleanOptionalAction if f.negatable else "store_true"
             elif f.type is list:
-                kw.update(type=f.item, nargs="*", metavar="N" if f.item is int else "NAME")
+                kw.update(type=f.item, nargs="*", metavar="N" if f.item is int else
+                          "DIR" if f.name.endswith("data_path") else "NAME")
             else:
                 kw["type"] = f.type
                 if f.choices:
@@ -329,6 +333,13 @@ def validate(args) -> None:
     # the effective config names both: the scheme of the density, the density of the scheme
     resolved = FlowMatchingConfig(timestep_sampling=args.timestep_sampling, weighting_scheme=args.weighting_scheme)
     args.timestep_sampling, args.weighting_scheme = resolved.timestep_sampling, resolved.weighting_scheme
+    from megatron_sd3.data.blend import BlendError, parse_blend
+
+    try:
+        args.data_blend = parse_blend(args.data_path, "--data-path")
+        args.valid_blend = parse_blend(args.valid_data_path, "--valid-data-path")
+    except BlendError as e:
+        bad(str(e))
     if bool(args.data_path) == bool(args.mock_data):
         bad("give exactly one data source: --data-path DIR (tools/preprocess_data.py) or --mock-data")
     if args.mock_latent_size is not None:

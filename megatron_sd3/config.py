@@ -181,6 +181,10 @@ class Field:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             value = float(value) if ok else value
         elif t is list:
+            if self.item is str and isinstance(value, str):  # one string: a list of it (a path may hold spaces)
+                value = [value]
+            if self.item is str and isinstance(value, (list, tuple)):  # TOML numbers among words: [0.7, "A"]
+                value = [str(i) if isinstance(i, (int, float)) and not isinstance(i, bool) else i for i in value]
             ok = isinstance(value, (list, tuple)) and all(
                 isinstance(i, self.item) and not isinstance(i, bool) for i in value)
             value = tuple(value) if ok else value

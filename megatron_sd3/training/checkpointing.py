@@ -391,7 +391,8 @@ class AsyncSaver:
 
 def save_checkpoint(root: str | Path, iteration: int, model_chunks, optimizer, ema, scheduler, *,
                     consumed_samples: int, skipped_iters: int, model_config: dict, run_config: dict,
-                    global_batch_size: Optional[int] = None, async_saver: Optional[AsyncSaver] = None) -> Path:
+                    global_batch_size: Optional[int] = None, async_saver: Optional[AsyncSaver] = None,
+                    data_blend: Optional[list] = None) -> Path:
     """A complete training checkpoint (``optimizer=None``: weights only, e.g. converted weights).
     With ``async_saver`` the files are written in the background and the checkpoint counts (in
     ``latest``) once ``async_saver.maybe_finalize`` has finalised it."""
@@ -408,7 +409,7 @@ def save_checkpoint(root: str | Path, iteration: int, model_chunks, optimizer, e
         dist.barrier()
         weights_only = optimizer is None
         common = {"iteration": iteration, "consumed_samples": consumed_samples, "skipped_iters": skipped_iters,
-                  "global_batch_size": global_batch_size,
+                  "global_batch_size": global_batch_size, "data_blend": data_blend,
                   "scheduler": None if weights_only else scheduler.state_dict(), "model_config": model_config,
                   "layout": _layout(), "weights_only": weights_only, "has_ema": ema is not None}
         state = _state_dict(model_chunks, optimizer, ema, common, None if weights_only else _rng_state(),

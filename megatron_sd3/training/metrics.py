@@ -67,7 +67,10 @@ def scalars(rec: dict) -> dict[str, float]:
             add_eval("validation-ema", rec["ema"])
     else:
         for k, v in rec.items():
-            if k not in ("iteration", "type"):
+            if isinstance(v, dict):  # e.g. dataset_samples {dataset: samples}
+                for name, sv in v.items():
+                    put(f"{k}/{name}", sv)
+            elif k not in ("iteration", "type"):
                 put(k, v)
     return out
 

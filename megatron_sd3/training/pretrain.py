@@ -53,8 +53,10 @@ def _print0(*a):
         print(*a, flush=True)
 
 
-def build_dataset(args, cfg, path=None):
-    if path is None and args.mock_data:
+def build_dataset(args, cfg, blend=None):
+    """The training data (``blend`` None: ``--data-path`` or the mock source), or the parts of
+    ``blend`` (``[(weight, dir)]``): one directory as is, several as a ``BlendedDataset``."""
+    if blend is None and args.mock_data:
         from megatron_sd3.data.mock import MockDataset
 
         side = cfg.sample_size
@@ -63,15 +65,24 @@ def build_dataset(args, cfg, path=None):
                            text_len=cfg.text_seq_len, text_dim=cfg.joint_attention_dim,
                            pooled_dim=cfg.pooled_projection_dim, with_mask=args.mock_with_mask, seed=args.seed,
                            classes=args.mock_classes)
+    from megatron_sd3.data.blend import BlendedDataset
     from megatron_sd3.data.dataset import ShardedDataset
 
-    ds = ShardedDataset(path or args.data_path, verify="fast")
-    return ds
+    blend = blend or args.data_blend
+    parts = [ShardedDataset(p, verify="fast") for _, p in blend]
+    if len(parts) == 1:
+        return parts[0]
+    return BlendedDataset(parts, [w for w, _ in blend], seed=args.seed, names=[p for _, p in blend])
 
 
 def _check_data_matches_model(ds, cfg, args, path=None):
     """The dataset's text/pooled widths must be the model's (the text length too with pipeline
-    stages; a single stage takes any): said before training starts."""
+    stages; a single stage takes any): said before training starts. A blend: each of its parts."""
+    parts = getattr(ds, "datasets", None)
+    if parts is not None:
+        for part, name in zip(parts, ds.names):
+            _check_data_matches_model(part, cfg, args, path=name)
+        return
     sample = ds[0]
     t, p, lat = sample["prompt_embeds"], sample["pooled_prompt_embeds"], sample["latents"]
     problems = []
@@ -85,7 +96,7 @@ def _check_data_matches_model(ds, cfg, args, path=None):
     if lat.shape[0] != cfg.in_channels:
         problems.append(f"latent channels {lat.shape[0]} vs model {cfg.in_channels}")
     if problems:
-        raise ConfigError(f"data {path or args.data_path or 'mock'} does not fit the model: {'; '.join(problems)}; "
+        raise ConfigError(f"data {path or (args.data_blend[0][1] if args.data_blend else 'mock')} does not fit the model: {'; '.join(problems)}; "
                           f"use a [model] preset matching the data (text_seq_len, joint_attention_dim, ...)")
 
 
@@ -126,27 +137,31 @@ def preflight(args):
     if args.attention_backend == "fused" and args.transformer_impl == "local" and not torch.cuda.is_available():
         raise ConfigError("--attention-backend fused is cuDNN attention and needs a CUDA GPU; "
                           "use auto, flash or unfused on CPU")
+    data_sizes = []
     if args.data_path:  # a missing or damaged shard, or data of other widths: said before any work starts
         from megatron_sd3.data.shards import check_fits_model, verify
         from megatron_sd3.loss import ConfigView
 
-        manifest = verify(args.data_path, fast=True)
         model = ConfigView(mf)  # the preset's fields over the SD3Config defaults
-        check_fits_model(args.data_path, manifest, text_dim=model.joint_attention_dim,
-                         pooled_dim=model.pooled_projection_dim, latent_channels=model.in_channels,
-                         text_len=model.text_seq_len if pp > 1 else None)
+        for _, path in args.data_blend:  # each dataset of a blend
+            manifest = verify(path, fast=True)
+            check_fits_model(path, manifest, text_dim=model.joint_attention_dim,
+                             pooled_dim=model.pooled_projection_dim, latent_channels=model.in_channels,
+                             text_len=model.text_seq_len if pp > 1 else None)
+            data_sizes.append(int(manifest["num_samples"]))
     # -- validation, samples, W&B (training/evaluate.py, training/metrics.py) --
     if args.valid_data_path:
         from megatron_sd3.data.shards import load_manifest
 
-        load_manifest(args.valid_data_path)
+        for _, path in args.valid_blend:
+            load_manifest(path)
     if args.valid_samples and args.data_path:
-        from megatron_sd3.data.shards import load_manifest
+        from megatron_sd3.data.blend import blend_counts
 
-        n = load_manifest(args.data_path)["num_samples"]
+        n = sum(blend_counts(data_sizes, [w for w, _ in args.data_blend]))
         if args.valid_samples >= n:
             raise ConfigError(f"--valid-samples {args.valid_samples} leaves no training samples of the "
-                              f"{n} in {args.data_path}; hold out fewer")
+                              f"{n} in --data-path {' '.join(args.data_path)}; hold out fewer")
     if (args.sample_interval or args.clip_model) and vpp is not None:
         raise ConfigError("--sample-interval / --clip-model sample with one model chunk per rank; drop "
                           "--num-virtual-stages-per-pipeline-rank or them")
@@ -160,8 +175,18 @@ def preflight(args):
                               f"CLIPModel folder (CLIPModel.save_pretrained + CLIPProcessor.save_pretrained)")
     check_wandb(wandb_settings(args))
     check_output_paths(args)
-    return {"preset": preset, "fields": fields, "model_fields": mf, "dp": dp,
-            "load_dir": ckpt.resolve_load(args.load, args.save, args.ckpt_step)}
+    load_dir = ckpt.resolve_load(args.load, args.save, args.ckpt_step)
+    data_blend = None
+    if args.data_path:
+        from megatron_sd3.data.blend import blend_signature, signature_problem
+
+        data_blend = blend_signature(args.data_blend, data_sizes)
+        if load_dir is not None:  # the blend keys the data order: a resume may not change it
+            problem = signature_problem(ckpt.load_common(load_dir).get("data_blend"), data_blend)
+            if problem:
+                raise ckpt.CheckpointError(f"--load {load_dir}: {problem}")
+    return {"preset": preset, "fields": fields, "model_fields": mf, "dp": dp, "load_dir": load_dir,
+            "data_blend": data_blend}
 
 
 def setup(args, plan):
@@ -239,8 +264,9 @@ def _prompt_file(args) -> Optional[str]:
     """``--sample-prompts``, else the data's ``sample_prompts.safetensors``, else None."""
     if args.sample_prompts:
         return args.sample_prompts
-    if args.data_path and os.path.isfile(os.path.join(args.data_path, "sample_prompts.safetensors")):
-        return os.path.join(args.data_path, "sample_prompts.safetensors")
+    first = args.data_blend[0][1] if args.data_blend else None  # a blend: its first dataset's prompts
+    if first and os.path.isfile(os.path.join(first, "sample_prompts.safetensors")):
+        return os.path.join(first, "sample_prompts.safetensors")
     return None
 
 
@@ -292,8 +318,8 @@ def build_side_tasks(args, cfg, ddp):
 
     evaluator = sampler = valid = clip = None
     if args.valid_data_path:
-        vds = build_dataset(args, cfg, path=args.valid_data_path)
-        _check_data_matches_model(vds, cfg, args, path=args.valid_data_path)
+        vds = build_dataset(args, cfg, blend=args.valid_blend)
+        _check_data_matches_model(vds, cfg, args, path=" ".join(args.valid_data_path))
         valid = ValidationSet(vds)
     elif args.valid_samples:
         ds = build_dataset(args, cfg)
@@ -303,7 +329,7 @@ def build_side_tasks(args, cfg, ddp):
                               micro_batch_size=args.micro_batch_size, seed=args.seed,
                               timesteps=args.eval_timesteps, eval_iters=args.eval_iters, flow=flow_config(args))
         _print0(f" > validation: {evaluator.num_samples} samples x {args.eval_timesteps} timesteps "
-                f"({'--valid-data-path ' + args.valid_data_path if args.valid_data_path else 'held out: the last ' + str(args.valid_samples) + ' samples'})")
+                f"({'--valid-data-path ' + ' '.join(args.valid_data_path) if args.valid_data_path else 'held out: the last ' + str(args.valid_samples) + ' samples'})")
     if args.sample_interval or args.clip_model:
         source = valid if valid is not None else ValidationSet(build_dataset(args, cfg))
         hw = tuple(source.dataset.buckets[0])
@@ -407,7 +433,7 @@ def pretrain(args, plan) -> int:
                      micro_batch_size=args.micro_batch_size, seed=args.seed,
                      flow=flow_config(args),
                      cuda_graphs=args.torch_compile_mode == "reduce-overhead")
-    data_iter = None
+    data_iter = blend = None
     if step.first or step.last:
         from megatron_sd3.data.sampler import build_data_iterator, small_bucket_report
 
@@ -417,10 +443,12 @@ def pretrain(args, plan) -> int:
         if small and dist.get_rank() == 0:
             print(f" > {small}", flush=True)
         keys = None if step.first else ("latents", "mask")
+        blend = ds if hasattr(ds, "drawn") else None
         data_iter = build_data_iterator(ds, args.global_batch_size, args.micro_batch_size,
                                         ps.get_data_parallel_rank(), dp, args.seed, consumed_samples=consumed,
                                         keys=keys, holdout=args.valid_samples or 0,
                                         train_small_buckets=args.train_small_buckets)
+        batch_plan = data_iter.plan
         # whole iterations read (and pinned on CUDA) ahead in the background
         from megatron_sd3.data.prefetch import IterationPrefetcher
 
@@ -440,6 +468,7 @@ def pretrain(args, plan) -> int:
     start = time.time()
     # losses stay device tensors; the host reads them at log intervals and at the end
     first_loss = last_loss = None
+    drawn_log = [0] * len(blend.datasets) if blend is not None else []
     shown_loss = float("nan")
     in_a_row = 0
     t_log, samples_log, flops_log = time.time(), 0, 0.0
@@ -453,12 +482,15 @@ def pretrain(args, plan) -> int:
                 ckpt.save_checkpoint(args.save, it, models, optimizer, ema, scheduler,
                                      consumed_samples=consumed, skipped_iters=skipped_total,
                                      model_config=config_to_dict(cfg), run_config=run_config,
-                                     global_batch_size=args.global_batch_size, async_saver=async_saver)
+                                     global_batch_size=args.global_batch_size, async_saver=async_saver,
+                                     data_blend=plan["data_blend"])
 
     while iteration < args.train_iters:
         if async_saver is not None:
             async_saver.maybe_finalize(blocking=False)
         mbs = next(data_iter) if data_iter is not None else None
+        if blend is not None:  # samples of each blended dataset in this global batch (from the plan)
+            drawn_log = [a + b for a, b in zip(drawn_log, blend.drawn(batch_plan.batch(consumed // args.global_batch_size)))]
         res = step(mbs, consumed)
         iteration += 1
         consumed += args.global_batch_size
@@ -497,6 +529,9 @@ def pretrain(args, plan) -> int:
             n_iters = iteration % args.log_interval or args.log_interval
             rec = metrics_record(iteration, consumed, dt, n_iters, samples_log, flops_log, info.world_size,
                                  optimizer.param_groups[0]["lr"], res, skipped_total, step.flow.weighting_scheme)
+            if blend is not None:  # rank 0 reads data (first stage): it has the blend
+                rec["dataset_samples"] = dict(zip(blend.names, drawn_log))
+                drawn_log = [0] * len(drawn_log)
             metrics.write(rec)
             if not progress:
                 _print0(log_line(rec, args.train_iters))

@@ -153,9 +153,18 @@ def test_command_line_data_source_replaces_the_tomls(tmp_path, capsys):
     """The tiny preset says mock_data = true; --data-path on the command line wins (and the other
     way round), while two sources given together are still refused."""
     args = _parse(["--config", TINY, "--data-path", str(tmp_path)])
-    assert (args.data_path, args.mock_data) == (str(tmp_path), False)
-    cfg = _toml(tmp_path, f"[data]\ndata_path = '{tmp_path}'\n")
-    assert _parse(["--config", str(cfg)]).data_path == str(tmp_path)
+    assert (args.data_path, args.data_blend, args.mock_data) == ((str(tmp_path),), [(1.0, str(tmp_path))], False)
+    cfg = _toml(tmp_path, f"[data]\ndata_path = '{tmp_path} x'\n")  # one path (a space is part of it)
+    assert _parse(["--config", str(cfg)]).data_blend == [(1.0, f"{tmp_path} x")]
+    blend = _toml(tmp_path, "[data]\ndata_path = [0.6, 'A', 0.4, 'B']\n[evaluation]\nvalid_data_path = ['1', 'V']\n")
+    args = _parse(["--config", str(blend)])
+    assert (args.data_blend, args.valid_blend) == ([(0.6, "A"), (0.4, "B")], [(1.0, "V")])
+    args = _parse(["--config", TINY, "--data-path", "3", "A", "1", "B"])
+    assert args.data_blend == [(0.75, "A"), (0.25, "B")]
+    code, err = _parse(["--config", TINY, "--data-path", "0.7", "A", "B"], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "pretrain_sd3.py: error: --data-path 0.7 A B: give one directory, or weight-path pairs "
+        "(e.g. --data-path 0.7 A 0.3 B)"]
     args = _parse(["--config", str(cfg), "--mock-data"])
     assert (args.data_path, args.mock_data) == (None, True)
     code, err = _parse(["--config", TINY, "--data-path", "x", "--mock-data"], capsys)
