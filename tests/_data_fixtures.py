@@ -87,3 +87,83 @@ def make_image_folder(root: str | Path, n: int = 12, corrupt: tuple[int, ...] = 
         words = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(3 + i % 5)]
         (root / f"img{i:03d}.txt").write_text(" ".join(words) + ".\n")
     return root
+
+
+def make_tar_shards(root: str | Path, seed: int = 0) -> tuple[Path, dict]:
+    """webdataset tars as img2dataset writes them: ``00000.tar`` .. ``00005.tar`` of
+    ``KEY.png|jpg|webp`` with ``KEY.txt`` and/or ``KEY.json``. Returns ``(folder, expected)``:
+    ``expected["good"]`` the ``TAR#KEY`` of every good sample; ``expected["skipped"]`` ``{TAR#KEY or
+    TAR: reason word}`` of the bad ones: a truncated image, a sample without a caption, an empty tar,
+    a truncated tar (its first sample is intact and kept, the one at the cut is not)."""
+    import io
+    import json as _json
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def image(fmt, w, h):
+        a = rng.integers(0, 255, size=(h, w, 3)).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, fmt)
+        return buf.getvalue()
+
+    def write(name, samples):
+        path = root / name
+        with tarfile.open(path, "w") as t:
+            for key, files in samples:
+                for ext, data in files:
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    t.addfile(info, io.BytesIO(data))
+        return str(path)
+
+    good, skipped = [], {}
+    sizes = [(64, 64), (96, 56), (56, 96)]
+
+    def caption(k):
+        return f"a picture number {k} of {WORDS[k % len(WORDS)]}".encode()
+
+    k = 0
+    for t in range(6):
+        name = f"{t:05d}.tar"
+        samples = []
+        if t == 2:  # an empty tar
+            write(name, [])
+            skipped[str(root / name)] = "empty tar"
+            continue
+        for j in range(3):
+            key = f"{t:05d}{j:04d}"
+            w, h = sizes[k % 3]
+            fmt, ext = [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")][k % 3]
+            files = [(ext, image(fmt, w, h))]
+            if k % 2 == 0:
+                files.append(("txt", caption(k)))
+            else:  # img2dataset's json, caption only there
+                files.append(("json", _json.dumps({"caption": caption(k).decode(), "key": key}).encode()))
+            where = f"{root / name}#{key}"
+            if t == 1 and j == 0:  # a truncated image
+                files[0] = (ext, files[0][1][: len(files[0][1]) // 3])
+                skipped[where] = "unreadable image"
+            elif t == 1 and j == 1:  # no caption
+                files = files[:1]
+                skipped[where] = "no caption"
+            else:
+                good.append(where)
+            samples.append((key, files))
+            k += 1
+        path = write(name, samples)
+        if t == 4:  # a truncated tar: cut in the middle of its second sample's image
+            data = open(path, "rb").read()
+            with tarfile.open(path) as tf:
+                second = tf.getmembers()[2]
+            cut = second.offset_data + second.size // 2 + 7
+            open(path, "wb").write(data[:cut])
+            for key in (f"{t:05d}0001", f"{t:05d}0002"):
+                good.remove(f"{path}#{key}")
+            skipped[f"{path}#{t:05d}0001"] = "truncated tar"
+    return root, {"good": good, "skipped": skipped}

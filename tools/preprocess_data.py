@@ -11,7 +11,12 @@
     # the dataset (add --prompts prompts.txt to the command above), or a standalone file:
     python tools/preprocess_data.py --prompts prompts.txt --output prompts.safetensors --sd3-root SD3_DIR
 
-The input is a folder (images with same-name .txt captions) or a .jsonl/.csv with image, caption[, mask].
+    # webdataset / img2dataset tars (a tar per work unit, split over the ranks):
+    torchrun --nproc-per-node 8 tools/preprocess_data.py --input 'SHARDS/{00000..09999}.tar' --output DATA_DIR ...
+
+The input is a folder (images with same-name .txt captions), a .jsonl/.csv with image, caption[, mask],
+or tar shards of KEY.jpg|jpeg|png|webp with KEY.txt and/or KEY.json (--caption-key); samples without a
+caption, unreadable images, empty and truncated tars are skipped and listed in the manifest.
 Encoders come from local folders only. Stopping and rerunning the same command resumes. Then
 ``python -m megatron_sd3.data DATA_DIR`` verifies every shard's checksum.
 See megatron_sd3/data/preprocess.py for the details.
@@ -26,7 +31,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", help="image folder with .txt captions, or a .jsonl/.csv list")
+    p.add_argument("--input", help="image folder with .txt captions, a .jsonl/.csv list, or webdataset tars "
+                   "(img2dataset's output): 'SHARDS/{00000..09999}.tar', brace ranges and globs; a tar per work unit")
+    p.add_argument("--caption-key", default="caption",
+                   help="tar input: the caption's key in KEY.json, used when a sample has no KEY.txt")
     p.add_argument("--output", required=True, help="dataset folder to write (shards/, manifest.json); with "
                    "--prompts and no --input: the prompt-embeddings .safetensors file")
     p.add_argument("--prompts", help="text file (one prompt a line) or .jsonl: their embeddings for sampling, "
@@ -87,7 +95,8 @@ def main(argv=None) -> int:
         input=a.input, output=a.output, encoders=paths, resolution=a.resolution, buckets=a.buckets,
         bucket_step=a.bucket_step, t5_len=a.t5_len, dtype=a.dtype, encoder_dtype=a.encoder_dtype,
         shard_size=a.shard_size, batch_size=a.batch_size, latent_sampling=a.latent_sampling, seed=a.seed,
-        mask_suffix=a.mask_suffix, device=a.device, merge_timeout=a.merge_timeout, quiet=a.quiet)
+        mask_suffix=a.mask_suffix, device=a.device, merge_timeout=a.merge_timeout, quiet=a.quiet,
+        caption_key=a.caption_key)
     try:
         m = pp.run(cfg)
     except (pp.EncoderPathError, pp.InputError, ShardError, ValueError, TimeoutError) as e:
@@ -95,7 +104,7 @@ def main(argv=None) -> int:
         return 2
     if m is not None:
         print(f"wrote {a.output}: {m['num_samples']} samples, {len(m['shards'])} shards, "
-              f"{m['num_skipped']} skipped inputs")
+              f"{pp.skipped_summary(m['skipped'])} (listed in manifest.json)")
         if a.prompts:
             return _prompts_only(a, pp, paths, os.path.join(a.output, pp.SAMPLE_PROMPTS_FILE))
     return 0

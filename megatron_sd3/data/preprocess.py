@@ -63,9 +63,10 @@ class InputError(ValueError):
 
 @dataclass
 class InputItem:
-    image: str
+    image: str  # a path, or TAR#KEY for a sample of a tar (data: its bytes)
     caption: str
     mask: str | None = None
+    data: bytes | None = None
 
 
 def list_inputs(source: str | os.PathLike, mask_suffix: str | None = None) -> tuple[list[InputItem], list[dict]]:
@@ -185,10 +186,12 @@ def resize_crop(img, height: int, width: int, resample):
     return img.crop((left, top, left + width, top + height))
 
 
-def load_image(path: str):
+def load_image(path: str, data: bytes | None = None):
+    import io
+
     from PIL import Image
 
-    with Image.open(path) as im:
+    with Image.open(io.BytesIO(data) if data is not None else path) as im:
         im.load()
         return im.convert("RGB")
 
@@ -357,6 +360,7 @@ class PreprocessConfig:
     device: str | None = None
     merge_timeout: float = 86400.0
     quiet: bool = False
+    caption_key: str = "caption"  # tar input: the caption's key in KEY.json (without KEY.txt)
     extra: dict = field(default_factory=dict)
 
 
@@ -399,14 +403,38 @@ def _fingerprint(cfg: PreprocessConfig, items: list[InputItem], buckets) -> dict
             "shard_size": cfg.shard_size, "latent_sampling": cfg.latent_sampling, "seed": cfg.seed}
 
 
-def process_unit(u: int, unit_items: list[tuple[int, InputItem]], enc: Encoders, buckets, cfg, out: Path) -> dict:
+TAR_STRIDE = 1 << 24
+"""Tar input: sample ``pos`` of tar ``u`` is input ``u * TAR_STRIDE + pos`` (its latent seed's key)."""
+
+
+def _fingerprint_tars(cfg: PreprocessConfig, tars: list[str], buckets) -> dict:
+    h = hashlib.sha256()
+    for t in tars:
+        h.update(json.dumps([t, os.path.getsize(t)]).encode())
+    return {"inputs_sha256": h.hexdigest(), "num_tars": len(tars), "caption_key": cfg.caption_key,
+            "buckets": [list(b) for b in buckets], "encoders": asdict(cfg.encoders), "t5_len": cfg.t5_len,
+            "dtype": cfg.dtype, "latent_sampling": cfg.latent_sampling, "seed": cfg.seed}
+
+
+def skipped_summary(skipped: list[dict]) -> str:
+    """``3 skipped (1 no caption, 1 empty tar, 1 unreadable image)``: the skipped inputs by reason."""
+    kinds: dict[str, int] = {}
+    for e in skipped:
+        kind = str(e.get("reason", "")).split(":")[0].split(" (")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    detail = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    return f"{len(skipped)} skipped" + (f" ({detail})" if detail else "")
+
+
+def process_unit(u: int, unit_items: list[tuple[int, InputItem]], enc: Encoders, buckets, cfg, out: Path,
+                 skipped_inputs: list[dict] | None = None) -> dict:
     from PIL import Image
 
     out_dtype = _shards.dtype_from_name(cfg.dtype)
-    skipped, groups = [], {}
+    skipped, groups = list(skipped_inputs or []), {}
     for idx, it in unit_items:
         try:
-            img = load_image(it.image)
+            img = load_image(it.image, it.data)
             b = choose_bucket(img.width, img.height, buckets)
             H, W = buckets[b]
             px = image_to_tensor(resize_crop(img, H, W, Image.Resampling.LANCZOS))
@@ -414,7 +442,11 @@ def process_unit(u: int, unit_items: list[tuple[int, InputItem]], enc: Encoders,
             if it.mask is not None:
                 mask = mask_to_latent(it.mask, H, W, (H // enc.vae_scale_factor, W // enc.vae_scale_factor))
         except Exception as e:
-            skipped.append({"path": it.image, "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]})
+            why = f"unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"[:300]
+            entry = {"path": it.image, "reason": why}
+            if it.data is not None:  # a tar's sample: TAR#KEY
+                entry["tar"], entry["key"] = it.image.rsplit("#", 1)
+            skipped.append(entry)
             continue
         groups.setdefault(b, []).append((idx, it, px, mask))
     shard_entries = []
@@ -484,11 +516,17 @@ def run(cfg: PreprocessConfig, rank: int | None = None, world_size: int | None =
     _shards.dtype_from_name(cfg.dtype)  # validates before any work
     buckets = parse_buckets(cfg.resolution, cfg.buckets, cfg.bucket_step)
     cfg.encoders.check()  # fail before any work
-    items, listing_skipped = list_inputs(cfg.input, cfg.mask_suffix)
+    from megatron_sd3.data.tar_input import expand_tars, is_tar_input, read_tar
+
+    tars = expand_tars(cfg.input) if is_tar_input(cfg.input) else None  # a unit per tar
+    if tars is None:
+        items, listing_skipped = list_inputs(cfg.input, cfg.mask_suffix)
+    else:
+        items, listing_skipped = [], []
     out = Path(cfg.output)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     (out / "units").mkdir(parents=True, exist_ok=True)
-    fp = _fingerprint(cfg, items, buckets)
+    fp = _fingerprint(cfg, items, buckets) if tars is None else _fingerprint_tars(cfg, tars, buckets)
     fp_path = out / "preprocess_config.json"
     if fp_path.exists():
         old = json.loads(fp_path.read_text())
@@ -498,7 +536,7 @@ def run(cfg: PreprocessConfig, rank: int | None = None, world_size: int | None =
     else:
         _shards.atomic_write_json(fp_path, fp)
 
-    n_units = math.ceil(len(items) / cfg.shard_size) if items else 0
+    n_units = len(tars) if tars is not None else (math.ceil(len(items) / cfg.shard_size) if items else 0)
     mine = [u for u in range(n_units) if u % world_size == rank]
     todo = [u for u in mine if _unit_done(out, u) is None]
     if cfg.device:
@@ -506,25 +544,31 @@ def run(cfg: PreprocessConfig, rank: int | None = None, world_size: int | None =
     else:
         device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     enc_dtype = _shards.dtype_from_name(cfg.encoder_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    _log(cfg, rank, f"{len(items)} inputs, {n_units} units; this rank: {len(mine)} units, "
-                    f"{len(mine) - len(todo)} already done; device {device}")
+    what = f"{len(tars)} tars" if tars is not None else f"{len(items)} inputs, {n_units} units"
+    _log(cfg, rank, f"{what}; this rank: {len(mine)} units, {len(mine) - len(todo)} already done; device {device}")
     if not todo and rank != 0:
         return None  # nothing to encode, and the manifest is rank 0's job
     enc = Encoders(cfg.encoders, device, enc_dtype, cfg.t5_len)
     if enc.latent_channels <= 0 or any(h % enc.vae_scale_factor or w % enc.vae_scale_factor for h, w in buckets):
         raise ValueError(f"buckets {buckets} are not divisible by the VAE scale factor {enc.vae_scale_factor}")
-    t0, done_imgs, total_imgs = time.time(), 0, sum(min(cfg.shard_size, len(items) - u * cfg.shard_size) for u in todo)
+    t0, done_imgs = time.time(), 0
+    bar = _Progress(cfg, rank, len(todo))
     for k, u in enumerate(todo):
-        lo = u * cfg.shard_size
-        unit_items = list(enumerate(items[lo:lo + cfg.shard_size], start=lo))
         tu = time.time()
-        rec = process_unit(u, unit_items, enc, buckets, cfg, out)
+        if tars is None:
+            lo = u * cfg.shard_size
+            unit_items, read_skipped = list(enumerate(items[lo:lo + cfg.shard_size], start=lo)), []
+        else:
+            tar_items, read_skipped = read_tar(tars[u], cfg.caption_key)
+            unit_items = list(enumerate(tar_items, start=u * TAR_STRIDE))
+        rec = process_unit(u, unit_items, enc, buckets, cfg, out, read_skipped)
         done_imgs += len(unit_items)
         el = time.time() - t0
         rate = done_imgs / el if el > 0 else float("nan")
-        eta = (total_imgs - done_imgs) / rate if rate > 0 else float("nan")
-        _log(cfg, rank, f"unit {u} ({k + 1}/{len(todo)}): {len(unit_items)} inputs, {len(rec['skipped'])} skipped, "
-                        f"{time.time() - tu:.1f}s | {done_imgs}/{total_imgs} images, {rate:.2f} img/s, eta {eta:.0f}s")
+        name = f"tar {tars[u]}" if tars is not None else f"unit {u}"
+        bar.update(k + 1, done_imgs, rate, f"{name} ({k + 1}/{len(todo)}): {len(unit_items)} samples, "
+                                           f"{len(rec['skipped'])} skipped, {time.time() - tu:.1f}s")
+    bar.close()
     if rank != 0:
         return None
     base = {
@@ -537,8 +581,32 @@ def run(cfg: PreprocessConfig, rank: int | None = None, world_size: int | None =
                        "world_size": world_size},
     }
     m = merge_manifest(out, n_units, base, listing_skipped, cfg.merge_timeout, lambda s: _log(cfg, rank, s))
-    _log(cfg, rank, f"manifest: {m['num_samples']} samples in {len(m['shards'])} shards, {m['num_skipped']} skipped")
+    _log(cfg, rank, f"manifest: {m['num_samples']} samples in {len(m['shards'])} shards, "
+                    f"{skipped_summary(m['skipped'])}")
     return m
+
+
+class _Progress:
+    """A progress bar with samples/s on a terminal (stderr), else one log line per unit."""
+
+    def __init__(self, cfg, rank: int, total: int):
+        self.cfg, self.rank, self.total = cfg, rank, total
+        self.tty = not cfg.quiet and sys.stderr.isatty()
+
+    def update(self, done: int, samples: int, rate: float, line: str):
+        if not self.tty:
+            _log(self.cfg, self.rank, f"{line} | {samples} samples, {rate:.2f} samples/s")
+            return
+        width = 30
+        fill = int(width * done / max(self.total, 1))
+        sys.stderr.write(f"\r[preprocess rank {self.rank}] [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} "
+                         f"units | {samples} samples | {rate:.2f} samples/s ")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.tty and self.total:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 # ----------------------------------------------------------------------------------------------------------

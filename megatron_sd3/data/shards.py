@@ -88,15 +88,29 @@ def atomic_write_json(path: str | os.PathLike, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
+def _sorted_metadata(blob: bytes) -> bytes:
+    """The safetensors file ``blob`` with its ``__metadata__`` keys in sorted order: safetensors
+    writes them from a hash map, in an order that changes from process to process, and a shard
+    must be the same bytes whoever writes it (a rerun after a crash, another rank)."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    if not meta:
+        return blob
+    text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+    size = max(n, (len(text) + 7) // 8 * 8)  # data stays 8-byte aligned
+    return struct.pack("<Q", size) + text + b" " * (size - len(text)) + blob[8 + n:]
+
+
 def write_shard(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict:
-    """Write one shard atomically; returns its manifest entry (without ``bucket``)."""
-    from safetensors.torch import save_file
+    """Write one shard atomically (the same bytes for the same tensors and metadata); returns its
+    manifest entry (without ``bucket``)."""
+    from safetensors.torch import save
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, _sorted_metadata(save(tensors, metadata=metadata)))
     n = {v.shape[0] for v in tensors.values()}
     if len(n) != 1:
         raise ShardError(f"shard {path}: tensors disagree on the sample count {sorted(n)}")
