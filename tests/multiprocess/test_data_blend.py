@@ -125,3 +125,8 @@ def test_blend_trains_pp2_and_resumes_bit_exact(two_datasets, tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "the checkpoint was trained on the blend --data-path 0.7" in err[0] and "resume with the checkpoint's blend" in err[0]
+    # every dataset of a blend is verified before any rank starts
+    missing = ["--data-path", "0.5", str(two_datasets / "A"), "0.5", str(tmp_path / "nowhere")]
+    code = main([*BASE, *missing, "--train-iters", "6", "--check-config"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(tmp_path / "nowhere") in err[0], err

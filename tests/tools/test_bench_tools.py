@@ -140,3 +140,12 @@ def test_check_te_tool(tmp_path):
         assert exact["velocity"] == exact["text_tokens"] == exact["grad_max"] == 0.0
     fp8 = cases["fp8"]
     assert fp8["ok"] and fp8["velocity"] > 0 and fp8["grad_median"] > 1e-3  # FP8 really ran
+
+
+@pytest.mark.slow  # a benchmark (make bench runs it at full size); this checks it runs and prints its ratios
+@pytest.mark.timeout(300)
+def test_bench_corpus_prints_both_ratios():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_corpus.py"), "--tars", "2", "--per-tar",
+                        "4", "--small", "50", "--large", "500"], cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "preprocessing 2 ranks / 1 rank: " in r.stdout and "start-up 500 / 50 samples: time " in r.stdout
