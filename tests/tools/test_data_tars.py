@@ -90,6 +90,7 @@ def test_every_good_sample_once_and_the_bad_ones_named(tars):
     assert "a picture number 1 of" in " ".join(caps)
 
 
+@pytest.mark.slow  # the format is the folder input's: test_data_preprocess.py trains PP=2 on it
 @pytest.mark.timeout(300)
 def test_pretrain_pp2_on_the_tars_dataset(tars, tmp_path):
     from _ranks import run_ranks
