@@ -10,6 +10,12 @@ file itself: JSON lines as ``pretrain_sd3.py --metrics-file`` writes them. Rows 
 or with ``"type": "train"`` are training rows (``iteration``, ``loss``, ``denoise_loss``,
 ``text_recon_loss``); ``"type": "eval"`` rows hold ``loss``, ``denoise_loss``, ``loss_at_t``
 (``{t: loss}``), ``clip_score`` and the same for the EMA weights under ``"ema"`` (drawn dashed).
+A folder written by ``tools/sweep.py`` (it holds ``sweep.json``) gives, per cell (its seeds pooled),
+the mean and the 95% Student-t interval over seeds of the final evaluation's loss terms and losses
+at each t and of the last sample grid's prompt-following share (with and without guidance), and the
+paired difference against gamma 0 on the same seeds: ``sweep.md``, ``sweep.csv``,
+``sweep_loss_at_t.png`` and ``sweep_accuracy.png`` in ``--output-dir`` (default ``SWEEP/compare``).
+
 The denoise loss is the figure comparable across gamma (the total loss includes gamma times the
 reconstruction loss); the validation denoise loss is also comparable across ``--weighting-scheme``s
 (it is the plain velocity MSE; training's is weighted by the scheme). Rows that name their
@@ -167,6 +173,212 @@ def plot_runs(runs: list[tuple[str, dict]], output: str, smooth_window: int = 1,
     return fig
 
 
+# -- a sweep folder (tools/sweep.py): intervals over seeds, paired against gamma 0 --------------------------
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+        29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+"""Student's t, two-sided 95% (the 0.975 quantile), by degrees of freedom; between rows the lower
+row's (a slightly wider interval); 1.96 beyond 120."""
+
+SWEEP_METRICS = ("denoise_loss", "text_recon_loss", "prompt_following", "prompt_following_no_guidance")
+"""Per cell: the final evaluation's loss terms and the last sample grid's share of samples that
+follow their prompt (with the run's guidance, and without), plus ``loss_at_t/<t>``."""
+
+
+def t975(df: int) -> float:
+    if df < 1:
+        return math.nan
+    if df > 120:
+        return 1.96
+    return T975[max(k for k in T975 if k <= df)]
+
+
+def mean_ci(xs) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval (nan with one value)."""
+    xs = [float(x) for x in xs]
+    n = len(xs)
+    if n == 0:
+        return math.nan, math.nan
+    m = sum(xs) / n
+    if n == 1:
+        return m, math.nan
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    return m, t975(n - 1) * sd / math.sqrt(n)
+
+
+def _split_cell(name: str) -> tuple[dict, str]:
+    parts = dict(p.split("=", 1) for p in name.split("__"))
+    return {k: v for k, v in parts.items() if k != "seed"}, parts.get("seed", "")
+
+
+def final_values(path: str) -> dict:
+    """The last evaluation's terms and ``loss_at_t/<t>``, and the last sample grid's shares."""
+    out: dict = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("type") == "eval":
+                for k in ("denoise_loss", "text_recon_loss"):
+                    if _num(row.get(k)) is not None:
+                        out[k] = row[k]
+                for t, v in (row.get("loss_at_t") or {}).items():
+                    if _num(v) is not None:
+                        out[f"loss_at_t/{t}"] = v
+            elif row.get("type") == "samples":
+                for k in ("prompt_following", "prompt_following_no_guidance"):
+                    if _num(row.get(k)) is not None:
+                        out[k] = row[k]
+    return out
+
+
+def summarize_sweep(sweep: str, metrics_file: str = "metrics.jsonl") -> list[dict]:
+    """Rows ``{cell, metric, n, mean, ci95, diff, diff_ci95, n_paired}``: per cell (the seeds
+    pooled), each metric's mean and 95% interval over seeds, and the paired difference against the
+    same cell at gamma 0 on the seeds both have (nan for gamma 0 itself)."""
+    spec_path = os.path.join(sweep, "sweep.json")
+    if not os.path.isfile(spec_path):
+        raise CompareError(f"{sweep}: no sweep.json; give a folder written by tools/sweep.py")
+    names = json.load(open(spec_path))["cells"]
+    groups: dict = {}
+    for name in names:
+        params, seed = _split_cell(name)
+        path = os.path.join(sweep, name, metrics_file)
+        if not os.path.isfile(path):
+            continue
+        key = tuple(params.items())
+        groups.setdefault(key, {})[seed] = final_values(path)
+    if not groups:
+        raise CompareError(f"{sweep}: no cell has a {metrics_file} yet; run the sweep first")
+
+    def baseline(key):
+        params = dict(key)
+        if "text_recon_gamma" not in params:
+            return None
+        base = {k: v for k, v in params.items() if k != "text_recon_target_layer"}
+        base["text_recon_gamma"] = next((dict(k)["text_recon_gamma"] for k in groups
+                                         if float(dict(k).get("text_recon_gamma", 1)) == 0), None)
+        hit = [k for k in groups if dict(k) == base]
+        return hit[0] if hit and hit[0] != key else None
+
+    rows = []
+    for key, by_seed in groups.items():
+        base = groups.get(baseline(key)) if baseline(key) else None
+        metrics = sorted({m for v in by_seed.values() for m in v},
+                         key=lambda m: (m.startswith("loss_at_t/"), SWEEP_METRICS.index(m) if m in SWEEP_METRICS
+                                        else float(m.split("/")[1])))
+        for m in metrics:
+            vals = [v[m] for v in by_seed.values() if m in v]
+            mean, ci = mean_ci(vals)
+            diff = dci = math.nan
+            n_paired = 0
+            if base is not None:
+                pairs = [(by_seed[s][m], base[s][m]) for s in by_seed if s in base and m in by_seed[s] and m in base[s]]
+                n_paired = len(pairs)
+                diff, dci = mean_ci([a - b for a, b in pairs])
+            rows.append({"cell": ",".join(f"{k}={v}" for k, v in key), "metric": m, "n": len(vals), "mean": mean,
+                         "ci95": ci, "diff": diff, "diff_ci95": dci, "n_paired": n_paired})
+    return rows
+
+
+def write_sweep_tables(rows: list[dict], out_dir: str) -> tuple[str, str]:
+    """``sweep.csv`` (every row) and ``sweep.md`` (the headline metrics, mean ± 95% and the paired
+    difference against gamma 0)."""
+    import csv
+
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path, md_path = os.path.join(out_dir, "sweep.csv"), os.path.join(out_dir, "sweep.md")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+    def fmt(m, c):
+        return "—" if math.isnan(m) else (f"{m:.4g}" if math.isnan(c) else f"{m:.4g} ± {c:.2g}")
+
+    cells = list(dict.fromkeys(r["cell"] for r in rows))
+    head = [m for m in SWEEP_METRICS if any(r["metric"] == m for r in rows)]
+    lines = ["| cell | seeds | " + " | ".join(f"{m} (Δ vs gamma 0)" for m in head) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in head) + " |"]
+    for c in cells:
+        by = {r["metric"]: r for r in rows if r["cell"] == c}
+        n = max(r["n"] for r in by.values())
+        vals = []
+        for m in head:
+            r = by.get(m)
+            if r is None:
+                vals.append("—")
+                continue
+            d = "" if math.isnan(r["diff"]) else f" ({fmt(r['diff'], r['diff_ci95'])})"
+            vals.append(fmt(r["mean"], r["ci95"]) + d)
+        lines.append(f"| {c} | {n} | " + " | ".join(vals) + " |")
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def plot_sweep(rows: list[dict], out_dir: str) -> list[str]:
+    """``sweep_loss_at_t.png`` (each cell's final validation loss against t, 95% band) and
+    ``sweep_accuracy.png`` (the prompt-following share against gamma, log axis, error bars)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CompareError("compare_runs needs matplotlib: pip install matplotlib") from None
+    paths = []
+    cells = list(dict.fromkeys(r["cell"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in cells:
+        pts = sorted((float(r["metric"].split("/")[1]), r["mean"], r["ci95"]) for r in rows
+                     if r["cell"] == c and r["metric"].startswith("loss_at_t/"))
+        if pts:
+            ts, ms, cis = zip(*pts)
+            line, = ax.plot(ts, ms, marker="o", markersize=3, label=c)
+            lo = [m - (0 if math.isnan(ci) else ci) for m, ci in zip(ms, cis)]
+            hi = [m + (0 if math.isnan(ci) else ci) for m, ci in zip(ms, cis)]
+            ax.fill_between(ts, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("t")
+    ax.set_ylabel("final validation denoise loss (95% band over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "sweep_loss_at_t.png"))
+    fig.savefig(paths[-1], dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for metric, style in (("prompt_following", "o-"), ("prompt_following_no_guidance", "s--")):
+        by_layer: dict = {}
+        for r in rows:
+            if r["metric"] != metric:
+                continue
+            params = dict(p.split("=", 1) for p in r["cell"].split(","))
+            g = float(params.get("text_recon_gamma", "nan"))
+            by_layer.setdefault(params.get("text_recon_target_layer", "-"), []).append((g, r["mean"], r["ci95"]))
+        zero = [p for pts in by_layer.values() for p in pts if p[0] == 0]
+        for layer, pts in sorted(by_layer.items()):
+            pts = sorted(set(pts + zero))
+            pts = [p for p in pts if p[0] > 0] if layer == "-" and len(by_layer) > 1 else pts
+            if not pts:
+                continue
+            gs = [max(p[0], 1e-2) for p in pts]  # gamma 0 drawn at 0.01 on the log axis
+            ax.errorbar(gs, [p[1] for p in pts], yerr=[0 if math.isnan(p[2]) else p[2] for p in pts], fmt=style,
+                        capsize=3, label=f"{metric}, target layer {layer}")
+    ax.set_xscale("log")
+    ax.set_xlabel("text_recon_gamma (gamma 0 at 0.01)")
+    ax.set_ylabel("share of samples that follow their prompt")
+    ax.grid(alpha=0.3)
+    if ax.lines or ax.collections:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "sweep_accuracy.png"))
+    fig.savefig(paths[-1], dpi=100)
+    return paths
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_METRICS")
@@ -175,7 +387,19 @@ def main(argv=None) -> int:
     p.add_argument("--labels", default=None, help="comma-separated run labels (default: directory names)")
     p.add_argument("--smooth", type=int, default=1, help="moving-average window for the training curves")
     p.add_argument("--title", default=None)
+    p.add_argument("--output-dir", default=None, help="a sweep folder's tables and figures (default: SWEEP/compare)")
     a = p.parse_args(argv)
+    if len(a.runs) == 1 and os.path.isfile(os.path.join(a.runs[0], "sweep.json")):
+        try:
+            rows = summarize_sweep(a.runs[0], a.metrics_file)
+            out_dir = a.output_dir or os.path.join(a.runs[0], "compare")
+            written = [*write_sweep_tables(rows, out_dir), *plot_sweep(rows, out_dir)]
+        except CompareError as e:
+            print(f"compare_runs: error: {e}", file=sys.stderr)
+            return 2
+        print(open(written[1]).read(), end="")
+        print(f"wrote {', '.join(written)}")
+        return 0
     try:
         paths = [metrics_path(r, a.metrics_file) for r in a.runs]
         if a.labels is not None:

@@ -382,12 +382,12 @@ class SampleGrid:
         self.sd3_root, self.out_dir = sd3_root, out_dir
         self._vae = None
 
-    def latents(self) -> torch.Tensor:
+    def latents(self, cfg_scale: Optional[float] = None) -> torch.Tensor:
         from megatron_sd3.sampling import sample
 
         with preserved_training_state(self.chunks):
             return sample(self.chunks, self.text, self.pooled, self.noise, steps=self.steps,
-                          cfg_scale=self.cfg_scale, shift=self.shift).cpu()
+                          cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale, shift=self.shift).cpu()
 
     def images(self, latents: torch.Tensor) -> torch.Tensor:
         """uint8 ``[N, 3, H, W]``: VAE-decoded with ``--sd3-root``, else the latent preview."""
@@ -405,8 +405,11 @@ class SampleGrid:
                               float(cfg.get("shift_factor", 0.0) or 0.0))
 
     def write(self, iteration: int, metrics=None) -> Optional[str]:
-        """Sample (every rank), then on rank 0 save ``iter_NNNNNNN.png`` and send it to ``metrics``."""
+        """Sample (every rank), then on rank 0 save ``iter_NNNNNNN.png`` and send it to ``metrics``.
+        With a ``judge``, the same noise is also sampled without guidance (every rank) and both
+        shares of samples that follow their prompt go to ``metrics`` as a ``"type": "samples"`` row."""
         lat = self.latents()
+        plain = self.latents(cfg_scale=1.0) if self.judge is not None and self.cfg_scale > 1 else None
         if dist.get_rank() != 0:
             return None
         from PIL import Image
@@ -415,6 +418,11 @@ class SampleGrid:
         if self.judge is not None:
             ok = self.judge(lat)
             self.following = (int(ok.sum()), int(ok.numel()))
+            row = {"type": "samples", "iteration": int(iteration), "prompt_following": float(ok.float().mean())}
+            if plain is not None:
+                row["prompt_following_no_guidance"] = float(self.judge(plain).float().mean())
+            if metrics is not None:
+                metrics.write(row)
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, f"iter_{iteration:07d}.png")
         Image.fromarray(grid).save(path)

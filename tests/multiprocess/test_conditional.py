@@ -44,6 +44,13 @@ def test_make_demo_learns_to_follow_the_prompts(demo):
     hits, n = int(m.group(2)), int(m.group(3))
     assert n == K * PER_CLASS and hits / n >= 0.9, m.group(0)
     assert "text_recon_loss value:" in log  # text reconstruction on, and validated
+    # the metrics row of the grid: the share with the run's guidance (as the line) and without
+    import json
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    judged = [r for r in rows if r["type"] == "samples"]
+    assert len(judged) == 1 and judged[0]["prompt_following"] == hits / n
+    assert 0 <= judged[0]["prompt_following_no_guidance"] <= 1
     # the grid: a row per class (8x8 latents enlarged to 64 px, 2 px gaps), labels on the left
     grid = np.asarray(Image.open(out / "checkpoints" / "samples" / "iter_0000600.png").convert("RGB"))
     assert grid.shape[0] == K * 64 + (K - 1) * 2

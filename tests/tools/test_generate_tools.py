@@ -255,3 +255,52 @@ def test_compare_runs_legend_names_each_runs_weighting_scheme(tmp_path):
     fig = compare_runs.plot_runs(runs, str(tmp_path / "cmp.png"))
     labels = {ln.get_label() for ax in fig.axes for ln in ax.lines}
     assert {"a [cosmap]", "b", "a [cosmap] t=0.5"} <= labels and "a" not in labels
+
+
+def test_compare_runs_over_a_sweep_gives_seed_intervals_and_paired_differences(tmp_path):
+    """Fixed inputs, computed by hand: the mean and 95% Student-t interval over 3 seeds (t = 4.303
+    at 2 degrees of freedom), and the paired difference against gamma 0 on the same seeds."""
+    pytest.importorskip("matplotlib")
+    import csv
+    import math
+    import statistics
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import compare_runs
+
+    den = {"text_recon_gamma=0": [0.55, 0.6, 0.7], "text_recon_gamma=1__text_recon_target_layer=0": [0.5, 0.7, 0.6]}
+    acc = {"text_recon_gamma=0": [0.75, 0.8, 0.7], "text_recon_gamma=1__text_recon_target_layer=0": [0.8, 0.9, 0.85]}
+    cells = []
+    for cell, values in den.items():
+        for s, (d, a) in enumerate(zip(values, acc[cell])):
+            name = f"{cell}__seed={1234 + s}"
+            cells.append(name)
+            (tmp_path / name).mkdir()
+            rows = [{"type": "train", "iteration": 10, "loss": 1.0},
+                    {"type": "eval", "iteration": 5, "denoise_loss": 9.0, "loss_at_t": {"0.25": 9.0}},
+                    {"type": "eval", "iteration": 10, "denoise_loss": d, "text_recon_loss": 0.01 * (s + 1),
+                     "loss_at_t": {"0.25": d + 0.1, "0.75": d - 0.1}},
+                    {"type": "samples", "iteration": 10, "prompt_following": a, "prompt_following_no_guidance": a - 0.1}]
+            (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "sweep.json").write_text(json.dumps({"cells": cells}))
+    rows = compare_runs.summarize_sweep(str(tmp_path))
+    get = {(r["cell"], r["metric"]): r for r in rows}
+    r = get[("text_recon_gamma=1,text_recon_target_layer=0", "denoise_loss")]
+    xs = den["text_recon_gamma=1__text_recon_target_layer=0"]
+    assert r["n"] == 3 and r["mean"] == pytest.approx(0.6)
+    assert r["ci95"] == pytest.approx(4.303 * statistics.stdev(xs) / math.sqrt(3))
+    diffs = [a - b for a, b in zip(xs, den["text_recon_gamma=0"])]
+    assert r["diff"] == pytest.approx(statistics.mean(diffs)) and r["n_paired"] == 3
+    assert r["diff_ci95"] == pytest.approx(4.303 * statistics.stdev(diffs) / math.sqrt(3))
+    base = get[("text_recon_gamma=0", "prompt_following")]
+    assert base["mean"] == pytest.approx(0.75) and math.isnan(base["diff"])
+    assert get[("text_recon_gamma=0", "loss_at_t/0.75")]["mean"] == pytest.approx(statistics.mean(den["text_recon_gamma=0"]) - 0.1)
+    out = tmp_path / "cmp"
+    res = subprocess.run([sys.executable, COMPARE, str(tmp_path), "--output-dir", str(out)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = (out / "sweep.md").read_text()
+    assert "| text_recon_gamma=1,text_recon_target_layer=0 | 3 | 0.6 ± 0.25 (-0.01667 ± 0.26)" in table
+    with open(out / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert Image.open(out / "sweep_accuracy.png").size[0] > 400 and (out / "sweep_loss_at_t.png").exists()
