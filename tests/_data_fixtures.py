@@ -167,3 +167,21 @@ def make_tar_shards(root: str | Path, seed: int = 0) -> tuple[Path, dict]:
                 good.remove(f"{path}#{key}")
             skipped[f"{path}#{t:05d}0001"] = "truncated tar"
     return root, {"good": good, "skipped": skipped}
+
+
+def train_pp2_on(data_dir, tmp_path, iters: int, extra=()) -> list[dict]:
+    """``pretrain_sd3.py --data-path DATA`` on 2 ranks, PP=2, with the tiny blocks at the widths of
+    data made by the tiny encoders (77 CLIP + 16 T5 tokens x 4096, pooled 2048); its metrics rows."""
+    import json
+
+    from _ranks import run_ranks
+
+    cfg = Path(tmp_path) / "data.toml"
+    cfg.write_text("[model]\npreset = 'tiny'\njoint_attention_dim = 4096\npooled_projection_dim = 2048\n"
+                   "text_seq_len = 93\ntext_recon_gamma = 0.5\ntext_recon_target_layer = 1\nzero_init_adaln = false\n")
+    metrics = Path(tmp_path) / "m.jsonl"
+    run_ranks("pretrain_sd3.py", 2, ["--config", str(cfg), "--data-path", str(data_dir),
+                                     "--pipeline-model-parallel-size", "2", "--micro-batch-size", "1",
+                                     "--global-batch-size", "2", "--train-iters", str(iters), "--log-interval", "1",
+                                     "--metrics-file", str(metrics), "--no-progress", *extra], timeout=240)
+    return [json.loads(line) for line in metrics.read_text().splitlines()]

@@ -13,7 +13,7 @@ import torch
 from megatron_sd3.data import ShardedDataset, build_data_iterator, verify
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _data_fixtures import build_tiny_sd3_encoders, make_image_folder  # noqa: E402
+from _data_fixtures import build_tiny_sd3_encoders, make_image_folder, train_pp2_on  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "preprocess_data.py"
@@ -174,17 +174,6 @@ def test_loader_over_preprocessed_data(prepared):
 @pytest.mark.timeout(300)
 def test_pretrain_pp2_from_the_preprocessed_data(prepared, tmp_path):
     """The two README commands: preprocess (the fixture), then pretrain_sd3.py --data-path, PP=2."""
-    from _ranks import run_ranks
-
-    cfg = tmp_path / "data.toml"
-    # the tiny blocks with the data's real widths: 77 CLIP + 16 T5 tokens x 4096, pooled 2048
-    cfg.write_text("[model]\npreset = 'tiny'\njoint_attention_dim = 4096\npooled_projection_dim = 2048\n"
-                   "text_seq_len = 93\ntext_recon_gamma = 0.5\ntext_recon_target_layer = 1\nzero_init_adaln = false\n")
-    metrics = tmp_path / "m.jsonl"
-    run_ranks("pretrain_sd3.py", 2, ["--config", str(cfg), "--data-path", str(prepared["out"]),
-                                     "--pipeline-model-parallel-size", "2", "--micro-batch-size", "1",
-                                     "--global-batch-size", "2", "--train-iters", "4", "--log-interval", "1",
-                                     "--metrics-file", str(metrics), "--no-progress"], timeout=240)
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = train_pp2_on(prepared["out"], tmp_path, 4)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and r["text_recon_loss"] > 0 for r in rows)

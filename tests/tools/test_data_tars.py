@@ -16,7 +16,7 @@ import pytest
 from megatron_sd3.data import verify
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _data_fixtures import build_tiny_sd3_encoders, make_tar_shards  # noqa: E402
+from _data_fixtures import build_tiny_sd3_encoders, make_tar_shards, train_pp2_on  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "preprocess_data.py"
@@ -93,18 +93,7 @@ def test_every_good_sample_once_and_the_bad_ones_named(tars):
 @pytest.mark.slow  # the format is the folder input's: test_data_preprocess.py trains PP=2 on it
 @pytest.mark.timeout(300)
 def test_pretrain_pp2_on_the_tars_dataset(tars, tmp_path):
-    from _ranks import run_ranks
-
-    cfg = tmp_path / "data.toml"
-    cfg.write_text("[model]\npreset = 'tiny'\njoint_attention_dim = 4096\npooled_projection_dim = 2048\n"
-                   "text_seq_len = 93\ntext_recon_gamma = 0.5\nzero_init_adaln = false\n")
-    metrics = tmp_path / "m.jsonl"
-    run_ranks("pretrain_sd3.py", 2, ["--config", str(cfg), "--data-path", str(tars["out"]),
-                                     "--pipeline-model-parallel-size", "2", "--micro-batch-size", "1",
-                                     "--global-batch-size", "2", "--train-iters", "2", "--log-interval", "1",
-                                     "--metrics-file", str(metrics), "--no-progress", "--train-small-buckets"],
-              timeout=240)
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = train_pp2_on(tars["out"], tmp_path, 2, ["--train-small-buckets"])
     assert [r["iteration"] for r in rows] == [1, 2]
 
 
