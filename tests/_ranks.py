@@ -1,11 +1,32 @@
 """Start N local ranks of a worker script (the env torchrun would set), wait with a timeout."""
 import os
+import random
+import socket
 import subprocess
 import sys
 
-from megatron_sd3.distributed import free_port
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    """A free rendezvous port for a test's ranks, below the kernel's ephemeral range (where
+    torchrun --standalone and bind(0) draw theirs) and in a block of its own per pytest-xdist
+    worker, so two tests running side by side never pick the same one between the check here and
+    the ranks' bind (a bind(0) port was seen taken in that gap: EADDRINUSE)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    # 21000-31499: above launch.sh's SLURM ports for the local cluster's small job ids (20000 +
+    # job id), below 32768, where the default ephemeral range starts
+    lo = 21000 + 1500 * (index % 7)
+    for _ in range(200):
+        port = random.randrange(lo, lo + 1500)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {lo}-{lo + 1499}")
 
 
 def run_ranks(script: str, nproc: int, args: list[str], timeout: float = 240, env: dict | None = None):

@@ -30,7 +30,7 @@ from megatron_sd3.backends.torchao import (  # noqa: E402
     Float8RowParallelLinear,
     fp8_context,
 )
-from megatron_sd3.distributed import free_port  # noqa: E402
+from _ranks import free_port  # noqa: E402
 from megatron_sd3.testing.helpers import build_fp8_pair, parallel_linear_config, rel  # noqa: E402
 
 
