@@ -51,7 +51,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_sd3.data._seeding import generator
 from megatron_sd3.flow_matching import FlowMatchingConfig, FlowSample, loss_weighting
-from megatron_sd3.loss import denoise_terms, enabled_loss_terms, loss_terms, split_output, total_of
+from megatron_sd3.loss import LOSS_TERMS, enabled_loss_terms, loss_inputs, loss_terms, total_of
 from megatron_sd3.training.build import device
 from megatron_sd3.training.step import TrainStep
 
@@ -163,10 +163,10 @@ class EvalStep(TrainStep):
         if trained is None:
             report[WEIGHTED] = report["denoise_loss"]
         else:
-            pred = trained.prediction(split_output(output)[0])
-            mask = None if mask is None else mask.to(pred.device)
-            s, w = denoise_terms(pred, trained.target.to(pred.device), mask, self.cfg.pseudo_huber_c,
-                                 trained.loss_weight)
+            # the registry's denoise term on the sample as training sees it (loss_inputs applies the
+            # flow's prediction transform and per-sample weights, as in TrainStep._loss_func)
+            s, w = LOSS_TERMS["denoise_loss"].terms(loss_inputs(output, trained.target, mask, self.cfg,
+                                                                trained.keep_text, trained))
             report[WEIGHTED] = torch.stack([s.detach(), w.detach().to(s.dtype)])
         return loss, count, report
 
