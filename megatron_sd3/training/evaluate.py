@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import os
 from functools import partial
@@ -153,7 +154,8 @@ class EvalStep(TrainStep):
     def _forward_step(self, state, data_iterator, model):
         output, loss_func = super()._forward_step(state, data_iterator, model)
         if loss_func is not None:  # the microbatch's weighted sample goes with its loss function
-            loss_func = partial(self._with_weighted, loss_func, self._trained, loss_func.args[2])
+            mask = inspect.signature(self._loss_func).bind_partial(*loss_func.args).arguments["mask"]
+            loss_func = partial(self._with_weighted, loss_func, self._trained, mask)
         return output, loss_func
 
     def _with_weighted(self, loss_func, trained, mask, output):

@@ -50,9 +50,18 @@ def test_resume_equals_uninterrupted_and_reshards(tmp_path):
     tp2, _ = _train(tmp, "tp2", 2, ["--tensor-model-parallel-size", "2", "--train-iters", "6", *at4])
     for it in (5, 6):
         assert abs(tp2[it]["loss"] - full[it]["loss"]) <= 1e-5 * abs(full[it]["loss"])
-    # ... and on PP=2 with 2 interleaved virtual stages per rank (model chunks "model0", "model1")
+
+
+@pytest.mark.slow  # a third layout for the same reshard path as above
+@pytest.mark.timeout(600)
+def test_a_pp2_checkpoint_resumes_with_interleaved_virtual_stages(tmp_path):
+    """PP=2 with 2 interleaved virtual stages per rank (model chunks "model0", "model1")."""
+    tmp = str(tmp_path)
+    pp2 = ["--pipeline-model-parallel-size", "2"]
+    ck = os.path.join(tmp, "ck")
+    full, _ = _train(tmp, "full", 2, [*pp2, "--train-iters", "6", "--save", ck, "--save-interval", "4"])
     inter, _ = _train(tmp, "vpp", 2, [*pp2, "--num-virtual-stages-per-pipeline-rank", "2",
-                                      "--train-iters", "6", *at4])
+                                      "--train-iters", "6", "--load", ck, "--ckpt-step", "4"])
     for it in (5, 6):
         assert abs(inter[it]["loss"] - full[it]["loss"]) <= 1e-5 * abs(full[it]["loss"])
 
