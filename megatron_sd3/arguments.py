@@ -126,6 +126,10 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
           "t (e.g. 0.1, 0.5, 0.9); these are the K equal-mass quantile midpoints of a uniform t, so the mean "
           "over them estimates the loss averaged uniformly over t", check=at_least(1)),
         F("eval_at_start", bool, False, "evaluate once before the first iteration"),
+        F("log_text_grad_norms", bool, False, "at each evaluation, the gradient norm of each loss term alone on "
+          "the joint blocks' text streams (one validation global batch with training's noise, no optimizer "
+          "step): grad_norm_text_denoise, grad_norm_text_recon (gamma included) and their ratio "
+          "text_recon_grad_ratio"),
         F("clip_model", str, None, "local transformers CLIPModel folder: at each evaluation, the CLIP score of "
           "the sample prompts' fixed-seed samples (VAE-decoded: needs --sd3-root) against the prompt texts "
           "of the prompt file (tools/preprocess_data.py --prompts)"),

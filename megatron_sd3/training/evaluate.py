@@ -225,9 +225,16 @@ class Evaluator:
     """``evaluate(iteration, ema)`` -> the ``"type": "eval"`` record (same on every rank)."""
 
     def __init__(self, cfg, ddp_chunks, valid: ValidationSet, *, global_batch_size: int, micro_batch_size: int,
-                 seed: int, timesteps: int = 8, eval_iters: int = 0, flow: Optional[FlowMatchingConfig] = None):
+                 seed: int, timesteps: int = 8, eval_iters: int = 0, flow: Optional[FlowMatchingConfig] = None,
+                 grad_norms: bool = False):
         self.cfg, self.chunks, self.valid = cfg, list(ddp_chunks), valid
         self.flow = flow or FlowMatchingConfig()
+        self.grad_norms = None
+        if grad_norms:  # --log-text-grad-norms (training/grad_share.py)
+            from megatron_sd3.training.grad_share import TextGradNorms
+
+            self.grad_norms = TextGradNorms(cfg, ddp_chunks, global_batch_size=global_batch_size,
+                                            micro_batch_size=micro_batch_size, seed=seed, flow=self.flow)
         self.step = EvalStep(cfg, ddp_chunks, None, global_batch_size=global_batch_size,
                              micro_batch_size=micro_batch_size, seed=seed, flow=self.flow)
         self.ts = eval_timesteps(timesteps)
@@ -278,9 +285,10 @@ class Evaluator:
 
     def evaluate(self, iteration: int, ema=None, clip: Optional["ClipEval"] = None) -> dict:
         with preserved_training_state(self.chunks):
+            grads = {} if self.grad_norms is None else self.grad_norms.measure(self._microbatches(self.batches[0]))
             for c in self.chunks:
                 c.eval()
-            rec = {"type": "eval", "iteration": int(iteration), **self.losses(),
+            rec = {"type": "eval", "iteration": int(iteration), **self.losses(), **grads,
                    "weighting_scheme": self.flow.weighting_scheme,
                    "valid_samples": self.num_samples, "eval_timesteps": len(self.ts)}
             if clip is not None:
@@ -300,6 +308,10 @@ def eval_log_line(rec: dict) -> str:
         vals = " | ".join(f"{k} value: {r[k]:.6E}" for k in names if k in r)
         if "clip_score" in r:
             vals += f" | clip_score value: {r['clip_score']:.4f}"
+        if "grad_norm_text_denoise" in r:  # --log-text-grad-norms
+            vals += " | " + " | ".join(f"{k}: {r[k]:.4E}" for k in
+                                       ("grad_norm_text_denoise", "grad_norm_text_recon", "text_recon_grad_ratio")
+                                       if k in r)
         return f" validation loss{what} at iteration {rec['iteration']} | {vals} |"
 
     lines = [line(rec, "")]

@@ -327,7 +327,8 @@ def build_side_tasks(args, cfg, ddp):
     if valid is not None:
         evaluator = Evaluator(cfg, ddp, valid, global_batch_size=args.global_batch_size,
                               micro_batch_size=args.micro_batch_size, seed=args.seed,
-                              timesteps=args.eval_timesteps, eval_iters=args.eval_iters, flow=flow_config(args))
+                              timesteps=args.eval_timesteps, eval_iters=args.eval_iters, flow=flow_config(args),
+                              grad_norms=args.log_text_grad_norms)
         _print0(f" > validation: {evaluator.num_samples} samples x {args.eval_timesteps} timesteps "
                 f"({'--valid-data-path ' + ' '.join(args.valid_data_path) if args.valid_data_path else 'held out: the last ' + str(args.valid_samples) + ' samples'})")
     if args.sample_interval or args.clip_model:

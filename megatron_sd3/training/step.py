@@ -149,10 +149,16 @@ class TrainStep:
             # a term may have no weight in the whole batch (all texts dropped): it then adds 0
             scale = torch.where(w_term > 0, self.gbs / w_term.clamp_min(1e-300), torch.zeros_like(w_term))
             v = term.weight(cfg) * s * scale.to(s.dtype)
-            loss = v if loss is None else loss + v
+            if self.in_loss(term):
+                loss = v if loss is None else loss + v
             report[term.name] = torch.stack([s.detach(), w.detach().to(s.dtype)])
         count = torch.full((), latents.shape[0], dtype=torch.int, device=loss.device)  # no host copy
         return loss, count, report
+
+    def in_loss(self, term) -> bool:
+        """Whether the enabled ``term`` adds to the loss that is backpropagated (all do here;
+        ``grad_share.TermGradStep`` keeps one)."""
+        return True
 
     def inputs(self, mb: dict, positions: list[int], with_text: bool):
         """``(flow sample, text, pooled)`` of one microbatch on this rank's device: training's
@@ -208,7 +214,8 @@ class TrainStep:
         if not self.forward_only:
             for m in self.chunks:
                 m.zero_grad_buffer()
-            self.optimizer.zero_grad()
+            if self.optimizer is not None:
+                self.optimizer.zero_grad()
         data = iter(microbatches) if needs_data else None
         vpp = len(self.chunks) > 1
         reports = get_forward_backward_func()(
@@ -223,7 +230,7 @@ class TrainStep:
         losses = self.reduce_report(reports)
         result = StepResult(loss_tensor=losses, names=("loss", *(t.name for t in loss_terms())),
                             latent_hw=latent_hw)
-        if self.forward_only:
+        if self.forward_only or self.optimizer is None:  # no optimizer: the gradients only
             return result
         if not bool(torch.isfinite(losses[0])):  # the iteration's one host read
             # A NaN/Inf loss: no update (the caller counts it and stops after too many).

@@ -151,7 +151,7 @@ def test_training_is_bit_identical_with_evaluation_and_sampling(tmp_path):
     side, logs = _train(tmp_path, "side", 1, [
         "--train-iters", "4", "--valid-samples", "8", "--eval-interval", "2", "--eval-timesteps", "2",
         "--eval-at-start", "--sample-interval", "2", "--sample-steps", "2", "--sample-num", "2",
-        "--save", str(tmp_path / "ck")])
+        "--save", str(tmp_path / "ck"), "--log-text-grad-norms"])
     train = [r for r in side if r["type"] == "train"]
     assert [r["type"] for r in plain] == ["train"] * 4 and len(train) == 4
     for a, b in zip(plain, train):
@@ -160,7 +160,8 @@ def test_training_is_bit_identical_with_evaluation_and_sampling(tmp_path):
     evals = [r for r in side if r["type"] == "eval"]
     assert [r["iteration"] for r in evals] == [0, 2, 4]
     for r in evals:
-        assert set(r) >= {"loss", "denoise_loss", "text_recon_loss", "loss_at_t", "ema"}
+        assert set(r) >= {"loss", "denoise_loss", "text_recon_loss", "loss_at_t", "ema", "grad_norm_text_denoise",
+                          "grad_norm_text_recon", "text_recon_grad_ratio"}
         assert set(r["loss_at_t"]) == {"0.25", "0.75"} and set(r["ema"]["loss_at_t"]) == {"0.25", "0.75"}
     assert " validation loss at iteration 2 | loss value:" in logs[0]
     assert " validation loss (EMA) at iteration 2 |" in logs[0]
@@ -174,17 +175,25 @@ def test_training_is_bit_identical_with_evaluation_and_sampling(tmp_path):
 @pytest.mark.timeout(1500)
 def test_validation_numbers_are_the_same_under_every_layout(tmp_path):
     """The initial weights do not depend on the layout, so the evaluation before the first
-    iteration must give the same numbers on 1 process, PP=2, TP=2 and DP=2."""
+    iteration must give the same numbers on 1 process, PP=2, TP=2 with sequence parallelism and
+    DP=2 with the distributed optimizer; also the text-stream gradient norms of each loss term
+    (--log-text-grad-norms: gradients reduced over DP, sharded by the distributed optimizer,
+    summed over the stages, TP duplicates counted once), within the fp32 bound of the layouts."""
+    from _fp32_bound import BOUND
+
     args = ["--train-iters", "1", "--valid-samples", "16", "--eval-at-start", "--eval-timesteps", "3",
-            "--ema-decay", "0"]
+            "--ema-decay", "0", "--log-text-grad-norms"]
     ref = [r for r in _train(tmp_path, "one", 1, args)[0] if r["type"] == "eval"][0]
+    assert ref["grad_norm_text_denoise"] > 0 and ref["grad_norm_text_recon"] > 0
     for name, extra in (("pp2", ["--pipeline-model-parallel-size", "2"]),
-                        ("tp2", ["--tensor-model-parallel-size", "2"]),
-                        ("dp2", [])):
+                        ("tp2", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+                        ("dp2", ["--use-distributed-optimizer"])):
         got = [r for r in _train(tmp_path, name, 2, [*args, *extra])[0] if r["type"] == "eval"][0]
         assert "ema" not in got
         for k in ("loss", "denoise_loss", "text_recon_loss"):
             assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-9), (name, k)
+        for k in ("grad_norm_text_denoise", "grad_norm_text_recon", "text_recon_grad_ratio"):
+            assert abs(got[k] - ref[k]) <= BOUND * ref[k], (name, k, got[k], ref[k])
         for t, v in ref["loss_at_t"].items():
             assert got["loss_at_t"][t] == pytest.approx(v, rel=1e-5), (name, t)
 
