@@ -181,9 +181,12 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 """Student's t, two-sided 95% (the 0.975 quantile), by degrees of freedom; between rows the lower
 row's (a slightly wider interval); 1.96 beyond 120."""
 
-SWEEP_METRICS = ("denoise_loss", "text_recon_loss", "prompt_following", "prompt_following_no_guidance")
-"""Per cell: the final evaluation's loss terms and the last sample grid's share of samples that
-follow their prompt (with the run's guidance, and without), plus ``loss_at_t/<t>``."""
+SWEEP_METRICS = ("denoise_loss", "text_recon_loss", "prompt_following", "prompt_following_no_guidance",
+                 "text_recon_grad_ratio")
+"""Per cell: the final evaluation's loss terms, the last sample grid's share of samples that
+follow their prompt (with the run's guidance, and without), the final evaluation's ratio of the
+text-recon to the denoise gradient norm on the text streams (``--log-text-grad-norms``), plus
+``loss_at_t/<t>``."""
 
 
 def t975(df: int) -> float:
@@ -222,7 +225,7 @@ def final_values(path: str) -> dict:
             except ValueError:
                 continue
             if row.get("type") == "eval":
-                for k in ("denoise_loss", "text_recon_loss"):
+                for k in ("denoise_loss", "text_recon_loss", "text_recon_grad_ratio"):
                     if _num(row.get(k)) is not None:
                         out[k] = row[k]
                 for t, v in (row.get("loss_at_t") or {}).items():

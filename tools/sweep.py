@@ -62,13 +62,14 @@ def _off(cell: dict, name: str) -> bool:
 
 def cells(grid, seeds: list[int]) -> list[dict]:
     """Every combination, times seeds, without repeats that differ only in a flag with no effect
-    (that flag is dropped from such a cell)."""
+    (that flag is dropped from such a cell). Seed by seed: a sweep stopped part way has whole
+    seeds of every combination, and more seeds later add cells at the end."""
     out, seen = [], set()
     names = [n for n, _ in grid]
-    for values in itertools.product(*(v for _, v in grid)):
-        cell = dict(zip(names, values))
-        cell = {k: v for k, v in cell.items() if not _off(cell, k)}
-        for seed in seeds:
+    for seed in seeds:
+        for values in itertools.product(*(v for _, v in grid)):
+            cell = dict(zip(names, values))
+            cell = {k: v for k, v in cell.items() if not _off(cell, k)}
             c = {**cell, "seed": str(seed)}
             key = tuple(sorted(c.items()))
             if key not in seen:

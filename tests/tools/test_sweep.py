@@ -61,7 +61,8 @@ def test_a_killed_sweep_completes_with_the_same_command(tmp_path):
            "--", *RUN]
     p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), start_new_session=True, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
-    second = out / "text_recon_gamma=0__seed=1235" / "checkpoints" / "latest_checkpointed_iteration.txt"
+    # seed by seed: gamma 0 then 0.5 of seed 1234, then those of seed 1235
+    second = out / "text_recon_gamma=0.5__seed=1234" / "checkpoints" / "latest_checkpointed_iteration.txt"
     deadline = time.time() + 300
     while not second.exists():  # the first cell is done, the second has a checkpoint: kill the sweep
         assert p.poll() is None and time.time() < deadline, p.communicate()[0][-3000:] if p.poll() is not None else ""
@@ -69,15 +70,16 @@ def test_a_killed_sweep_completes_with_the_same_command(tmp_path):
     os.killpg(p.pid, signal.SIGKILL)
     p.communicate(timeout=60)
     first = out / "text_recon_gamma=0__seed=1234"
-    assert (first / "done").exists() and not (out / "text_recon_gamma=0__seed=1235" / "done").exists()
+    assert (first / "done").exists() and not (out / "text_recon_gamma=0.5__seed=1234" / "done").exists()
     killed_at = int(second.read_text())
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "text_recon_gamma=0__seed=1234: done, skipped" in r.stdout
     cells = json.loads((out / "sweep.json").read_text())["cells"]
     assert len(cells) == 4 and all((out / c / "done").exists() for c in cells)
+    assert cells == [f"text_recon_gamma={g}__seed={s}" for s in (1234, 1235) for g in (0, 0.5)]
     assert _iterations(first) == [1, 2, 3]  # a finished cell is not run again
-    resumed = _iterations(out / "text_recon_gamma=0__seed=1235")
+    resumed = _iterations(out / "text_recon_gamma=0.5__seed=1234")
     assert sorted(set(resumed)) == [1, 2, 3] and all(resumed.count(i) == 1 for i in range(1, killed_at + 1)), resumed
     for c in cells:  # each cell's own effective config
         assert json.loads((out / c / "checkpoints" / "effective_config.json").read_text())["seed"] == int(c[-4:])
