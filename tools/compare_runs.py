@@ -241,7 +241,8 @@ def final_values(path: str) -> dict:
 def summarize_sweep(sweep: str, metrics_file: str = "metrics.jsonl") -> list[dict]:
     """Rows ``{cell, metric, n, mean, ci95, diff, diff_ci95, n_paired}``: per cell (the seeds
     pooled), each metric's mean and 95% interval over seeds, and the paired difference against the
-    same cell at gamma 0 on the seeds both have (nan for gamma 0 itself)."""
+    same cell at gamma 0 on the seeds both have (nan for gamma 0 itself). Only finished cells
+    (``done``, written by tools/sweep.py) count."""
     spec_path = os.path.join(sweep, "sweep.json")
     if not os.path.isfile(spec_path):
         raise CompareError(f"{sweep}: no sweep.json; give a folder written by tools/sweep.py")
@@ -250,12 +251,12 @@ def summarize_sweep(sweep: str, metrics_file: str = "metrics.jsonl") -> list[dic
     for name in names:
         params, seed = _split_cell(name)
         path = os.path.join(sweep, name, metrics_file)
-        if not os.path.isfile(path):
-            continue
+        if not os.path.isfile(path) or not os.path.isfile(os.path.join(sweep, name, "done")):
+            continue  # not run yet, or stopped midway: its last rows are not the run's final ones
         key = tuple(params.items())
         groups.setdefault(key, {})[seed] = final_values(path)
     if not groups:
-        raise CompareError(f"{sweep}: no cell has a {metrics_file} yet; run the sweep first")
+        raise CompareError(f"{sweep}: no cell has finished yet; run the sweep first")
 
     def baseline(key):
         params = dict(key)
@@ -324,8 +325,9 @@ def write_sweep_tables(rows: list[dict], out_dir: str) -> tuple[str, str]:
 
 
 def plot_sweep(rows: list[dict], out_dir: str) -> list[str]:
-    """``sweep_loss_at_t.png`` (each cell's final validation loss against t, 95% band) and
-    ``sweep_accuracy.png`` (the prompt-following share against gamma, log axis, error bars)."""
+    """``sweep_loss_at_t.png`` (each cell's final validation loss against t, 95% band),
+    ``sweep_accuracy.png`` (the prompt-following share against gamma, log axis, error bars) and,
+    with ``text_recon_grad_ratio`` in the rows, ``sweep_grad_ratio.png`` (log-log, against gamma)."""
     try:
         import matplotlib
 
@@ -379,6 +381,29 @@ def plot_sweep(rows: list[dict], out_dir: str) -> list[str]:
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "sweep_accuracy.png"))
     fig.savefig(paths[-1], dpi=100)
+    ratio = [r for r in rows if r["metric"] == "text_recon_grad_ratio" and r["mean"] > 0]
+    if ratio:  # --log-text-grad-norms: where gamma starts to matter
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        by_layer = {}
+        for r in ratio:
+            params = dict(p.split("=", 1) for p in r["cell"].split(","))
+            by_layer.setdefault(params.get("text_recon_target_layer", "-"), []).append(
+                (float(params.get("text_recon_gamma", "nan")), r["mean"], r["ci95"]))
+        for layer, pts in sorted(by_layer.items()):
+            pts.sort()
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                        yerr=[0 if math.isnan(p[2]) else min(p[2], 0.999 * p[1]) for p in pts], fmt="o-", capsize=3,
+                        label=f"target layer {layer}")
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("text_recon_gamma")
+        ax.set_ylabel("|gamma grad L_recon| / |grad L_denoise| on the text streams")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "sweep_grad_ratio.png"))
+        fig.savefig(paths[-1], dpi=100)
     return paths
 
 

@@ -304,3 +304,41 @@ def test_scancel_saves_and_second_job_resumes(slurm, tmp_path, how):
         assert starts and all(e["iteration"] == stopped_at for e in starts), starts
         done = [e for e in events(save) if e["event"] == "done"]
         assert {e["iteration"] for e in done} == {target}
+
+
+def _train_losses(metrics: Path):
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [(r["iteration"], r["loss"]) for r in rows if r.get("type", "train") == "train"]
+
+
+@pytest.mark.slow  # the cells test_sweep.py runs locally, as one SLURM job array
+@pytest.mark.timeout(600)
+def test_sweep_job_array_runs_every_cell_as_the_local_sweep_does(slurm, tmp_path):
+    """`tools/sweep.py --slurm` submits one array task per cell; each runs its cell through
+    launch.sh and ends COMPLETED, and every cell's losses equal the same sweep's `--local` run."""
+    import sys
+
+    sweep = [sys.executable, str(ROOT / "tools" / "sweep.py"), "--grid", "text_recon_gamma=0,0.5", "--seeds", "2"]
+    run = ["--", "--config", CONFIG or str(ROOT / "configs" / "sd3_light_tiny.toml"), *ENTRY_ARGS,
+           "--train-iters", str(SHORT_ITERS), "--no-progress"]
+    env = slurm_env(slurm, GPUS_PER_NODE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([*sweep, "--out", str(tmp_path / "array"), "--slurm", *run], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "Submitted batch job" in r.stdout, r.stdout + r.stderr
+    job = r.stdout.split()[-1]
+    state = wait_job(slurm, job, 480)
+    tasks = subprocess.run(["scontrol", "-o", "show", "job", job], env=slurm_env(slurm), capture_output=True,
+                           text=True).stdout.splitlines()
+    logs = "\n".join(log_of(p) for p in sorted((tmp_path / "array").glob("slurm-*.out")))
+    assert len(tasks) == 4 and all("JobState=COMPLETED" in t for t in tasks), f"{state}\n{tasks}\n{logs}"
+    local = subprocess.run([*sweep, "--out", str(tmp_path / "local"), "--local", *run], cwd=ROOT,
+                           env=base_env(GPUS_PER_NODE="1", OMP_NUM_THREADS="1", LAUNCH_CHECK="0"),
+                           capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    cells = json.loads((tmp_path / "array" / "sweep.json").read_text())["cells"]
+    assert cells == json.loads((tmp_path / "local" / "sweep.json").read_text())["cells"] and len(cells) == 4
+    for c in cells:
+        assert (tmp_path / "array" / c / "done").exists(), logs
+        got = _train_losses(tmp_path / "array" / c / "metrics.jsonl")
+        assert [i for i, _ in got] == list(range(1, SHORT_ITERS + 1)), c
+        assert got == _train_losses(tmp_path / "local" / c / "metrics.jsonl"), c

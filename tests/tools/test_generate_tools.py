@@ -281,7 +281,15 @@ def test_compare_runs_over_a_sweep_gives_seed_intervals_and_paired_differences(t
                     {"type": "eval", "iteration": 10, "denoise_loss": d, "text_recon_loss": 0.01 * (s + 1),
                      "loss_at_t": {"0.25": d + 0.1, "0.75": d - 0.1}},
                     {"type": "samples", "iteration": 10, "prompt_following": a, "prompt_following_no_guidance": a - 0.1}]
+            if "gamma=1" in cell:  # --log-text-grad-norms: only where the recon term is on
+                rows[2]["text_recon_grad_ratio"] = 0.1 * (s + 1)
             (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+            (tmp_path / name / "done").write_text("{}\n")
+    # a fourth seed stopped midway (no ``done``): its rows are not final, it is left out
+    cells.append("text_recon_gamma=0__seed=1237")
+    (tmp_path / cells[-1]).mkdir()
+    (tmp_path / cells[-1] / "metrics.jsonl").write_text(json.dumps(
+        {"type": "eval", "iteration": 5, "denoise_loss": 9.0, "loss_at_t": {"0.25": 9.0}}) + "\n")
     (tmp_path / "sweep.json").write_text(json.dumps({"cells": cells}))
     rows = compare_runs.summarize_sweep(str(tmp_path))
     get = {(r["cell"], r["metric"]): r for r in rows}
@@ -293,7 +301,8 @@ def test_compare_runs_over_a_sweep_gives_seed_intervals_and_paired_differences(t
     assert r["diff"] == pytest.approx(statistics.mean(diffs)) and r["n_paired"] == 3
     assert r["diff_ci95"] == pytest.approx(4.303 * statistics.stdev(diffs) / math.sqrt(3))
     base = get[("text_recon_gamma=0", "prompt_following")]
-    assert base["mean"] == pytest.approx(0.75) and math.isnan(base["diff"])
+    assert base["mean"] == pytest.approx(0.75) and math.isnan(base["diff"]) and base["n"] == 3
+    assert get[("text_recon_gamma=0", "denoise_loss")]["n"] == 3
     assert get[("text_recon_gamma=0", "loss_at_t/0.75")]["mean"] == pytest.approx(statistics.mean(den["text_recon_gamma=0"]) - 0.1)
     out = tmp_path / "cmp"
     res = subprocess.run([sys.executable, COMPARE, str(tmp_path), "--output-dir", str(out)], capture_output=True,
@@ -304,3 +313,5 @@ def test_compare_runs_over_a_sweep_gives_seed_intervals_and_paired_differences(t
     with open(out / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert Image.open(out / "sweep_accuracy.png").size[0] > 400 and (out / "sweep_loss_at_t.png").exists()
+    assert get[("text_recon_gamma=1,text_recon_target_layer=0", "text_recon_grad_ratio")]["mean"] == pytest.approx(0.2)
+    assert (out / "sweep_grad_ratio.png").exists() and ("text_recon_gamma=0", "text_recon_grad_ratio") not in get
