@@ -22,6 +22,11 @@ What is here, and why no public hook exists (see ``docs/design.md``, section "Ba
   its parent: a rank that dies without running its exit handlers (SIGKILL, or SIGTERM when its
   launcher died) would leave it, and the resource tracker beside it, running for ever. This
   function creates the queue first, with a server that dies with its rank.
+* :func:`owned_reduced_grad`: the part of a parameter's gradient that a rank holds after DDP's
+  reduction (all of it with the plain optimizer; the reduce-scattered shard of its bucket with
+  the distributed optimizer). DDP exposes its buffers (``buffers``, ``param_index_map``,
+  ``buckets``) without a public accessor for a parameter's shard; ``DistributedOptimizer``
+  computes the same ranges privately. Used by ``training/grad_share.py``.
 * :func:`require_supported_megatron_core`: called by the CPU mode
   (``megatron_sd3.testing.cpu_mode``), whose patches name private megatron-core functions.
 """
@@ -112,3 +117,25 @@ def checkpoint_writer_results_queue() -> None:
     manager.start(initializer=watchdog.helper_dies_with_parent)
     _results_manager = manager  # the manager's finaliser shuts the server down at a clean exit
     filesystem_async._results_queue = manager.Queue()
+
+
+def owned_reduced_grad(ddp, param):
+    """This rank's part of ``param``'s gradient in megatron ``DistributedDataParallel`` ``ddp``'s
+    buffers after the reduction (flat, a view): all of ``main_grad`` on data-parallel rank 0 and
+    nothing elsewhere with the plain optimizer (all-reduced: the same on every rank), the
+    intersection with this rank's equal shard of the bucket (``shard_buffer``) with the
+    distributed optimizer (reduce-scattered)."""
+    for buf in ddp.buffers:
+        if param in buf.param_index_map:
+            break
+    else:
+        raise KeyError("the parameter is in none of the DDP module's gradient buffers")
+    rank, size = buf.data_parallel_group.rank(), buf.data_parallel_group.size()
+    if not ddp.ddp_config.use_distributed_optimizer:
+        flat = param.main_grad.view(-1)
+        return flat if rank == 0 else flat[:0]
+    start, end, b = buf.param_index_map[param]
+    bucket = buf.buckets[b]
+    shard = bucket.grad_data.numel() // size
+    lo, hi = max(start, bucket.offset + rank * shard), min(end, bucket.offset + (rank + 1) * shard)
+    return buf.grad_data[lo:max(lo, hi)]

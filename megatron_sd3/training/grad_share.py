@@ -16,10 +16,11 @@ No optimizer step is taken; the next training step zeroes the gradient buffers a
 random states are restored (``evaluate.preserved_training_state``), so training is unchanged.
 
 The norm is over the whole model: each rank sums the squares of the part of each text-stream
-gradient it holds after the reduction (all of it on data-parallel rank 0 with the plain optimizer;
-its reduce-scattered shard of each bucket with the distributed optimizer, as megatron-core's
-``DistributedOptimizer`` owns it), counts tensor-parallel duplicates once (megatron's
-``param_is_not_tensor_parallel_duplicate``), and the squares are summed over all ranks.
+gradient it holds after the reduction (``compat.owned_reduced_grad``: all of it on data-parallel
+rank 0 with the plain optimizer, its reduce-scattered shard of each bucket with the distributed
+optimizer, as megatron-core's ``DistributedOptimizer`` owns it), counts tensor-parallel
+duplicates once (megatron's ``param_is_not_tensor_parallel_duplicate``), and the squares are
+summed over all ranks.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
+from megatron_sd3.compat import owned_reduced_grad
 from megatron_sd3.loss import enabled_loss_terms
 from megatron_sd3.training.build import device, params_synced, unwrap
 from megatron_sd3.training.step import TrainStep
@@ -52,30 +54,13 @@ class TermGradStep(TrainStep):
         return term.name == self.term
 
 
-def _owned_grad(ddp, param) -> torch.Tensor:
-    """This rank's part of ``param``'s reduced gradient in ``ddp``'s buffers (flat)."""
-    for buf in ddp.buffers:
-        if param in buf.param_index_map:
-            break
-    else:
-        raise KeyError("a text-stream parameter is in no gradient buffer")
-    rank, size = buf.data_parallel_group.rank(), buf.data_parallel_group.size()
-    if not ddp.ddp_config.use_distributed_optimizer:  # all-reduced: the same on every DP rank
-        return param.main_grad.view(-1) if rank == 0 else param.main_grad.view(-1)[:0]
-    start, end, b = buf.param_index_map[param]
-    bucket = buf.buckets[b]
-    shard = bucket.grad_data.numel() // size  # megatron's shard_buffer: equal shards per bucket
-    lo, hi = max(start, bucket.offset + rank * shard), min(end, bucket.offset + (rank + 1) * shard)
-    return buf.grad_data[lo:max(lo, hi)]
-
-
 def text_stream_grad_sq(ddp_chunks) -> torch.Tensor:
     """This rank's sum of squares of its part of the text-stream gradients (float64, 0-d)."""
     sq = torch.zeros((), dtype=torch.float64, device=device())
     for ddp in ddp_chunks:
         for name, p in unwrap(ddp).named_parameters():
             if p.requires_grad and is_text_stream(name) and param_is_not_tensor_parallel_duplicate(p):
-                sq += _owned_grad(ddp, p).double().pow(2).sum()
+                sq += owned_reduced_grad(ddp, p).double().pow(2).sum()
     return sq
 
 
