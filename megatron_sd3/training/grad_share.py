@@ -69,7 +69,7 @@ class TextGradNorms:
     text_recon_grad_ratio}`` (the recon entries only when the term is on), the same on every rank."""
 
     def __init__(self, cfg, ddp_chunks, *, global_batch_size: int, micro_batch_size: int, seed: int, flow):
-        self.cfg, self.chunks = cfg, list(ddp_chunks)
+        self.chunks = list(ddp_chunks)
         self.step = TermGradStep(cfg, ddp_chunks, None, global_batch_size=global_batch_size,
                                  micro_batch_size=micro_batch_size, seed=seed, flow=flow)
         self.terms = [t.name for t in enabled_loss_terms(cfg) if t.name in TERM_KEYS]

@@ -26,17 +26,32 @@ def _train(tmp, name, nproc, args, timeout=300):
     return _metrics(m), logs
 
 
+PP2 = ["--pipeline-model-parallel-size", "2"]
+
+
+def _saved_pp2(tmp, iters):
+    """An uninterrupted PP=2 run of ``iters`` iterations saving at iteration 4 (and at its end):
+    its metrics by iteration and the checkpoint folder."""
+    ck = os.path.join(tmp, "ck")
+    full, _ = _train(tmp, "full", 2, [*PP2, "--train-iters", str(iters), "--save", ck, "--save-interval", "4"])
+    return full, ck
+
+
+def _assert_close_to(got, full, iterations=(5, 6)):
+    """A resharded resume: the same losses up to the layout's fp32 rounding."""
+    for it in iterations:
+        assert abs(got[it]["loss"] - full[it]["loss"]) <= 1e-5 * abs(full[it]["loss"]), (it, got[it], full[it])
+
+
 @pytest.mark.timeout(600)
 def test_resume_equals_uninterrupted_and_reshards(tmp_path):
     tmp = str(tmp_path)
-    pp2 = ["--pipeline-model-parallel-size", "2"]
-    ck = os.path.join(tmp, "ck")
     # the uninterrupted run saves at iteration 4 (and 8); the others resume from that checkpoint
-    full, _ = _train(tmp, "full", 2, [*pp2, "--train-iters", "8", "--save", ck, "--save-interval", "4"])
+    full, ck = _saved_pp2(tmp, 8)
     assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read().strip() == "8"
     assert os.path.isfile(os.path.join(ck, "effective_config.json"))
     at4 = ["--load", ck, "--ckpt-step", "4"]
-    resumed, logs = _train(tmp, "resumed", 2, [*pp2, "--train-iters", "8", *at4])
+    resumed, logs = _train(tmp, "resumed", 2, [*PP2, "--train-iters", "8", *at4])
     assert "resumed from" in logs[0]
     for it in range(5, 9):  # bit-identical continuation, iteration by iteration
         for k in ("loss", "denoise_loss", "text_recon_loss", "lr"):
@@ -44,12 +59,10 @@ def test_resume_equals_uninterrupted_and_reshards(tmp_path):
     # the PP=2 checkpoint resumes on one process (TP=PP=1): resharded model and optimizer
     single, logs = _train(tmp, "single", 1, ["--train-iters", "6", *at4])
     assert "differs from this run's" in logs[0]
-    for it in (5, 6):
-        assert abs(single[it]["loss"] - full[it]["loss"]) <= 1e-5 * abs(full[it]["loss"])
-    # ... on TP=2 (weights and optimizer state split differently) ...
+    _assert_close_to(single, full)
+    # ... and on TP=2 (weights and optimizer state split differently)
     tp2, _ = _train(tmp, "tp2", 2, ["--tensor-model-parallel-size", "2", "--train-iters", "6", *at4])
-    for it in (5, 6):
-        assert abs(tp2[it]["loss"] - full[it]["loss"]) <= 1e-5 * abs(full[it]["loss"])
+    _assert_close_to(tp2, full)
 
 
 @pytest.mark.slow  # a third layout for the same reshard path as above
@@ -57,13 +70,10 @@ def test_resume_equals_uninterrupted_and_reshards(tmp_path):
 def test_a_pp2_checkpoint_resumes_with_interleaved_virtual_stages(tmp_path):
     """PP=2 with 2 interleaved virtual stages per rank (model chunks "model0", "model1")."""
     tmp = str(tmp_path)
-    pp2 = ["--pipeline-model-parallel-size", "2"]
-    ck = os.path.join(tmp, "ck")
-    full, _ = _train(tmp, "full", 2, [*pp2, "--train-iters", "6", "--save", ck, "--save-interval", "4"])
-    inter, _ = _train(tmp, "vpp", 2, [*pp2, "--num-virtual-stages-per-pipeline-rank", "2",
+    full, ck = _saved_pp2(tmp, 6)
+    inter, _ = _train(tmp, "vpp", 2, [*PP2, "--num-virtual-stages-per-pipeline-rank", "2",
                                       "--train-iters", "6", "--load", ck, "--ckpt-step", "4"])
-    for it in (5, 6):
-        assert abs(inter[it]["loss"] - full[it]["loss"]) <= 1e-5 * abs(full[it]["loss"])
+    _assert_close_to(inter, full)
 
 
 @pytest.mark.timeout(300)
