@@ -243,7 +243,8 @@ def log_of(path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("mode", [pytest.param("direct", marks=pytest.mark.slow), "srun"])
+@pytest.mark.slow  # the default suite: the scancel test's second job and the two-node job (srun)
+@pytest.mark.parametrize("mode", ["direct", "srun"])
 def test_sbatch_job_completes_and_saves(slurm, tmp_path, mode):
     """`sbatch launch.sh ...` runs to the end and leaves a checkpoint. `srun` forces the
     multi-node path (one torchrun per node through srun) on our single node."""

@@ -239,6 +239,7 @@ def test_two_node_scancel_batch_term_saves(cluster, tmp_path):
     assert f"stopped: signal at iteration {stopped}/{LONG_ITERS}" in log, log[-4000:]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_restart_does_not_recover_a_job_of_a_dead_cluster(cluster, tmp_path):
     """The daemons killed while a job runs (a machine that went down, a snapshot taken mid-job),
