@@ -29,6 +29,17 @@
 #   LAUNCH_CHECK    0: skip the checks run once before the ranks start (below); default 1
 #   OMP_NUM_THREADS threads per rank; 1 when several ranks share a node (torchrun's default)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun waits for ranks after SIGTERM before SIGKILL (30)
+#   MAX_RESTARTS    in-job restarts of the worker group after a rank fails (the launcher's
+#                   --max-restarts; torchrun and ft_launcher alike), default 0
+#
+# Fault tolerance: with --enable-ft-package among the arguments, nvidia-resiliency-ext's ft_launcher
+# runs in place of torchrun (same layout, c10d rendezvous), with a rank monitor per rank that kills
+# a rank which stops answering; the workers then restart (MAX_RESTARTS) from the last checkpoint.
+# Its timeouts, in seconds (--calc-ft-timeouts learns them from the run instead):
+#   FT_INITIAL_HEARTBEAT_TIMEOUT  start-up up to the end of the first iteration (600)
+#   FT_HEARTBEAT_TIMEOUT          one training iteration, and the time between the loop's sections (180)
+#   FT_EVAL_TIMEOUT               one evaluation with its samples (600)
+#   FT_SAVE_TIMEOUT               one checkpoint save (600)
 #
 # Before any rank starts, `ENTRY --check-config ARGS` runs once (WORLD_SIZE = nodes x ranks per
 # node): a bad flag, TOML key, parallel layout, data path or checkpoint is one line and a non-zero
@@ -115,16 +126,45 @@ check_config() {
     if [[ $rc -ne 0 ]]; then exit "$rc"; fi
 }
 
-# exec torchrun for one node: $1 = nnodes, $2 = node rank, then the entry's arguments.
+# Is --enable-ft-package among the entry's arguments (EXTRA_ARGS included)? $@ = the caller's.
+wants_ft() {
+    local a
+    entry_args "$@"
+    for a in "${ENTRY_ARGS[@]}"; do [[ $a == --enable-ft-package ]] && return 0; done
+    return 1
+}
+
+# ft_launcher's options: the rank monitors' section timeouts (megatron_sd3/training/fault_tolerance.py).
+# The library's plain heartbeat timeouts are off (inf): the sections do that job, so that a long save
+# or evaluation has its own timeout. GPU and NIC health checks need NVML: off where there is none.
+ft_options() {
+    FT_OPTIONS=(--ft-initial-rank-heartbeat-timeout=inf --ft-rank-heartbeat-timeout=inf
+        "--ft-rank-section-timeouts=setup:${FT_INITIAL_HEARTBEAT_TIMEOUT:-600},step:${FT_HEARTBEAT_TIMEOUT:-180},eval:${FT_EVAL_TIMEOUT:-600},checkpointing:${FT_SAVE_TIMEOUT:-600}"
+        "--ft-rank-out-of-section-timeout=${FT_HEARTBEAT_TIMEOUT:-180}")
+    if ! command -v nvidia-smi >/dev/null 2>&1; then FT_OPTIONS+=(--ft-enable-nic-monitor=false); fi
+}
+
+# exec torchrun (or ft_launcher) for one node: $1 = nnodes, $2 = node rank, then the entry's arguments.
 exec_torchrun() {
     local nnodes=$1 node_rank=$2 nproc
     shift 2
     nproc=$(ranks_per_node)
     # torchrun's own default for several ranks, set here so that it does not print a banner about it
     if [[ $nproc -gt 1 && -z ${OMP_NUM_THREADS:-} ]]; then export OMP_NUM_THREADS=1; fi
-    local -a cmd=("$PYTHON" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc")
+    # torch warns at import when pynvml (a dependency of nvidia-resiliency-ext) is installed
+    local -a cmd=("$PYTHON" -W "ignore:The pynvml package is deprecated:FutureWarning")
+    if wants_ft "$@"; then
+        ft_options
+        cmd+=(-m nvidia_resiliency_ext.fault_tolerance.launcher "${FT_OPTIONS[@]}")
+    else
+        cmd+=(-m torch.distributed.run)
+    fi
+    cmd+=(--nnodes="$nnodes" --nproc-per-node="$nproc" --max-restarts="${MAX_RESTARTS:-0}")
     if [[ $nnodes -eq 1 && -z ${MASTER_PORT:-} ]]; then
         cmd+=(--standalone)
+    elif wants_ft "$@"; then  # restarts across nodes need the c10d rendezvous (node ranks from it)
+        cmd+=(--rdzv-backend=c10d --rdzv-endpoint="${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}"
+              --rdzv-id="${SLURM_JOB_ID:-sd3}")
     else
         cmd+=(--node-rank="$node_rank" --master-addr="${MASTER_ADDR:-127.0.0.1}"
               --master-port="${MASTER_PORT:-29500}")

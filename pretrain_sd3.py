@@ -22,6 +22,11 @@ QUIET_WARNINGS = (
     # megatron-core's own TransformerConfig default
     (r"full scope is deprecated", "megatron"),
     (r"(Warning: )?tp_group is None", "megatron"),
+    # megatron-core's dist_checkpointing load, calling torch's renamed API
+    (r"`load_state_dict` is deprecated", "megatron"),
+    # torch, at import, when nvidia-resiliency-ext's dependency pynvml is installed (a deprecated
+    # alias of nvidia-ml-py, which is installed beside it)
+    (r"The pynvml package is deprecated", "torch"),
     # torch.compile tracing the small lru_cache'd FP8 config builders (pure functions)
     (r"Dynamo detected a call to a `functools.lru_cache`-wrapped function at 'torchao\.py", "torch"),
 )

@@ -164,6 +164,13 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
         F("distributed_timeout_minutes", float, 10.0,
           "a collective or rendezvous waiting longer for a peer ends the rank with an error", check=above(0)),
     ]),
+    Section("fault_tolerance", "fault tolerance (nvidia-resiliency-ext; launch.sh starts ft_launcher)", [
+        F("enable_ft_package", bool, False, "hang detection by nvidia-resiliency-ext's rank monitors: the training "
+          "loop reports its setup, step, eval and checkpointing sections; a rank that stops answering is killed "
+          "and the workers restart from the last checkpoint (launch.sh: MAX_RESTARTS, FT_HEARTBEAT_TIMEOUT, ...)"),
+        F("calc_ft_timeouts", bool, False, "learn the section timeouts from the run (after each save and at the "
+          "end) and keep them in SAVE/ft_state.json for the next start"),
+    ]),
     Section("logging", "logging", [
         F("log_interval", int, 10, "iterations between log lines", check=at_least(1)),
         F("metrics_file", str, None, "JSON lines of per-iteration figures"),
@@ -331,6 +338,15 @@ def validate(args) -> None:
         bad("--async-save needs --save DIR")
     if args.exit_signal_handler and not args.save:
         bad("--exit-signal-handler saves on SIGTERM and needs --save DIR")
+    if args.calc_ft_timeouts and not args.enable_ft_package:
+        bad("--calc-ft-timeouts learns the timeouts of --enable-ft-package; add it")
+    if args.enable_ft_package:
+        from megatron_sd3.training.fault_tolerance import check_installed
+
+        if check_installed():
+            bad(check_installed())
+        if not (args.save and args.load):
+            bad("--enable-ft-package restarts the same command from its last checkpoint: give --save DIR --load DIR")
     problem = scheme_problem(args.timestep_sampling, args.weighting_scheme)
     if problem:
         bad(problem)

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -25,6 +26,7 @@ from megatron_sd3.flops import model_flops_per_sample
 from megatron_sd3.loss import loss_terms
 from megatron_sd3.memory import report_at_start
 from megatron_sd3.training import checkpointing as ckpt
+from megatron_sd3.training.fault_tolerance import FaultTolerance
 from megatron_sd3.training.build import build_training, device, params_synced, use_fused_torch_adam
 from megatron_sd3.training.metrics import MetricsError, MetricsWriter, WandbSettings, check_wandb
 from megatron_sd3.training.output_paths import check_output_paths
@@ -355,9 +357,18 @@ def build_side_tasks(args, cfg, ddp):
     return evaluator, sampler, clip
 
 
-def run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, final=False, clip=None):
+def run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, final=False, clip=None, ft=None):
     """Evaluate and/or write a sample grid when due at ``iteration`` (``final``: the last one).
     Returns the seconds spent (kept out of the training throughput)."""
+    due = (evaluator is not None and args.eval_interval and (iteration % args.eval_interval == 0 or final)) or \
+        (sampler is not None and (iteration % args.sample_interval == 0 or final))
+    if not due:
+        return 0.0
+    with ft.evaluation() if ft else nullcontext():  # --enable-ft-package: its own timeout
+        return _side_tasks(args, iteration, evaluator, sampler, ema, metrics, final, clip)
+
+
+def _side_tasks(args, iteration, evaluator, sampler, ema, metrics, final, clip):
     from megatron_sd3.training.evaluate import eval_log_line
 
     t0 = time.time()
@@ -430,6 +441,12 @@ def pretrain(args, plan) -> int:
     elif args.load:
         _print0(f" > {ckpt.fresh_start_note(args.load)}")
 
+    # --enable-ft-package: this rank's monitor (megatron_sd3/training/fault_tolerance.py)
+    ft = FaultTolerance.start(args, resumed=load_dir is not None)
+    if ft is not None:
+        _print0(f" > {ft.timeouts_line()}")
+        if ft.restart_line():
+            _print0(f" > {ft.restart_line()}")
     step = TrainStep(cfg, ddp, optimizer, global_batch_size=args.global_batch_size,
                      micro_batch_size=args.micro_batch_size, seed=args.seed,
                      flow=flow_config(args),
@@ -461,7 +478,8 @@ def pretrain(args, plan) -> int:
     evaluator, sampler, clip = build_side_tasks(args, cfg, ddp)
     progress = (not args.no_progress) and sys.stdout.isatty() and dist.get_rank() == 0
     if evaluator is not None and args.eval_at_start:
-        rec = evaluator.evaluate(iteration, ema, clip)
+        with ft.evaluation() if ft else nullcontext():
+            rec = evaluator.evaluate(iteration, ema, clip)
         metrics.write(rec)
         from megatron_sd3.training.evaluate import eval_log_line
 
@@ -479,7 +497,7 @@ def pretrain(args, plan) -> int:
 
     def save(it):
         if args.save:
-            with params_synced(ddp):  # --overlap-param-gather: the weights of the last step
+            with params_synced(ddp), ft.checkpointing() if ft else nullcontext():  # params: --overlap-param-gather
                 ckpt.save_checkpoint(args.save, it, models, optimizer, ema, scheduler,
                                      consumed_samples=consumed, skipped_iters=skipped_total,
                                      model_config=config_to_dict(cfg), run_config=run_config,
@@ -488,11 +506,13 @@ def pretrain(args, plan) -> int:
 
     while iteration < args.train_iters:
         if async_saver is not None:
-            async_saver.maybe_finalize(blocking=False)
-        mbs = next(data_iter) if data_iter is not None else None
-        if blend is not None:  # samples of each blended dataset in this global batch (from the plan)
-            drawn_log = [a + b for a, b in zip(drawn_log, blend.drawn(batch_plan.batch(consumed // args.global_batch_size)))]
-        res = step(mbs, consumed)
+            with ft.checkpointing(finalization=True) if ft else nullcontext():
+                async_saver.maybe_finalize(blocking=False)
+        with ft.step() if ft else nullcontext():  # a stuck data read is a hang too
+            mbs = next(data_iter) if data_iter is not None else None
+            if blend is not None:  # samples of each blended dataset in this global batch (from the plan)
+                drawn_log = [a + b for a, b in zip(drawn_log, blend.drawn(batch_plan.batch(consumed // args.global_batch_size)))]
+            res = step(mbs, consumed)
         iteration += 1
         consumed += args.global_batch_size
         if args.torch_compile and iteration == start_iteration + 1:
@@ -530,6 +550,8 @@ def pretrain(args, plan) -> int:
             n_iters = iteration % args.log_interval or args.log_interval
             rec = metrics_record(iteration, consumed, dt, n_iters, samples_log, flops_log, info.world_size,
                                  optimizer.param_groups[0]["lr"], res, skipped_total, step.flow.weighting_scheme)
+            if ft is not None:
+                rec["ft_restarts"] = ft.restarts
             if blend is not None:  # rank 0 reads data (first stage): it has the blend
                 rec["dataset_samples"] = dict(zip(blend.names, drawn_log))
                 drawn_log = [0] * len(drawn_log)
@@ -539,7 +561,7 @@ def pretrain(args, plan) -> int:
             t_log, samples_log, flops_log = time.time(), 0, 0.0
         # -- validation and samples (not at the last iteration: after the loop) --
         if iteration < args.train_iters:
-            t_log += run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, clip=clip)
+            t_log += run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, clip=clip, ft=ft)
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             save(iteration)
         if handler is not None and handler.any_rank():
@@ -563,12 +585,15 @@ def pretrain(args, plan) -> int:
                 exit_reason = "duration"
                 break
     else:
-        run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, final=True, clip=clip)
+        run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, final=True, clip=clip, ft=ft)
         if args.save and not (args.save_interval and iteration % args.save_interval == 0):
             save(iteration)
 
     if async_saver is not None:
-        async_saver.maybe_finalize(blocking=True)
+        with ft.checkpointing(finalization=True) if ft else nullcontext():
+            async_saver.maybe_finalize(blocking=True)
+    if ft is not None:
+        ft.finish()
     if data_iter is not None:
         data_iter.close()
     metrics.close()

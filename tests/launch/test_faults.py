@@ -1,0 +1,190 @@
+"""A hung rank under ``launch.sh --enable-ft-package`` (nvidia-resiliency-ext's ft_launcher).
+
+A rank is frozen with SIGSTOP (it stops answering, as a rank stuck in a filesystem read or a dead
+GPU does): its rank monitor must find it within the section's timeout plus 40 s, the launcher must
+restart the workers (MAX_RESTARTS=2), and the run must finish with every logged iteration's loss
+equal, bit for bit, to an uninterrupted run's. One run freezes a rank twice: in a training step
+(FT_HEARTBEAT_TIMEOUT=10), then, in the restarted workers, during a checkpoint save
+(FT_SAVE_TIMEOUT). Without nvidia-resiliency-ext the tests skip, except under CI=true.
+"""
+import datetime
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCH = ROOT / "launch.sh"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+ITERS = 10
+HEARTBEAT_TIMEOUT, SAVE_TIMEOUT = 10, 15
+KEYS = ("loss", "denoise_loss", "text_recon_loss", "lr", "grad_norm", "consumed_samples")
+
+
+def _need_nvrx():
+    import importlib.util
+
+    if importlib.util.find_spec("nvidia_resiliency_ext") is None:
+        if IN_CI:
+            pytest.fail("CI=true but nvidia-resiliency-ext is not installed (requirements.txt pins it)")
+        pytest.skip("nvidia-resiliency-ext not installed")
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    for k in ("NNODES", "GPUS_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "EXTRA_ARGS", "ENTRY",
+              "LAUNCH_SRUN", "LAUNCH_STAGE", "LAUNCH_ROOT", "LAUNCH_CHECK", "LAUNCH_CHECKED", "MAX_RESTARTS"):
+        env.pop(k, None)
+    env.update(GPUS_PER_NODE="2", CONFIG=str(ROOT / "configs" / "sd3_light_tiny.toml"), PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _args(d: Path):
+    ck = d / "ck"
+    return ["--enable-ft-package", "--mock-data", "--train-iters", str(ITERS), "--save-interval", "2",
+            "--save", str(ck), "--load", str(ck), "--log-interval", "1", "--no-progress", "--lr-warmup-iters", "1",
+            "--lr-decay-iters", str(ITERS), "--metrics-file", str(d / "metrics.jsonl")]
+
+
+def _rows(d: Path):
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("type", "train") == "train"]
+
+
+def _worker(launcher_pid: int, rank: int, restart: int):
+    """The pretrain_sd3.py process of global rank ``rank`` in the workers' ``restart``-th start."""
+    import psutil
+
+    for c in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            env, cmd = c.environ(), c.cmdline()
+        except psutil.Error:
+            continue
+        if (env.get("RANK") == str(rank) and env.get("TORCHELASTIC_RESTART_COUNT") == str(restart)
+                and any(a.endswith("pretrain_sd3.py") for a in cmd[:3])):
+            return c
+    return None
+
+
+def _log_time(line: str) -> float:
+    """The wall-clock time of a launcher log line ('[2026-12-04 13:14:08,053] ...')."""
+    stamp = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", line).group(1)
+    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+@pytest.mark.timeout(420)
+def test_a_frozen_rank_is_found_and_the_workers_restart_bit_exact(tmp_path):
+    _need_nvrx()
+    ref = tmp_path / "ref"
+    r = subprocess.run(["bash", str(LAUNCH), *_args(ref)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    want = {row["iteration"]: row for row in _rows(ref)}
+    assert sorted(want) == list(range(1, ITERS + 1))
+
+    run = tmp_path / "run"
+    out, err = tmp_path / "run.out", tmp_path / "run.err"
+    env = _env(MAX_RESTARTS=2, FT_HEARTBEAT_TIMEOUT=HEARTBEAT_TIMEOUT, FT_SAVE_TIMEOUT=SAVE_TIMEOUT)
+    with open(out, "w") as fo, open(err, "w") as fe:
+        p = subprocess.Popen(["bash", str(LAUNCH), *_args(run)], env=env, stdout=fo, stderr=fe, start_new_session=True)
+    frozen = []  # (what, pid, time)
+    try:
+        deadline = time.time() + 300
+        # 1. in a training step: rank 1 after iteration 3 was logged (a checkpoint at 2)
+        while not re.search(r"iteration\s+3/", out.read_text()):
+            assert p.poll() is None and time.time() < deadline, out.read_text()[-3000:] + err.read_text()[-3000:]
+            time.sleep(0.05)
+        w = _worker(p.pid, 1, 0)
+        assert w is not None
+        w.send_signal(signal.SIGSTOP)
+        frozen.append(("step", w.pid, time.time()))
+        # 2. in the restarted workers, during a save: rank 1 once they write a checkpoint (a new
+        # iter_*.tmp: the killed save may have left one behind)
+        ck = run / "ck"
+        while "in-job restart 1" not in out.read_text():
+            assert p.poll() is None and time.time() < deadline, out.read_text()[-3000:] + err.read_text()[-3000:]
+            time.sleep(0.05)
+        restarted = time.time()
+        while True:
+            assert p.poll() is None and time.time() < deadline, out.read_text()[-3000:] + err.read_text()[-3000:]
+            w = _worker(p.pid, 1, 1)
+            if w is not None and [d for d in ck.glob("iter_*.tmp") if d.stat().st_mtime > restarted]:
+                break
+            time.sleep(0.01)
+        w.send_signal(signal.SIGSTOP)
+        frozen.append(("checkpointing", w.pid, time.time()))
+        assert p.wait(300) == 0, out.read_text()[-3000:] + err.read_text()[-3000:]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    log, errlog = out.read_text(), err.read_text()
+
+    # each freeze: the frozen rank's monitor says which rank, in which section, for how long; then
+    # the launcher stops the workers, within the section's timeout plus 40 s of the freeze. (The
+    # first freeze, aimed at iteration 4's step, may land in the save after it.)
+    failed = [ln for ln in errlog.splitlines() if "failed (exitcode: -9)" in ln]
+    assert len(failed) == 2, errlog[-4000:]
+    said = [re.search(r"RankMonServer\d+@\S+:1\] Section '(\w+)' has been open for [0-9.]+ seconds\. "
+                      r"Timeout is (\d+)\.00 seconds\.", ln) for ln in errlog.splitlines()]
+    said = [(m.group(1), int(m.group(2))) for m in said if m]
+    assert said and said[0] in (("step", HEARTBEAT_TIMEOUT), ("checkpointing", SAVE_TIMEOUT)), errlog[-4000:]
+    assert said[1:] == [("checkpointing", SAVE_TIMEOUT)], errlog[-4000:]
+    for (section, timeout), (_, _, t), fail_line in zip(said, frozen, failed):
+        detected = _log_time(fail_line) - t
+        assert timeout <= detected + 1 and detected <= timeout + 40, (section, detected)
+    assert "Traceback" not in errlog, errlog[-4000:]
+    for n in (1, 2):
+        assert log.count(f"fault tolerance: in-job restart {n} of at most 2 (MAX_RESTARTS)") == 1, log[-3000:]
+
+    rows = _rows(run)
+    assert {r["iteration"] for r in rows} == set(range(1, ITERS + 1))
+    assert sorted({r["ft_restarts"] for r in rows}) == [0, 1, 2]
+    for row in rows:  # every iteration logged by any of the three starts, the redone ones included
+        for k in KEYS:
+            assert row[k] == want[row["iteration"]][k], (row["iteration"], row["ft_restarts"], k)
+    assert (run / "ck" / "latest_checkpointed_iteration.txt").read_text().strip() == str(ITERS)
+
+
+def test_without_the_launcher_or_the_package_it_is_one_line(tmp_path):
+    """--enable-ft-package under plain torchrun (no rank monitor): one line naming the fix."""
+    _need_nvrx()
+    from megatron_sd3.training.fault_tolerance import check_installed
+
+    assert check_installed() is None
+    import sys
+
+    ck = tmp_path / "ck"
+    r = subprocess.run([sys.executable, str(ROOT / "pretrain_sd3.py"), "--config", str(ROOT / "configs" /
+                        "sd3_light_tiny.toml"), "--mock-data", "--train-iters", "2", "--lr-warmup-iters", "1", "--enable-ft-package",
+                        "--save", str(ck), "--load", str(ck)], env=_env(PYTHONWARNINGS="ignore"),
+                       capture_output=True, text=True, timeout=200)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "pretrain_sd3.py: error: --enable-ft-package: this rank has no rank monitor (it was not started by "
+        "ft_launcher); start the run with: bash launch.sh --enable-ft-package ...")
+    r = subprocess.run([sys.executable, str(ROOT / "pretrain_sd3.py"), "--mock-data", "--enable-ft-package",
+                        "--check-config"], env=_env(), capture_output=True, text=True, timeout=100)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "pretrain_sd3.py: error: --enable-ft-package restarts the same command from its last checkpoint: "
+        "give --save DIR --load DIR")
+
+
+def test_without_the_package_it_is_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    from megatron_sd3.arguments import parse_args
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "nvidia_resiliency_ext" else real(name, *a))
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--mock-data", "--enable-ft-package", "--save", "ck", "--load", "ck"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "pretrain_sd3.py: error: --enable-ft-package needs nvidia-resiliency-ext: pip install nvidia-resiliency-ext==0.4.1")
