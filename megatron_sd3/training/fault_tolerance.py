@@ -85,8 +85,10 @@ class FaultTolerance:
         from nvidia_resiliency_ext.fault_tolerance.data import FT_RANK_MONITOR_IPC_SOCKET_ENV_VAR
 
         if not os.environ.get(FT_RANK_MONITOR_IPC_SOCKET_ENV_VAR):
-            raise ConfigError("--enable-ft-package: this rank has no rank monitor (it was not started by "
-                              "ft_launcher); start the run with: bash launch.sh --enable-ft-package ...")
+            e = ConfigError("--enable-ft-package: this rank has no rank monitor (it was not started by "
+                            "ft_launcher); start the run with: bash launch.sh --enable-ft-package ...")
+            e.quiet = os.environ.get("RANK", "0") != "0"  # before the process group: rank 0 says it
+            raise e
         client = RankMonitorClient()
         state_path = os.path.join(args.save, STATE_FILE)
         if os.path.exists(state_path):

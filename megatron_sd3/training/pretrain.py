@@ -402,6 +402,8 @@ def _progress(it, total, loss, enabled):
 
 def pretrain(args, plan) -> int:
     """Run training; returns the process exit code."""
+    # --enable-ft-package: this rank's monitor watches from here (megatron_sd3/training/fault_tolerance.py)
+    ft = FaultTolerance.start(args, resumed=plan["load_dir"] is not None)
     info, cfg, dp = setup(args, plan)
     run_config = effective_config(args)
     run_config["model"] = config_to_dict(cfg)
@@ -441,8 +443,6 @@ def pretrain(args, plan) -> int:
     elif args.load:
         _print0(f" > {ckpt.fresh_start_note(args.load)}")
 
-    # --enable-ft-package: this rank's monitor (megatron_sd3/training/fault_tolerance.py)
-    ft = FaultTolerance.start(args, resumed=load_dir is not None)
     if ft is not None:
         _print0(f" > {ft.timeouts_line()}")
         if ft.restart_line():

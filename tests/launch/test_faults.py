@@ -188,3 +188,35 @@ def test_without_the_package_it_is_one_line(monkeypatch, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == (
         "pretrain_sd3.py: error: --enable-ft-package needs nvidia-resiliency-ext: pip install nvidia-resiliency-ext==0.4.1")
+
+
+@pytest.mark.timeout(300)
+def test_calc_ft_timeouts_learns_them_and_keeps_them_with_the_checkpoint(tmp_path):
+    """--calc-ft-timeouts: after a save and at the end the ranks agree on timeouts from what they
+    saw, kept in SAVE/ft_state.json; the next start (a restart, a resumed job) begins with them."""
+    _need_nvrx()
+    ck = tmp_path / "ck"
+
+    def run(iters):
+        args = ["--enable-ft-package", "--calc-ft-timeouts", "--mock-data", "--train-iters", str(iters),
+                "--save-interval", "9", "--save", str(ck), "--load", str(ck), "--log-interval", "9", "--no-progress",
+                "--lr-warmup-iters", "1", "--lr-decay-iters", "30"]
+        r = subprocess.run(["bash", str(LAUNCH), *args], env=_env(), capture_output=True, text=True, timeout=200)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout, json.loads((ck / "ft_state.json").read_text())["current_timeouts"]["section"]
+
+    log, first = run(18)
+    assert "section timeouts setup 600 s, step 180 s, eval 600 s, checkpointing 600 s, between sections 180 s " \
+           "(from the launcher); learning them (--calc-ft-timeouts)" in log, log[-3000:]
+    # a fresh start: setup is not learned (a start that loads a checkpoint takes longer); 18 steps
+    # (>= 16) and two saves are enough for step and checkpointing; no evaluation ran
+    assert first["calculated_sections"] == ["checkpointing", "step"]
+    assert 0 < first["section"]["step"] < 180 and 0 < first["section"]["checkpointing"] < 600
+    assert first["section"]["setup"] == 600 and first["section"]["eval"] == 600
+    assert not first["is_out_of_section_calculated"]
+
+    log, second = run(36)
+    assert f"from {ck / 'ft_state.json'}" in log and "learned (checkpointing, step)" in log, log[-3000:]
+    # resumed: setup is learned now, and with every section seen, the time between them
+    assert second["calculated_sections"] == ["checkpointing", "setup", "step"]
+    assert second["is_out_of_section_calculated"] and 0 < second["out_of_section"] < 180
