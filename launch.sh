@@ -4,6 +4,8 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --signal=B:TERM@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
 # (no --exclusive here so that CPU tests can share a node; on GPU nodes add --exclusive, --gpus-per-node=8)
 #
 # launch.sh: start pretrain_sd3.py with torchrun, on SLURM or on this machine.
@@ -29,6 +31,7 @@
 #   LAUNCH_CHECK    0: skip the checks run once before the ranks start (below); default 1
 #   OMP_NUM_THREADS threads per rank; 1 when several ranks share a node (torchrun's default)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun waits for ranks after SIGTERM before SIGKILL (30)
+#   MAX_REQUEUES    several nodes: times this script requeues a job whose step failed (3; below)
 #   MAX_RESTARTS    in-job restarts of the worker group after a rank fails (the launcher's
 #                   --max-restarts; torchrun and ft_launcher alike), default 0
 #
@@ -40,6 +43,14 @@
 #   FT_HEARTBEAT_TIMEOUT          one training iteration, and the time between the loop's sections (180)
 #   FT_EVAL_TIMEOUT               one evaluation with its samples (600)
 #   FT_SAVE_TIMEOUT               one checkpoint save (600)
+#
+# A lost node (several nodes): its peers' collectives fail at once (connection closed), the ranks
+# exit and srun ends the step. SLURM requeues the job itself when it marks the node DOWN
+# (#SBATCH --requeue, after its SlurmdTimeout); when srun fails first, where SLURM would call the
+# job FAILED, this script requeues it (scontrol requeue) at most MAX_REQUEUES times (default 3),
+# and says so. The requeued job (SLURM starts it again no sooner than about 2 minutes later, once
+# enough nodes are up) runs the same command, which resumes from the last complete checkpoint
+# when it has --load. The log of every attempt stays in the job's output file (--open-mode=append).
 #
 # Before any rank starts, `ENTRY --check-config ARGS` runs once (WORLD_SIZE = nodes x ranks per
 # node): a bad flag, TOML key, parallel layout, data path or checkpoint is one line and a non-zero
@@ -219,9 +230,14 @@ srun_args=(--nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-ba
            --export=ALL,LAUNCH_STAGE=node,LAUNCH_CHECKED=$checked)
 [[ -n ${SLURM_CPUS_ON_NODE:-} ]] && srun_args+=(--cpus-per-task="$SLURM_CPUS_ON_NODE")
 log "srun ${srun_args[*]} on ${SLURM_JOB_NODELIST:-?}, rendezvous $MASTER_ADDR:$MASTER_PORT"
+if [[ ${SLURM_RESTART_COUNT:-0} -gt 0 ]]; then
+    log "job $SLURM_JOB_ID runs again: requeue ${SLURM_RESTART_COUNT} (SLURM_RESTART_COUNT)"
+fi
 srun "${srun_args[@]}" bash "$ROOT/launch.sh" "$@" &
 srun_pid=$!
+signalled=0
 forward() {
+    signalled=1
     log "got SIG$1: signalling the job's steps (job $SLURM_JOB_ID)"
     scancel --signal="$1" "$SLURM_JOB_ID" || true
 }
@@ -238,4 +254,15 @@ while true; do
     # wait returns >128 when a trapped signal interrupted it; srun is still running then.
     kill -0 "$srun_pid" 2>/dev/null || break
 done
+# The step failed on its own (a rank, a node): requeue the job rather than end it FAILED.
+if [[ $rc -ne 0 && $signalled == 0 ]]; then
+    restarts=${SLURM_RESTART_COUNT:-0}
+    if [[ $restarts -lt ${MAX_REQUEUES:-3} ]]; then
+        log "the job's step failed (exit $rc): requeueing job $SLURM_JOB_ID ($((restarts + 1)) of at most ${MAX_REQUEUES:-3}, MAX_REQUEUES); it resumes from the last checkpoint when enough nodes are up"
+        if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
+        log "scontrol requeue $SLURM_JOB_ID failed: the job ends FAILED"
+    else
+        log "the job's step failed (exit $rc) and the job was requeued $restarts times already (MAX_REQUEUES=${MAX_REQUEUES:-3}): not again"
+    fi
+fi
 exit "$rc"

@@ -9,6 +9,11 @@
 #   tools/slurm_local.sh status [--nodes N]  # exit 0 when the cluster answers and every node is
 #                                            # usable (with --nodes: and it has N nodes)
 #   tools/slurm_local.sh env      # print `export SLURM_CONF=...` (eval "$(tools/slurm_local.sh env)")
+#   tools/slurm_local.sh kill-node NAME    # several nodes: SIGKILL every process of node NAME (its
+#                                          # namespace: slurmd, the jobs' steps and ranks), as when
+#                                          # a machine dies; slurmctld marks it DOWN after
+#                                          # SlurmdTimeout (30 s here)
+#   tools/slurm_local.sh revive-node NAME  # start NAME's slurmd again; wait until the node is usable
 #
 # Needs root and Debian's packages: apt-get install -y --no-install-recommends slurmctld slurmd munge
 # (slurm-client comes with slurmctld); several nodes also need `ip` (iproute2), `unshare`
@@ -122,6 +127,9 @@ SwitchType=switch/none
 ReturnToService=2
 # Seconds between SIGTERM and SIGKILL when a job is cancelled or hits its time limit.
 KillWait=30
+# Seconds without an answer from a slurmd before its node is DOWN and its jobs are requeued or
+# ended (SLURM's default is 300; short here so that tests of a lost node finish quickly).
+SlurmdTimeout=30
 MinJobAge=300
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1
@@ -341,16 +349,7 @@ cmd_start() {
         if ! pid_alive "$DIR/slurmctld.pid"; then
             in_uts "$CTL_HOST" hosts.ctl slurmctld -f "$CONF" -c  # a fresh cluster (see above)
         fi
-        for i in $(seq "$n"); do
-            name=$(node_name "$i")
-            if ! pid_alive "$(slurmd_pidfile "$name" "$n")"; then
-                mkdir -p "$DIR/spool/slurmd-$name"
-                # nsenter, not `ip netns exec`: that remounts /sys, hiding /sys/fs/cgroup from slurmd.
-                nsenter --net="/run/netns/sd3node$i" \
-                    unshare --uts --mount --propagation private sh -c "$IN_UTS" \
-                    sh "$name" "$DIR/hosts" "$DIR/resolv.conf" slurmd -f "$CONF" -N "$name"
-            fi
-        done
+        for i in $(seq "$n"); do start_slurmd "$i" "$n"; done
     fi
     local names
     names=$(node_names "$n" | paste -sd' ')
@@ -381,6 +380,54 @@ stop_pidfile() {
     rm -f "$f"
 }
 
+# Start node $1's slurmd (several nodes) in its namespaces, unless it runs.
+start_slurmd() {
+    local i=$1 n=$2 name
+    name=$(node_name "$i")
+    pid_alive "$(slurmd_pidfile "$name" "$n")" && return 0
+    mkdir -p "$DIR/spool/slurmd-$name"
+    # nsenter, not `ip netns exec`: that remounts /sys, hiding /sys/fs/cgroup from slurmd.
+    nsenter --net="/run/netns/sd3node$i" \
+        unshare --uts --mount --propagation private sh -c "$IN_UTS" \
+        sh "$name" "$DIR/hosts" "$DIR/resolv.conf" slurmd -f "$CONF" -N "$name"
+}
+
+# The index of node name $1 in a cluster of several nodes (dies with a usage line otherwise).
+node_index() {
+    local name=$1 n i
+    n=$(conf_nodes)
+    [[ -f $CONF && $n -ge 2 ]] || die "$cmd needs a running cluster of several nodes (start --nodes 2)"
+    for i in $(seq "$n"); do [[ $(node_name "$i") == "$name" ]] && { echo "$i"; return 0; }; done
+    die "no node '$name' in this cluster (nodes: $(node_names "$n" | paste -sd' '))"
+}
+
+cmd_kill_node() {
+    local name=$1 i pids
+    i=$(node_index "$name")
+    pids=$(ip netns pids "sd3node$i" 2>/dev/null || true)
+    # shellcheck disable=SC2086
+    [[ -z $pids ]] || kill -KILL $pids 2>/dev/null || true
+    for _ in $(seq 50); do
+        [[ -z $(ip netns pids "sd3node$i" 2>/dev/null || true) ]] && break
+        sleep 0.1
+    done
+    rm -f "$(slurmd_pidfile "$name" "$(conf_nodes)")"
+    log "node $name killed ($(echo $pids | wc -w) processes, slurmd included)"
+}
+
+cmd_revive_node() {
+    local name=$1 i s
+    i=$(node_index "$name")
+    start_slurmd "$i" "$(conf_nodes)"
+    for _ in $(seq $((WAIT * 2))); do
+        if node_ready "$name"; then log "node $name up ($(node_state "$name"))"; return 0; fi
+        s=$(node_state "$name" || true)
+        case "$s" in down*|drain*) scontrol update NodeName="$name" State=RESUME 2>/dev/null || true ;; esac
+        sleep 0.5
+    done
+    die "node $name not usable after ${WAIT}s ($(node_state "$name" || echo 'no answer'))"
+}
+
 cmd_stop() {
     local f
     if [[ -f $CONF ]] && pid_alive "$DIR/slurmctld.pid"; then
@@ -397,11 +444,18 @@ cmd_stop() {
 cmd=${1:-}
 [[ $# -gt 0 ]] && shift
 nodes=""
+target=""
+USAGE="usage: $0 {start [--nodes N]|stop|status [--nodes N]|env|kill-node NAME|revive-node NAME}"
+if [[ $cmd == kill-node || $cmd == revive-node ]]; then
+    [[ $# -eq 1 ]] || die "$cmd needs one node name, e.g. $cmd sd3node2 ($USAGE)"
+    target=$1
+    shift
+fi
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --nodes) [[ $# -ge 2 ]] || die "--nodes needs a number, e.g. --nodes 2"; nodes=$2; shift 2 ;;
         --nodes=*) nodes=${1#--nodes=}; shift ;;
-        *) die "unknown argument '$1' (usage: $0 {start [--nodes N]|stop|status [--nodes N]|env})" ;;
+        *) die "unknown argument '$1' ($USAGE)" ;;
     esac
 done
 case "$cmd" in
@@ -413,5 +467,7 @@ case "$cmd" in
         cluster_ok "$(conf_nodes)" && { sinfo; exit 0; }
         exit 1 ;;
     env) echo "export SLURM_CONF=$CONF" ;;
-    *) echo "usage: $0 {start [--nodes N]|stop|status [--nodes N]|env}" >&2; exit 2 ;;
+    kill-node) cmd_kill_node "$target" ;;
+    revive-node) cmd_revive_node "$target" ;;
+    *) echo "$USAGE" >&2; exit 2 ;;
 esac

@@ -137,12 +137,17 @@ def test_a_frozen_rank_is_found_and_the_workers_restart_bit_exact(tmp_path):
     assert said[1:] == [("checkpointing", SAVE_TIMEOUT)], errlog[-4000:]
     for (section, timeout), (_, _, t), fail_line in zip(said, frozen, failed):
         detected = _log_time(fail_line) - t
+        print(f"\nrank 1 frozen in '{section}' (timeout {timeout} s): the workers stopped {detected:.1f} s later")
         assert timeout <= detected + 1 and detected <= timeout + 40, (section, detected)
     assert "Traceback" not in errlog, errlog[-4000:]
     for n in (1, 2):
         assert log.count(f"fault tolerance: in-job restart {n} of at most 2 (MAX_RESTARTS)") == 1, log[-3000:]
 
     rows = _rows(run)
+    for n in (1, 2):
+        before = max(r["iteration"] for r in rows if r["ft_restarts"] == n - 1)
+        again = min(r["iteration"] for r in rows if r["ft_restarts"] == n)
+        print(f"restart {n}: the workers had logged iteration {before}, they resumed at iteration {again}")
     assert {r["iteration"] for r in rows} == set(range(1, ITERS + 1))
     assert sorted({r["ft_restarts"] for r in rows}) == [0, 1, 2]
     for row in rows:  # every iteration logged by any of the three starts, the redone ones included

@@ -13,6 +13,7 @@ teardown checks that no namespace, interface or daemon is left.
 """
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -270,3 +271,88 @@ def test_restart_does_not_recover_a_job_of_a_dead_cluster(cluster, tmp_path):
                        text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert wait_job(r.stdout.strip().split(";")[0], 60) == "COMPLETED"
+
+
+def _train_rows(metrics: Path):
+    import json
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [r for r in rows if r.get("type", "train") == "train"]
+
+
+def _ranks_on(node: str):
+    """The pretrain_sd3.py processes running in a node's namespace."""
+    pids = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True).stdout.split()
+    out = []
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"pretrain_sd3.py") for a in cmd[:3]):
+            out.append(pid)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_lost_node_requeues_the_job_and_it_resumes_bit_exact(cluster, tmp_path):
+    """`tools/slurm_local.sh kill-node sd3node2` after the first checkpoint (every process of the
+    node, slurmd included, as when a machine dies): the other node's rank ends at once (its
+    collectives fail, not after the distributed timeout), the job leaves RUNNING within 120 s and
+    is requeued (#SBATCH --requeue); `revive-node`, and the same command finishes COMPLETED with
+    every iteration's loss equal to an uninterrupted run of the same layout."""
+    iters = 40
+    ref = tmp_path / "ref"
+    r = subprocess.run(["bash", str(LAUNCH), *TRAIN_ARGS, "--train-iters", str(iters), "--save-interval", "4",
+                        "--save", str(ref / "ckpt"),
+                        "--metrics-file", str(ref / "metrics.jsonl")], env=base_env(GPUS_PER_NODE=2),
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    want = {row["iteration"]: row for row in _train_rows(ref / "metrics.jsonl")}
+
+    save = tmp_path / "ckpt"
+    job, out = sbatch(tmp_path, ["--save", str(save), "--load", str(save), "--train-iters", str(iters),
+                                 "--save-interval", "4", "--metrics-file", str(tmp_path / "metrics.jsonl")], "lost_node")
+    deadline = time.time() + 180
+    while (latest_iteration(save) or 0) < 4:
+        assert job_state(job) in ("PENDING", "RUNNING", "CONFIGURING") and time.time() < deadline, \
+            f"{job_state(job)}\n{log_of(out)[-3000:]}"
+        time.sleep(0.1)
+    killed_after = latest_iteration(save)
+    t0 = time.time()
+    r = tool("kill-node", "sd3node2")
+    assert r.returncode == 0, r.stderr
+    ranks_gone = left_running = None
+    while left_running is None:
+        if ranks_gone is None and not _ranks_on("sd3node1"):
+            ranks_gone = time.time() - t0
+        if job_state(job) != "RUNNING":
+            left_running = time.time() - t0
+        assert time.time() - t0 < 120, f"job {job} still RUNNING 120 s after the node was killed\n{diagnose(job)}"
+        time.sleep(0.2)
+    print(f"\nlost node: the surviving rank ended after {ranks_gone} s, the job left RUNNING after "
+          f"{left_running:.1f} s ({job_state(job)}); last checkpoint at iteration {killed_after}")
+    assert ranks_gone is not None and ranks_gone < 30, ranks_gone
+
+    r = tool("revive-node", "sd3node2")
+    assert r.returncode == 0, r.stderr
+    # SLURM holds a requeued job for about two minutes (its BeginTime); an operator may release it
+    deadline = time.time() + 120
+    while job_state(job) != "PENDING":
+        assert time.time() < deadline and job_state(job) in ("COMPLETING", "REQUEUED", "RUNNING", "CONFIGURING"), \
+            f"{job_state(job)}\n{diagnose(job)}"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=base_env(), check=True,
+                   capture_output=True)
+    state = wait_job(job, 300)
+    log = log_of(out)
+    assert state == "COMPLETED", f"job {job}: {state}\n{log[-4000:]}"
+    assert "requeue 1 (SLURM_RESTART_COUNT)" in log, log[-4000:]
+    rows = _train_rows(tmp_path / "metrics.jsonl")
+    assert {row["iteration"] for row in rows} == set(range(1, iters + 1))
+    resumed = [int(m) for m in re.findall(r"resumed from \S+ at iteration (\d+)", log)]
+    assert resumed and resumed[0] >= killed_after, log[-4000:]  # from the last checkpoint, not from scratch
+    for row in rows:
+        for k in ("loss", "grad_norm", "lr", "consumed_samples"):
+            assert row[k] == want[row["iteration"]][k], (row["iteration"], k)
