@@ -356,3 +356,63 @@ def test_a_lost_node_requeues_the_job_and_it_resumes_bit_exact(cluster, tmp_path
     for row in rows:
         for k in ("loss", "grad_norm", "lr", "consumed_samples"):
             assert row[k] == want[row["iteration"]][k], (row["iteration"], k)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_enable_ft_package_runs_ft_launcher_on_every_node(cluster, tmp_path):
+    """`sbatch -N 2 launch.sh --enable-ft-package`: one ft_launcher per node through srun, c10d
+    rendezvous on the first node, a rank monitor per rank; the job completes."""
+    pytest.importorskip("nvidia_resiliency_ext")
+    save = tmp_path / "ckpt"
+    job, out = sbatch(tmp_path, ["--enable-ft-package", "--save", str(save), "--load", str(save),
+                                 "--train-iters", str(SHORT_ITERS), "--save-interval", "1"], "two_node_ft")
+    state = wait_job(job, 200)
+    log = log_of(out)
+    assert state == "COMPLETED", f"job {job}: {state}\n{log[-4000:]}"
+    assert latest_iteration(save) == SHORT_ITERS, log[-4000:]
+    assert log.count("-m nvidia_resiliency_ext.fault_tolerance.launcher") == 2, log[-4000:]
+    assert log.count("--rdzv-endpoint=sd3node1:") == 2 and "section timeouts setup 600 s" in log, log[-4000:]
+    assert "Traceback" not in log, log[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_failed_step_is_requeued_by_launch_sh_within_max_requeues(cluster, tmp_path):
+    """A rank killed on the second node (not the node): srun ends the step with an error before
+    SLURM sees anything wrong with the nodes, so launch.sh requeues the job itself (scontrol
+    requeue); the requeued job resumes from the checkpoint. With MAX_REQUEUES=1, a second failure
+    ends the job FAILED, and the log says why."""
+    save = tmp_path / "ckpt"
+    args = ["--save", str(save), "--load", str(save), "--train-iters", "400", "--save-interval", "2"]
+    out = tmp_path / "requeue-%j.out"
+    r = subprocess.run(["sbatch", "--parsable", "-N", "2", "--job-name=requeue", f"--output={out}",
+                        f"--chdir={tmp_path}", str(LAUNCH), *args, *TRAIN_ARGS],
+                       env=base_env(GPUS_PER_NODE=1, MAX_REQUEUES=1), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    out = Path(str(out).replace("%j", job))
+
+    def kill_a_rank_after(iteration):
+        deadline = time.time() + 180
+        while (latest_iteration(save) or 0) < iteration or not _ranks_on("sd3node2"):
+            assert time.time() < deadline and job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), \
+                f"{job_state(job)}\n{log_of(out)[-3000:]}"
+            time.sleep(0.1)
+        os.kill(int(_ranks_on("sd3node2")[0]), signal.SIGKILL)
+
+    kill_a_rank_after(2)
+    deadline = time.time() + 120
+    while job_state(job) != "PENDING":
+        assert time.time() < deadline, f"{job_state(job)}\n{diagnose(job)}"
+        time.sleep(0.5)
+    assert f"requeueing job {job} (1 of at most 1, MAX_REQUEUES)" in log_of(out), log_of(out)[-4000:]
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=base_env(), check=True,
+                   capture_output=True)
+    first = latest_iteration(save)
+    kill_a_rank_after(first + 2)  # the requeued job has trained on from the checkpoint
+    state = wait_job(job, 120)
+    log = log_of(out)
+    assert state == "FAILED", f"{state}\n{log[-4000:]}"
+    assert "requeue 1 (SLURM_RESTART_COUNT)" in log and "resumed from" in log, log[-4000:]
+    assert "was requeued 1 times already (MAX_REQUEUES=1): not again" in log, log[-4000:]
