@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 from typing import Optional
 
 import torch.distributed as dist
@@ -142,13 +143,26 @@ class FaultTolerance:
         self.evals += 1
 
     @contextlib.contextmanager
-    def checkpointing(self, finalization: bool = False):
+    def checkpointing(self, iteration: Optional[int] = None, finalization: bool = False):
         self.client.start_section(SAVE)
+        self._maybe_simulate_hang(SAVE, iteration)
         yield
         self.client.end_section(SAVE)
         if not finalization:
             self.saves += 1
             self._maybe_update_timeouts()
+
+    def _maybe_simulate_hang(self, section: str, iteration: Optional[int]) -> None:
+        """A testing aid, as Megatron-LM's FT_SIM_FAULT_DESC: FT_SIM_HANG=SECTION:RANK:ITERATION:START
+        freezes (SIGSTOP) global rank RANK when it opens SECTION at ITERATION in the workers'
+        START-th start (0: the first), e.g. checkpointing:1:4:0 during the save of iteration 4."""
+        spec = os.environ.get("FT_SIM_HANG")
+        if not spec or iteration is None:
+            return
+        want_section, rank, at, start = spec.split(":")
+        if (want_section, int(rank), int(at), int(start)) == (section, dist.get_rank(), iteration, self.restarts):
+            print(f"FT_SIM_HANG: rank {rank} freezes in '{section}' at iteration {iteration}", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def finish(self) -> None:
         """At the end of the run: learn the timeouts once more (all of them), then disconnect."""

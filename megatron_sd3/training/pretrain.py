@@ -358,26 +358,21 @@ def build_side_tasks(args, cfg, ddp):
 
 
 def run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, final=False, clip=None, ft=None):
-    """Evaluate and/or write a sample grid when due at ``iteration`` (``final``: the last one).
-    Returns the seconds spent (kept out of the training throughput)."""
-    due = (evaluator is not None and args.eval_interval and (iteration % args.eval_interval == 0 or final)) or \
-        (sampler is not None and (iteration % args.sample_interval == 0 or final))
-    if not due:
-        return 0.0
-    with ft.evaluation() if ft else nullcontext():  # --enable-ft-package: its own timeout
-        return _side_tasks(args, iteration, evaluator, sampler, ema, metrics, final, clip)
-
-
-def _side_tasks(args, iteration, evaluator, sampler, ema, metrics, final, clip):
+    """Evaluate and/or write a sample grid when due at ``iteration`` (``final``: the last one),
+    each in ``--enable-ft-package``'s eval section (its own timeout). Returns the seconds spent
+    (kept out of the training throughput)."""
     from megatron_sd3.training.evaluate import eval_log_line
 
+    section = ft.evaluation if ft is not None else nullcontext
     t0 = time.time()
     if evaluator is not None and args.eval_interval and (iteration % args.eval_interval == 0 or final):
-        rec = evaluator.evaluate(iteration, ema, clip)
+        with section():
+            rec = evaluator.evaluate(iteration, ema, clip)
         metrics.write(rec)
         _print0(eval_log_line(rec))
     if sampler is not None and (iteration % args.sample_interval == 0 or final):
-        path = sampler.write(iteration, metrics)
+        with section():
+            path = sampler.write(iteration, metrics)
         if path:
             _print0(f" > samples: {path}")
             if sampler.following_line():
@@ -497,7 +492,7 @@ def pretrain(args, plan) -> int:
 
     def save(it):
         if args.save:
-            with params_synced(ddp), ft.checkpointing() if ft else nullcontext():  # params: --overlap-param-gather
+            with params_synced(ddp), ft.checkpointing(it) if ft else nullcontext():  # params: --overlap-param-gather
                 ckpt.save_checkpoint(args.save, it, models, optimizer, ema, scheduler,
                                      consumed_samples=consumed, skipped_iters=skipped_total,
                                      model_config=config_to_dict(cfg), run_config=run_config,

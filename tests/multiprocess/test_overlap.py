@@ -23,6 +23,7 @@ def _weights(ck, ema, step=None):
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.slow  # the default suite: test_parallel's overlapped buckets with the distributed optimizer
 def test_overlapped_param_gather_checkpoints_and_resumes_bit_exact(tmp_path, single_process):
     tmp = str(tmp_path)
     ck_plain, ck = os.path.join(tmp, "ck_plain"), os.path.join(tmp, "ck")

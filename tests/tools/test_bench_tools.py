@@ -21,6 +21,7 @@ def _tool(name, *args, timeout=240):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # a benchmark (make bench runs it); the other bench tests here are quick
 def test_bench_throughput_rows_and_kernel_breakdown(tmp_path):
     out = tmp_path / "b.json"
     r = _tool("bench_throughput.py", "--resolution", "64", "--warmup", "1", "--iters", "1",

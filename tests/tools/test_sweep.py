@@ -56,6 +56,7 @@ def _iterations(cell_dir):
         return [r["iteration"] for r in map(json.loads, fh) if r.get("type", "train") == "train"]
 
 
+@pytest.mark.slow  # the default suite: the cells and the job array's commands (above)
 @pytest.mark.timeout(600)
 def test_a_killed_sweep_completes_with_the_same_command(tmp_path):
     out = tmp_path / "sweep"
