@@ -63,6 +63,7 @@ HIDDEN, MB, IMG, TXT = 64, 2, 12, 16  # tiny preset, 8x6 latents, micro batch 2
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # TP=2 is in the sequence-parallel tests below (with recon, masks, padded text, PP)
 def test_tp2(root):
     _compare(root, 2, ["--tp", "2"], PLAIN)
 

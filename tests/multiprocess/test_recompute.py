@@ -37,7 +37,8 @@ def _close(a, b, what, tol=BOUND):
     assert err <= tol * float(b.abs().max()) + 1e-12, (what, err, float(b.abs().max()))
 
 
-@pytest.mark.parametrize("layout", [("--pp", "2"), ("--tp", "2"), ("--pp", "2", "--vpp", "2", "--gammas", "0.5")],
+@pytest.mark.parametrize("layout", [("--pp", "2"), pytest.param(("--tp", "2"), marks=pytest.mark.slow),  # slow: PP, VPP stay
+                                    ("--pp", "2", "--vpp", "2", "--gammas", "0.5")],
                          ids=["pp2", "tp2", "pp2_vpp2"])
 def test_every_mode_matches_the_plain_run(root, layout):
     for r, rank in enumerate(_run(2, layout, root)):

@@ -15,6 +15,7 @@ from test_parity import _inputs, _random_diffusers, _rel  # noqa: E402
 TOOL = "tools/convert_diffusers_sd3.py"
 
 
+@pytest.mark.slow  # the default suite: test_parity's conversions and test_sampling's converted checkpoints
 @pytest.mark.timeout(400)
 def test_round_trip_through_a_checkpoint_and_training(tmp_path, single_process):
     d = _random_diffusers(num_layers=3, qk_norm="rms_norm", dual_attention_layers=(0, 1))
