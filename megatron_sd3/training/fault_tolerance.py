@@ -69,7 +69,6 @@ class FaultTolerance:
         self.async_save = async_save
         self.resumed = resumed
         self.restarts = restart_count()
-        self.loaded_state = os.path.exists(state_path)
         self._setup_open = True
         self.steps = self.saves = self.evals = 0
         client.start_section(SETUP)
