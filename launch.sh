@@ -164,7 +164,9 @@ exec_torchrun() {
     if [[ $nproc -gt 1 && -z ${OMP_NUM_THREADS:-} ]]; then export OMP_NUM_THREADS=1; fi
     # torch warns at import when pynvml (a dependency of nvidia-resiliency-ext) is installed
     local -a cmd=("$PYTHON" -W "ignore:The pynvml package is deprecated:FutureWarning")
-    if wants_ft "$@"; then
+    local ft=0
+    if wants_ft "$@"; then ft=1; fi
+    if [[ $ft == 1 ]]; then
         ft_options
         cmd+=(-m nvidia_resiliency_ext.fault_tolerance.launcher "${FT_OPTIONS[@]}")
     else
@@ -173,7 +175,7 @@ exec_torchrun() {
     cmd+=(--nnodes="$nnodes" --nproc-per-node="$nproc" --max-restarts="${MAX_RESTARTS:-0}")
     if [[ $nnodes -eq 1 && -z ${MASTER_PORT:-} ]]; then
         cmd+=(--standalone)
-    elif wants_ft "$@"; then  # restarts across nodes need the c10d rendezvous (node ranks from it)
+    elif [[ $ft == 1 ]]; then  # restarts across nodes need the c10d rendezvous (node ranks from it)
         cmd+=(--rdzv-backend=c10d --rdzv-endpoint="${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}"
               --rdzv-id="${SLURM_JOB_ID:-sd3}")
     else
