@@ -343,8 +343,9 @@ def validate(args) -> None:
     if args.enable_ft_package:
         from megatron_sd3.training.fault_tolerance import check_installed
 
-        if check_installed():
-            bad(check_installed())
+        problem = check_installed()
+        if problem:
+            bad(problem)
         if not (args.save and args.load):
             bad("--enable-ft-package restarts the same command from its last checkpoint: give --save DIR --load DIR")
     problem = scheme_problem(args.timestep_sampling, args.weighting_scheme)

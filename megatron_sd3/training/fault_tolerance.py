@@ -69,7 +69,6 @@ class FaultTolerance:
         self.async_save = async_save
         self.resumed = resumed
         self.restarts = restart_count()
-        self._setup_open = True
         self.steps = self.saves = self.evals = 0
         client.start_section(SETUP)
 
@@ -78,9 +77,7 @@ class FaultTolerance:
         """Connect to this rank's monitor (``ft_launcher``) when ``--enable-ft-package``."""
         if not args.enable_ft_package:
             return None
-        problem = check_installed()
-        if problem:
-            raise ConfigError(problem)
+        # (nvidia-resiliency-ext is there: arguments.validate checked it)
         from nvidia_resiliency_ext.fault_tolerance import RankMonitorClient
         from nvidia_resiliency_ext.fault_tolerance.data import FT_RANK_MONITOR_IPC_SOCKET_ENV_VAR
 
@@ -124,10 +121,9 @@ class FaultTolerance:
     @contextlib.contextmanager
     def step(self):
         """One training iteration. The first one (compilation, warm-up) still counts as setup."""
-        if self._setup_open:
+        if self.steps == 0:  # setup is open since start()
             yield
             self.client.end_section(SETUP)
-            self._setup_open = False
         else:
             self.client.start_section(STEP)
             yield

@@ -439,9 +439,9 @@ def pretrain(args, plan) -> int:
         _print0(f" > {ckpt.fresh_start_note(args.load)}")
 
     if ft is not None:
-        _print0(f" > {ft.timeouts_line()}")
-        if ft.restart_line():
-            _print0(f" > {ft.restart_line()}")
+        for line in (ft.timeouts_line(), ft.restart_line()):
+            if line:
+                _print0(f" > {line}")
     step = TrainStep(cfg, ddp, optimizer, global_batch_size=args.global_batch_size,
                      micro_batch_size=args.micro_batch_size, seed=args.seed,
                      flow=flow_config(args),
