@@ -1,6 +1,6 @@
 """Distributed bootstrap: torch.distributed + megatron-core parallel_state + RNG seeding.
 
-- ``initialize_distributed(tp, pp, vpp=None, seed=1234, backend=None)``: reads the torchrun
+- ``initialize_distributed(tp, pp, vpp=None, seed=1234, backend=None, cp=1)``: reads the torchrun
   environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); without
   it, makes a one-process group on a free local TCP port. Picks nccl + CUDA when CUDA is available,
   otherwise gloo + :mod:`megatron_sd3.testing.cpu_mode`. Then ``parallel_state.initialize_model_parallel``
@@ -45,6 +45,7 @@ class DistInfo:
     backend: str
     device: torch.device
     cpu_mode: bool
+    cp: int = 1
 
 
 def free_port() -> int:
@@ -82,6 +83,7 @@ def initialize_distributed(
     backend: Optional[str] = None,
     timeout_minutes: float = 10,
     watch_parent: Optional[bool] = None,
+    cp: int = 1,
     **model_parallel_kwargs,
 ) -> DistInfo:
     """Initialise torch.distributed, megatron parallel_state and the RNGs; return a DistInfo.
@@ -133,10 +135,11 @@ def initialize_distributed(
                                     init_method=f"tcp://127.0.0.1:{free_port()}")
 
     world_size = dist.get_world_size()
-    if world_size % (tp * pp) != 0:
+    if world_size % (tp * pp * cp) != 0:
         raise ValueError(
-            f"world size {world_size} is not divisible by tensor parallel x pipeline parallel "
-            f"= {tp} x {pp} = {tp * pp}; choose tp*pp dividing the number of processes"
+            f"world size {world_size} is not divisible by tensor parallel x pipeline parallel x context "
+            f"parallel = {tp} x {pp} x {cp} = {tp * pp * cp}; choose sizes whose product divides the "
+            f"number of processes"
         )
 
     if parallel_state.model_parallel_is_initialized():
@@ -145,6 +148,7 @@ def initialize_distributed(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
         distributed_timeout_minutes=timeout_minutes,
         **model_parallel_kwargs,
     )
@@ -164,6 +168,7 @@ def initialize_distributed(
         backend=backend,
         device=device,
         cpu_mode=cpu_mode,
+        cp=cp,
     )
 
 

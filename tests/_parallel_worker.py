@@ -22,6 +22,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--cp", type=int, default=1, help="context-parallel ranks (image tokens split, Ulysses)")
     ap.add_argument("--pipeline-layers", default=None)
     ap.add_argument("--vpp", type=int, default=None, help="virtual stages per pipeline rank (interleaved 1F1B)")
     ap.add_argument("--num-layers", type=int, default=4)
@@ -36,6 +37,7 @@ def main():
     ap.add_argument("--bucket-size", type=int, default=None, help="DDP bucket size (parameters)")
     ap.add_argument("--weighting-scheme", default=None, help="diffusers' density and loss weight")
     ap.add_argument("--precondition-outputs", action="store_true", help="the x0 target")
+    ap.add_argument("--recompute", action="store_true", help="--recompute-granularity full, uniform, 1 block")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--gbs", type=int, default=8)
     ap.add_argument("--mbs", type=int, default=2)
@@ -54,14 +56,17 @@ def main():
     from megatron_sd3.training.build import build_training, params_synced
     from megatron_sd3.training.step import TrainStep
 
-    info = initialize_distributed(a.tp, a.pp, vpp=a.vpp, seed=1234)
+    info = initialize_distributed(a.tp, a.pp, vpp=a.vpp, seed=1234, cp=a.cp)
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
+        if a.recompute else {}
     vpp = dict(virtual_pipeline_model_parallel_size=a.vpp, overlap_p2p_comm=True, batch_p2p_comm=False) if a.vpp else {}
     given = [int(v) for v in a.pipeline_layers.split(",")] if a.pipeline_layers else None
     cfg = make_config("tiny", num_layers=a.num_layers, zero_init_adaln=False, text_recon_gamma=a.gamma,
                       text_recon_target_layer=a.target, text_seq_len=a.text_len,
                       parallel=dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
+                                    context_parallel_size=a.cp,
                                     sequence_parallel=a.sequence_parallel, text_pad_multiple=a.text_pad_multiple,
-                                    **pipeline_config_fields(a.num_layers, a.pp, given), **vpp))
+                                    **pipeline_config_fields(a.num_layers, a.pp, given), **vpp, **recompute))
     overlap = dict(use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True) \
         if a.overlap else {}
     built = build_training(cfg, optimizer=dict(lr=LR, adam_eps=ADAM_EPS, weight_decay=0.01, clip_grad=1.0),

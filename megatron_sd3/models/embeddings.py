@@ -107,9 +107,17 @@ class SD3OutputHead(nn.Module):
 
     def forward(self, x, y, latent_hw):
         """x: [S_img, B, h]; y: [B, h]; latent_hw: (H, W) of the latent."""
+        return self.unpatchify(self.patches(x, y), latent_hw)
+
+    def patches(self, x, y):
+        """x: [S, B, h] (any run of image tokens); y: [B, h] -> [S, B, p*p*C]."""
         scale, shift = self.norm_linear(F.silu(y)).chunk(2, dim=-1)
         x = F.layer_norm(x, (x.shape[-1],), eps=self.eps) * (1 + scale[None]) + shift[None]
-        x = self.proj_out(x).transpose(0, 1)  # [B, S_img, p*p*C]
+        return self.proj_out(x)
+
+    def unpatchify(self, x, latent_hw):
+        """[S_img, B, p*p*C] -> velocity [B, C, H, W]."""
+        x = x.transpose(0, 1)  # [B, S_img, p*p*C]
         p, c = self.patch_size, self.out_channels
         gh, gw = latent_hw[0] // p, latent_hw[1] // p
         x = x.reshape(x.shape[0], gh, gw, p, p, c)

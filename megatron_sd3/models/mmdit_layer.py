@@ -31,6 +31,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import divide
 
 from megatron_sd3.config import SD3Config
+from megatron_sd3.models import context_parallel as cp
 from megatron_sd3.recompute import Region, release_all, selective_modules
 from megatron_sd3.models.sequence_parallel import mark_sequence_parallel, tp_region_config
 
@@ -110,7 +111,9 @@ class JointAttention(MegatronModule):
         region = Region("qk_norm" in selective_modules(self.config)
                         and (self.with_context or self.config.qk_norm))
         qkv = self.linear_qkv(x)[0]
-        n_img = qkv.shape[0]  # the whole stream also with sequence parallelism (qkv all-gathers)
+        # the whole stream (this rank's context-parallel chunk of it) also with sequence
+        # parallelism (qkv all-gathers)
+        n_img = qkv.shape[0]
         n_pad = 0
         if self.with_context:
             qkv_c = self.context_linear_qkv(c)[0]
@@ -122,8 +125,13 @@ class JointAttention(MegatronModule):
             v = self._qkv_norm("", qkv, norm=False)[2]
         else:
             q, k, v = self._qkv_norm("", qkv)
+        cp_size = cp.size(self.config)
+        if cp_size > 1:  # Ulysses: every image token of this rank's heads (context_parallel.py)
+            q, k, v = (cp.heads_to_sequence(t, n_img, cp_size) for t in (q, k, v))
         out = self.core_attention(q, k, v, attention_mask=None, attn_mask_type=AttnMaskType.no_mask)
         region.release(out)
+        if cp_size > 1:
+            out = cp.sequence_to_heads(out, n_img * cp_size, cp_size, self.head_dim)
         x_out, _ = self.linear_proj(out[:n_img])
         c_out = out[n_img:]
         if n_pad:

@@ -6,7 +6,8 @@ microbatch. Everything a later stage needs travels in it, in this order along ``
     [ image tokens (S_img) | text tokens (S_txt) | recon target (S_txt, only when gamma > 0) | y (1) ]
 
 ``y`` (timestep + pooled conditioning) is one extra token so that its gradient flows back to the
-first stage's embedders. With sequence parallelism (``sp`` = TP ranks) each rank sends its own
+first stage's embedders. With context parallelism each rank sends its chunk of the image tokens
+and the whole text (and target). With sequence parallelism (``sp`` = TP ranks) each rank sends its own
 slice of each stream and the replicated ``y``: ``seq_len / sp`` tokens per rank, which is what
 megatron's schedules derive from ``seq_len`` (``models/sequence_parallel.py``); the reconstruction target is detached where it is captured, so no
 gradient flows into it. With gamma = 0 the target slot does not exist: not one byte more than the
@@ -31,17 +32,25 @@ class ActivationLayout:
     sp: int = 1
     """Ranks the streams are split over (sequence parallelism; 1 = off). ``n_img`` and ``n_txt``
     count the whole streams and must be multiples of ``sp``."""
+    cp: int = 1
+    """Context-parallel ranks the image stream is split over (1 = off): each holds a chunk of
+    ``n_img / cp`` image tokens (sliced again over ``sp``) and the whole text stream."""
+
+    @property
+    def n_img_local(self) -> int:
+        """Image tokens in one rank's message."""
+        return self.n_img // (self.cp * self.sp)
 
     @property
     def local_len(self) -> int:
         """Tokens of one rank's message: its slice of each stream, and ``y``."""
-        return (self.n_img + self.n_txt * (2 if self.carry_target else 1)) // self.sp + 1
+        return self.n_img_local + (self.n_txt * (2 if self.carry_target else 1)) // self.sp + 1
 
     @property
     def seq_len(self) -> int:
         """The sequence length megatron is told (``config.seq_length``; megatron's p2p shape is
-        ``seq_len // sp`` = :attr:`local_len` with sequence parallelism)."""
-        return self.local_len * self.sp
+        ``seq_len // cp // sp`` = :attr:`local_len`)."""
+        return self.local_len * self.sp * self.cp
 
     def bytes_per_message(self, micro_batch: int, hidden: int, dtype: torch.dtype) -> int:
         """Bytes one rank sends per microbatch."""
@@ -50,7 +59,7 @@ class ActivationLayout:
     def pack(self, x: torch.Tensor, c: torch.Tensor, target: Optional[torch.Tensor],
              y: torch.Tensor) -> torch.Tensor:
         """x [S_img,B,h], c [S_txt,B,h], target [S_txt,B,h] or None, y [B,h] -> [seq,B,h]
-        (with ``sp`` > 1: this rank's slices of x, c, target -> [local_len,B,h])."""
+        (with ``sp`` or ``cp`` > 1: this rank's parts of x, c, target -> [local_len,B,h])."""
         parts = [x, c]
         if self.carry_target:
             if target is None:  # the target block is on a later stage: an empty slot until then
@@ -66,7 +75,7 @@ class ActivationLayout:
         if t.shape[0] != self.local_len:
             raise ValueError(f"pipeline activation has {t.shape[0]} tokens, layout expects {self.local_len} "
                              f"({self}); all stages must agree on image size, text length and gamma")
-        n_img, n_txt = self.n_img // self.sp, self.n_txt // self.sp
+        n_img, n_txt = self.n_img_local, self.n_txt // self.sp
         i, j = n_img, n_img + n_txt
         x, c = t[:i], t[i:j]
         target = None

@@ -40,6 +40,7 @@ from megatron_sd3.compat import set_te_attention_backend
 from megatron_sd3.config import SD3Config
 from megatron_sd3.data._seeding import init_rng
 from megatron_sd3.models.embeddings import SD3Embeddings, SD3OutputHead
+from megatron_sd3.models import context_parallel as cp
 from megatron_sd3.models import sequence_parallel as sp
 from megatron_sd3.models.mmdit_layer_specs import get_mmdit_layer_spec
 from megatron_sd3.models.packing import ActivationLayout
@@ -101,9 +102,10 @@ class SD3Model(MegatronModule):
         cfg = self.config
         n_img = cfg.num_image_tokens(*latent_hw)
         sp.check_image_tokens(cfg, n_img)
+        cp.check_image_tokens(cfg, n_img)
         n = cfg.text_seq_len if text_len is None else text_len
         return ActivationLayout(n_img=n_img, n_txt=sp.text_len(cfg, self.padded_len(n)), carry_target=cfg.text_recon,
-                                sp=sp.size(cfg))
+                                sp=sp.size(cfg), cp=cp.size(cfg))
 
     def check_text_len(self, text_len: int) -> None:
         """A single-stage model takes any text length; pipeline stages need the declared one."""
@@ -150,6 +152,7 @@ class SD3Model(MegatronModule):
             x, c, y = self.embeddings(hidden_states, encoder_hidden_states, pooled_projections, timestep)
             if layout.n_txt > n_text:
                 c = torch.cat([c, c.new_zeros(layout.n_txt - n_text, *c.shape[1:])], dim=0)
+            x = cp.chunk(cfg, x)  # this rank's image chunk (context parallel)
             x, c = sp.scatter(cfg, x), sp.scatter(cfg, c)  # this rank's slices (sequence parallel)
             if cfg.text_recon and cfg.text_recon_target_layer == 0:
                 target = c.detach()
@@ -168,10 +171,11 @@ class SD3Model(MegatronModule):
 
         if not self.post_process:
             return layout.pack(x, c, target, y)
-        velocity = self.head(sp.gather(cfg, x), y, latent_hw)
+        # the head on this rank's image tokens; the loss sees the whole image on every CP rank
+        velocity = self.head.unpatchify(cp.gather_image(cfg, self.head.patches(sp.gather(cfg, x), y)), latent_hw)
         if not cfg.text_recon:
             return velocity
-        c, target = sp.gather(cfg, c), sp.gather(cfg, target)
+        c, target = cp.text_loss_share(cfg, sp.gather(cfg, c)), sp.gather(cfg, target)
         return velocity, c[:n_text].transpose(0, 1), target[:n_text].transpose(0, 1)
 
     def _run_blocks(self, start: int, end: int, text_len):

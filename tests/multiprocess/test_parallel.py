@@ -33,7 +33,8 @@ def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("parallel"))
 
 
-def _compare(root, nproc, args, ref_args):
+def _compare(root, nproc, args, ref_args, loss_within=BOUND):
+    """``loss_within``: the losses' relative bound (the context-parallel tests hold them to 1e-5)."""
     ranks, params = _run(nproc, tuple(args), root)
     ref_ranks, ref_params = _run(1, tuple(ref_args), root)
     ref = ref_ranks[0]
@@ -41,7 +42,7 @@ def _compare(root, nproc, args, ref_args):
         assert len(r["losses"]) == len(ref["losses"]) == int(STEPS)
         for got, want in zip(r["losses"], ref["losses"]):
             for k in ("loss", "denoise_loss", "text_recon_loss"):
-                assert abs(got[k] - want[k]) <= BOUND * abs(want[k]), (k, got, want)
+                assert abs(got[k] - want[k]) <= loss_within * abs(want[k]), (k, got, want)
         assert _rel(r["grad_norms"], ref["grad_norms"]) <= BOUND, (r["grad_norms"], ref["grad_norms"])
     assert params.keys() == ref_params.keys()
     p0 = ref["params0"]  # the same initial weights at any layout (full master weights, then TP split)
@@ -152,3 +153,27 @@ def test_dp2_distributed_optimizer_overlapped_in_small_buckets(root):
     ranks = _compare(root, 2, ["--mask", "--overlap", "--bucket-size", "3000"], MASK)
     assert ranks[0]["buckets"] > 2, ranks[0]["buckets"]
     assert ranks[0]["param_gather_pre_hooks"]
+
+
+# Context parallelism (models/context_parallel.py): each CP rank holds half of the 12 image
+# tokens and the whole text; the attention is an all-to-all over the heads (Ulysses). Losses within
+# 1e-5 of one process (measured: below 1e-7), gradient norms and updates within BOUND. Broken on
+# purpose (the text-reconstruction gradient share not scaled by 1/CP; the text heads' all-gather
+# without its reduce-scatter backward) the gradient norms and updates are off by 1e-2 and more.
+CP2, CP_LOSS = ("--cp", "2"), 1e-5
+
+
+@pytest.mark.timeout(300)
+def test_cp2_recon_target_zero_with_masks(root):
+    ranks = _compare(root, 2, [*CP2, *RECON_0, "--mask"], (*RECON_0, "--mask"), loss_within=CP_LOSS)
+    assert ranks[0]["losses"][0]["text_recon_loss"] > 0
+
+
+@pytest.mark.timeout(400)
+def test_cp2_dp2_distributed_optimizer_overlapped(root):
+    """CP=2 x DP=2: megatron's distributed optimizer shards over data x context parallel (the
+    CP-aware groups), with overlapped grad reduce-scatter and param all-gather; different masks
+    per data-parallel rank, text reconstruction on."""
+    ranks = _compare(root, 4, [*CP2, *RECON_LATE, "--mask", "--overlap", "--bucket-size", "3000"],
+                     (*RECON_LATE, "--mask"), loss_within=CP_LOSS)
+    assert ranks[0]["buckets"] > 2, ranks[0]["buckets"]
