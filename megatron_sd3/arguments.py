@@ -54,6 +54,9 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
           check=at_least(1)),
         F("sequence_parallel", bool, False, "split the image and text streams along the sequence over the "
           "tensor-parallel ranks between the tensor-parallel regions (needs TP > 1)"),
+        F("context_parallel_size", int, 1, "context-parallel ranks: each sample's image tokens split into "
+          "contiguous chunks over them, the text whole on each, attention by an all-to-all over heads "
+          "(Ulysses)", check=at_least(1)),
     ]),
     Section("training", "training", [
         F("micro_batch_size", int, 1, "samples per microbatch", check=at_least(1)),
@@ -408,6 +411,10 @@ def validate(args) -> None:
     if args.sequence_parallel and args.tensor_model_parallel_size < 2:
         bad("--sequence-parallel splits the sequence over the tensor-parallel ranks and needs "
             "--tensor-model-parallel-size >= 2; drop --sequence-parallel or raise TP")
+    if args.context_parallel_size > 1 and args.transformer_impl != "local":
+        bad(f"--context-parallel-size {args.context_parallel_size} runs on --transformer-impl local (its "
+            f"all-to-all over heads wraps the local attention kernel); use --transformer-impl local or "
+            f"--context-parallel-size 1")
     if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
         bad("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce "
             "(megatron's parameter all-gather comes from the distributed optimizer's shards)")

@@ -136,7 +136,7 @@ def _rng_sharded(state) -> ShardedObject:
     pp, tp, _ = _layout()
     return ShardedObject("rng_state", state, (pp, tp),
                          (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
-                         replica_id=ps.get_data_parallel_rank())
+                         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
 
 
 def _chunk_key(i: int, n: int, name: str) -> str:

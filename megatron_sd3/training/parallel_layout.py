@@ -62,20 +62,26 @@ def pipeline_config_fields(num_layers: int, pp: int, given: Optional[Sequence[in
 
 
 def check_layout(world_size: int, tp: int, pp: int, num_layers: int, num_heads: int, hidden: int,
-                 global_batch: int, micro_batch: int) -> int:
-    """Every rule checked before any work starts; returns the data-parallel size."""
-    if tp < 1 or pp < 1:
-        raise LayoutError("tensor- and pipeline-model-parallel sizes must be >= 1")
-    if world_size % (tp * pp):
-        raise LayoutError(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; "
-                          f"launch a multiple of {tp * pp} processes")
+                 global_batch: int, micro_batch: int, cp: int = 1) -> int:
+    """Every rule checked before any work starts; returns the data-parallel size (processes
+    over TP x PP x CP: context-parallel ranks share their samples)."""
+    if tp < 1 or pp < 1 or cp < 1:
+        raise LayoutError("tensor-, pipeline- and context-parallel sizes must be >= 1")
+    if world_size % (tp * pp * cp):
+        what, sizes = ("TP x PP x CP", f"{tp} x {pp} x {cp}") if cp > 1 else ("TP x PP", f"{tp} x {pp}")
+        raise LayoutError(f"world size {world_size} is not divisible by {what} = {sizes}; "
+                          f"launch a multiple of {tp * pp * cp} processes")
     if num_heads % tp:
         raise LayoutError(f"num_attention_heads {num_heads} is not divisible by "
                           f"tensor-model-parallel-size {tp}; choose a TP that divides it")
+    if num_heads % (tp * cp):
+        raise LayoutError(f"num_attention_heads {num_heads} is not divisible by tensor-model-parallel-size x "
+                          f"context-parallel-size = {tp} x {cp} (the all-to-all hands each context-parallel "
+                          f"rank whole heads); choose sizes whose product divides it")
     if hidden % tp:
         raise LayoutError(f"hidden_size {hidden} is not divisible by tensor-model-parallel-size {tp}")
     balanced_stage_layers(num_layers, pp)
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * pp * cp)
     if micro_batch < 1 or global_batch < 1:
         raise LayoutError("micro-batch-size and global-batch-size must be >= 1")
     if global_batch % (micro_batch * dp):

@@ -102,6 +102,23 @@ def _check_data_matches_model(ds, cfg, args, path=None):
                           f"use a [model] preset matching the data (text_seq_len, joint_attention_dim, ...)")
 
 
+def _check_buckets(args, model: dict, buckets) -> None:
+    """Every latent bucket's image tokens split evenly over the ranks that split them (context
+    parallel, and sequence parallel within each chunk): one line at start otherwise."""
+    from types import SimpleNamespace
+
+    from megatron_sd3.models import context_parallel, sequence_parallel
+
+    view = SimpleNamespace(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                           sequence_parallel=args.sequence_parallel,
+                           context_parallel_size=args.context_parallel_size, patch_size=model["patch_size"])
+    p = view.patch_size
+    for h, w in dict.fromkeys(buckets):
+        n_img = (h // p) * (w // p)
+        sequence_parallel.check_image_tokens(view, n_img)
+        context_parallel.check_image_tokens(view, n_img)
+
+
 def preflight(args):
     """Every check that needs no process group: model fields, parallel layout, pipeline split,
     FP8 backend, checkpoint to resume from, data manifest, the paths the run writes. Raises
@@ -111,10 +128,11 @@ def preflight(args):
     preset = fields.pop("preset", "tiny")
     mf = model_fields(preset, **fields)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    cp = args.context_parallel_size
     if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * max(1, world // (tp * pp))
+        args.global_batch_size = args.micro_batch_size * max(1, world // (tp * pp * cp))
     dp = check_layout(world, tp, pp, mf["num_layers"], mf["num_attention_heads"], mf["hidden_size"],
-                      args.global_batch_size, args.micro_batch_size)
+                      args.global_batch_size, args.micro_batch_size, cp=cp)
     layers = stage_layers(mf["num_layers"], pp, args.pipeline_layers)
     vpp = args.num_virtual_stages_per_pipeline_rank
     if vpp is not None:
@@ -139,7 +157,7 @@ def preflight(args):
     if args.attention_backend == "fused" and args.transformer_impl == "local" and not torch.cuda.is_available():
         raise ConfigError("--attention-backend fused is cuDNN attention and needs a CUDA GPU; "
                           "use auto, flash or unfused on CPU")
-    data_sizes = []
+    data_sizes, buckets = [], []
     if args.data_path:  # a missing or damaged shard, or data of other widths: said before any work starts
         from megatron_sd3.data.shards import check_fits_model, verify
         from megatron_sd3.loss import ConfigView
@@ -151,12 +169,18 @@ def preflight(args):
                              pooled_dim=model.pooled_projection_dim, latent_channels=model.in_channels,
                              text_len=model.text_seq_len if pp > 1 else None)
             data_sizes.append(int(manifest["num_samples"]))
+            buckets += [tuple(b) for b in manifest.get("latent_buckets") or []]
+    if args.mock_data:
+        side = int(mf["sample_size"])
+        buckets.append(tuple(int(v) for v in args.mock_latent_size.lower().split("x")) if args.mock_latent_size
+                       else (side, side))
+    _check_buckets(args, mf, buckets)
     # -- validation, samples, W&B (training/evaluate.py, training/metrics.py) --
     if args.valid_data_path:
         from megatron_sd3.data.shards import load_manifest
 
         for _, path in args.valid_blend:
-            load_manifest(path)
+            _check_buckets(args, mf, [tuple(b) for b in load_manifest(path).get("latent_buckets") or []])
     if args.valid_samples and args.data_path:
         from megatron_sd3.data.blend import blend_counts
 
@@ -195,12 +219,13 @@ def setup(args, plan):
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     preset, fields, mf, dp = plan["preset"], plan["fields"], plan["model_fields"], plan["dp"]
     vpp = args.num_virtual_stages_per_pipeline_rank
-    info = initialize_distributed(tp, pp, vpp=vpp, seed=args.seed, timeout_minutes=args.distributed_timeout_minutes)
+    info = initialize_distributed(tp, pp, vpp=vpp, seed=args.seed, timeout_minutes=args.distributed_timeout_minutes,
+                                  cp=args.context_parallel_size)
     bf16 = bool(args.bf16 and torch.cuda.is_available())
     if args.bf16 and not bf16:
         _print0(" > --bf16 asked for without CUDA: this CPU run stays in fp32")
     parallel = dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                    sequence_parallel=args.sequence_parallel,
+                    sequence_parallel=args.sequence_parallel, context_parallel_size=args.context_parallel_size,
                     **pipeline_config_fields(mf["num_layers"], pp, args.pipeline_layers))
     if vpp:  # interleaved 1F1B; batched p2p would mix up same-shaped messages (Megatron-LM's default)
         parallel.update(virtual_pipeline_model_parallel_size=vpp, overlap_p2p_comm=True, batch_p2p_comm=False)
@@ -406,7 +431,7 @@ def pretrain(args, plan) -> int:
     for k, v in sorted(run_config.items()):
         _print0(f"  {k} {'.' * max(1, 40 - len(k))} {v}")
     _print0(f"  world size {info.world_size} = TP {cfg.tensor_model_parallel_size} x PP "
-            f"{cfg.pipeline_model_parallel_size} x DP {dp}  ({info.backend}, "
+            f"{cfg.pipeline_model_parallel_size} x CP {cfg.context_parallel_size} x DP {dp}  ({info.backend}, "
             f"{'CPU mode' if info.cpu_mode else info.device})")
     _print0(f"  {optional_kernels()}")
     _print0("-------------------- end of arguments ---------------------")

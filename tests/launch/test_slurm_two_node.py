@@ -208,7 +208,7 @@ def test_sbatch_two_nodes_trains_pp2_and_saves(cluster, tmp_path):
     for rank, node in enumerate(NODES):
         assert f"launch.sh: node {rank}/2 on {node}:" in log, log[-4000:]
     assert log.count("--master-addr=sd3node1") == 2, log[-4000:]
-    assert "world size 2 = TP 1 x PP 2 x DP 1" in log, log[-4000:]
+    assert "world size 2 = TP 1 x PP 2 x CP 1 x DP 1" in log, log[-4000:]
 
 
 @pytest.mark.slow

@@ -31,3 +31,66 @@ def test_ulysses_joint_attention_matches_one_process(tmp_path, nproc):
             text_grads[i] += g[n:]
     for got, want in zip(text_grads, ref["ref_grads"]):
         torch.testing.assert_close(got, want[s_img:], rtol=0, atol=1e-12)
+
+
+# -- pretrain_sd3.py end to end -----------------------------------------------------------------
+import json  # noqa: E402
+import os  # noqa: E402
+
+BASE = ["--config", "configs/sd3_light_tiny.toml", "--log-interval", "1", "--no-progress", "--lr-decay-iters", "8"]
+CP2 = ["--context-parallel-size", "2"]
+
+
+def _train(tmp, name, nproc, args, timeout=300):
+    m = os.path.join(tmp, f"{name}.jsonl")
+    logs = run_ranks("pretrain_sd3.py", nproc, [*BASE, *args, "--metrics-file", m], timeout=timeout)
+    with open(m) as fh:
+        return {r["iteration"]: r for r in map(json.loads, fh)}, logs
+
+
+@pytest.mark.timeout(600)
+def test_a_cp2_checkpoint_resumes_under_cp2_bit_exact_and_under_cp1(tmp_path):
+    """CP=2 trains 6 iterations, saving at 4. Resumed from 4 under CP=2, every later loss is the
+    uninterrupted run's to the bit. Under CP=1 the same checkpoint loads (parameters and optimizer
+    state are replicated over CP, so nothing is resharded) and trains on: the losses are CP=2's up
+    to the rounding of a layout change (the weight-gradient sums over tokens are split in two and
+    added by the all-reduce), held to 1e-5 as the other reshards."""
+    tmp = str(tmp_path)
+    ck = os.path.join(tmp, "ck")
+    full, logs = _train(tmp, "full", 2, [*CP2, "--train-iters", "6", "--save", ck, "--save-interval", "4"])
+    assert "world size 2 = TP 1 x PP 1 x CP 2 x DP 1" in logs[0]
+    at4 = ["--train-iters", "6", "--load", ck, "--ckpt-step", "4"]
+    resumed, logs = _train(tmp, "cp2", 2, [*CP2, *at4])
+    assert "resumed from" in logs[0]
+    for it in (5, 6):
+        for k in ("loss", "denoise_loss", "text_recon_loss", "lr", "grad_norm"):
+            assert resumed[it][k] == full[it][k], (it, k, resumed[it][k], full[it][k])
+    single, logs = _train(tmp, "cp1", 1, at4)
+    assert "resumed from" in logs[0]
+    for it in (5, 6):
+        for k in ("loss", "denoise_loss", "text_recon_loss"):
+            assert abs(single[it][k] - full[it][k]) <= 1e-5 * abs(full[it][k]), (it, k, single[it], full[it])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world, args, message", [
+    ("8", ["--tensor-model-parallel-size", "2", "--context-parallel-size", "4"],
+     "num_attention_heads 4 is not divisible by tensor-model-parallel-size x context-parallel-size = 2 x 4"),
+    ("3", CP2, "world size 3 is not divisible by TP x PP x CP = 1 x 1 x 2"),
+    ("2", [*CP2, "--mock-latent-size", "6x6"], "splits the 9 image tokens of a latent bucket over "
+                                               "context-parallel-size 2"),
+    ("4", [*CP2, "--tensor-model-parallel-size", "2", "--sequence-parallel", "--mock-latent-size", "6x4"],
+     "splits the 6 image tokens of a latent bucket over context-parallel-size 2 x tensor-model-parallel-size 2"),
+    ("2", [*CP2, "--transformer-impl", "transformer_engine"], "runs on --transformer-impl local"),
+])
+def test_a_layout_context_parallelism_cannot_split_is_one_line(world, args, message, capsys, monkeypatch):
+    from megatron_sd3.training.pretrain import main
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    try:
+        code = main(["--config", "configs/sd3_light_tiny.toml", *args])
+    except SystemExit as e:  # argparse-level errors
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
