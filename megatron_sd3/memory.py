@@ -103,7 +103,8 @@ def head_params(cfg) -> int:
 
 
 def block_activation_bytes(cfg, layer_number: int, n_img: int, micro_batch: int, tp: int = 1,
-                           mode: Optional[str] = None, text_output: Optional[bool] = None) -> float:
+                           mode: Optional[str] = None, text_output: Optional[bool] = None,
+                           cp: Optional[int] = None) -> float:
     """Bytes one joint block saves for backward per microbatch.
 
     ``mode``: ``none``, ``selective`` or ``full`` (a block that is checkpointed; default from the
@@ -126,13 +127,22 @@ def block_activation_bytes(cfg, layer_number: int, n_img: int, micro_batch: int,
     plus the per-token statistics (norms, softmax) and the ``[B, h]`` adaLN chunks. TP splits the
     head-sized tensors (qkv, attention, MLP hidden) over its ranks; inputs, norms and GEMM
     outputs of the row-parallel layers stay whole (no sequence parallelism).
+
+    Context parallelism (``cp``, default the config's): a rank's image stream is ``n_img / cp``
+    tokens, its text stream whole; the attention kernels' tensors (and softmax statistics) cover
+    the whole sequence for ``1 / cp`` of the heads, and the kernel's output comes back through
+    the all-to-all as a new tensor (the output projections' input).
     """
     if mode is None:
         mode = {"selective": "selective", "full": "full"}.get(cfg.recompute_granularity, "none")
+    if cp is None:
+        cp = int(getattr(cfg, "context_parallel_size", 1) or 1)
     e = torch.finfo(cfg.params_dtype).bits // 8
     h, f, b = cfg.hidden_size, _ffn(cfg), micro_batch
     n_txt = cfg.padded_text_len
     heads = cfg.num_attention_heads // tp
+    n_all = n_img + n_txt  # the joint attention's sequence
+    n_img = n_img / cp  # this rank's image tokens
     if mode == "full":  # the unit's inputs x, c (and y, shared)
         return float(e * b * h * (n_img + n_txt))
     dual = (layer_number - 1) in cfg.dual_attention_layers
@@ -146,7 +156,7 @@ def block_activation_bytes(cfg, layer_number: int, n_img: int, micro_batch: int,
     fh = f / h
     # the joint attention's output projection input: the kernel's output laid out as [s, b, h],
     # a copy when b > 1, a view of the (kept) kernel output when b = 1
-    proj_in = split if b > 1 else 0.0
+    proj_in = split if b > 1 or cp > 1 else 0.0
 
     def attn_stream(projected: bool) -> float:
         # input, [norm, modulated qkv input], qkv (3), [qk-norms], [proj in, proj out]
@@ -161,13 +171,13 @@ def block_activation_bytes(cfg, layer_number: int, n_img: int, micro_batch: int,
     units_joint = (1 if Q else 4) * split  # the kernel's output [, q, k, v of [x | c]]
     if dual:  # [modulated input], qkv (3), output, proj out; [qk-norms, kernel copies]
         dual_q = Q and cfg.qk_norm
-        units_img += (0 if L else 1) + ((4 * split + 1) if dual_q else (3 + q + 4) * split)
+        units_img += (0 if L else 1) + ((4 * split + 1) if dual_q else (3 + q + 4) * split) + (proj_in if cp > 1 else 0)
     # per-token statistics: LN mean/rstd, RMS-norm rstd and softmax lse
     stats_img = (0 if L else 4) + (0 if Q else q * heads) + (0 if Q and cfg.qk_norm else q * heads) * dual + heads * (2 if dual else 1)
-    stats_txt = (0 if L else (4 if text_output else 2)) + (0 if Q else q * heads) + heads
+    stats_txt = (0 if L else (4 if text_output else 2)) + (0 if Q else q * heads)
     ada = b * h * (2 + (9 if dual else 6) + (6 if keeps_text else 2))
-    elems = b * h * (units_img * n_img + units_txt * n_txt + units_joint * (n_img + n_txt))
-    elems += b * (stats_img * n_img + stats_txt * n_txt) + ada
+    elems = b * h * (units_img * n_img + units_txt * n_txt + units_joint * n_all / cp)
+    elems += b * (stats_img * n_img + stats_txt * n_txt + heads * n_txt / cp) + ada
     return float(e * elems)
 
 
@@ -182,9 +192,10 @@ def embedding_activation_bytes(cfg, n_img: int, micro_batch: int) -> float:
 
 def head_activation_bytes(cfg, n_img: int, micro_batch: int) -> float:
     """Last stage: the final norm's input, output and statistics, the projection's input, the
-    adaLN input."""
+    adaLN input (of this rank's ``n_img / CP`` image tokens)."""
     e = torch.finfo(cfg.params_dtype).bits // 8
     h = cfg.hidden_size
+    n_img = n_img / int(getattr(cfg, "context_parallel_size", 1) or 1)
     return float(e * micro_batch * (3 * n_img * h + 2 * n_img + 2 * h))
 
 
@@ -320,6 +331,25 @@ def report_at_start(cfg, args, data_parallel: int, print_fn=print) -> None:
         rec += f" ({', '.join(cfg.recompute_modules)})"
     print_fn(format_report(rows, title=f"theoretical memory, recompute {rec}, latents {latent_hw[0]}x{latent_hw[1]}, "
                                        f"{m} microbatches"))
+    if cfg.pipeline_model_parallel_size > 1:
+        print_fn(pipeline_message_line(cfg, latent_hw, args.micro_batch_size))
+
+
+def pipeline_message_line(cfg, latent_hw, micro_batch: int) -> str:
+    """What one rank sends a later pipeline stage per microbatch (``models/packing.py``): its
+    image tokens (its context-parallel chunk, its sequence-parallel slice of it), the text (and
+    the reconstruction target), ``y``; in tokens and bytes."""
+    from megatron_sd3.models import context_parallel, sequence_parallel
+    from megatron_sd3.models.packing import ActivationLayout
+
+    layout = ActivationLayout(n_img=cfg.num_image_tokens(*latent_hw), n_txt=sequence_parallel.text_len(cfg),
+                              carry_target=cfg.text_recon, sp=sequence_parallel.size(cfg),
+                              cp=context_parallel.size(cfg))
+    dtype = cfg.pipeline_dtype or cfg.params_dtype
+    n_txt = layout.n_txt // layout.sp
+    parts = f"{layout.n_img_local} image + {n_txt} text" + (f" + {n_txt} target" if layout.carry_target else "") + " + 1 (y)"
+    return (f" pipeline message per rank and microbatch: {layout.local_len} tokens ({parts}) x {micro_batch} x "
+            f"{cfg.hidden_size} = {layout.bytes_per_message(micro_batch, cfg.hidden_size, dtype) / 2**20:.2f} MiB")
 
 
 # ---------------------------------------------------------------------------------------------

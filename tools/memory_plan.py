@@ -32,6 +32,8 @@ def build_parser():
                    help="microbatches per iteration and DP rank (default: the pipeline size)")
     p.add_argument("--tensor-model-parallel-size", "--tensor", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", "--pipeline", type=int, default=1)
+    p.add_argument("--context-parallel-size", "--context-parallel", type=int, default=1,
+                   help="ranks each sample's image tokens are split over (Ulysses)")
     p.add_argument("--data-parallel-size", "--data-parallel", type=int, default=1)
     p.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None)
     p.add_argument("--pipeline-layers", default=None, help="blocks per stage, e.g. 8,7")
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
         if a.resolution <= 0 or a.resolution % 8:
             raise ConfigError(f"--resolution must be a positive multiple of 8 (the VAE's factor), got {a.resolution}")
         for flag in ("micro_batch_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "data_parallel_size", "recompute_num_layers"):
+                     "context_parallel_size", "data_parallel_size", "recompute_num_layers"):
             if getattr(a, flag) < 1:
                 raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
         if a.gpu_memory <= 0:
@@ -76,6 +78,7 @@ def main(argv=None) -> int:
             raise LayoutError(f"--num-virtual-stages-per-pipeline-rank {vpp} needs PP >= 2 and the same "
                               f"number of blocks on every stage, divisible by it; got {blocks}")
         parallel = dict(tensor_model_parallel_size=a.tensor_model_parallel_size, pipeline_model_parallel_size=pp,
+                        context_parallel_size=a.context_parallel_size,
                         **pipeline_config_fields(n_layers, pp, given))
         if vpp:
             parallel["virtual_pipeline_model_parallel_size"] = vpp
@@ -87,16 +90,23 @@ def main(argv=None) -> int:
         elif a.recompute == "selective":
             parallel["recompute_granularity"] = "selective"
         cfg = make_config(a.preset, parallel=parallel, **over)
+        tc = a.tensor_model_parallel_size * a.context_parallel_size
+        if cfg.num_attention_heads % tc:
+            raise LayoutError(f"num_attention_heads {cfg.num_attention_heads} is not divisible by TP x CP = {tc}")
+        from megatron_sd3.models import context_parallel
+
+        side = a.resolution // 8
+        context_parallel.check_image_tokens(cfg, cfg.num_image_tokens(side, side))
     except (ConfigError, LayoutError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    side = a.resolution // 8
     kw = dict(latent_hw=(side, side), data_parallel=a.data_parallel_size, num_microbatches=a.num_microbatches,
               use_distributed_optimizer=a.use_distributed_optimizer, stage_blocks=blocks)
     rows = plan_memory(cfg, micro_batch=a.micro_batch_size, **kw)
     rec = a.recompute + (f" ({a.recompute_method}, {a.recompute_num_layers})" if a.recompute == "full" else "")
     print(format_report(rows, title=f"{a.preset} {a.resolution} px, micro batch {a.micro_batch_size}, "
-                                    f"TP {a.tensor_model_parallel_size} PP {pp} DP {a.data_parallel_size}, "
+                                    f"TP {a.tensor_model_parallel_size} PP {pp} CP {a.context_parallel_size} "
+                                    f"DP {a.data_parallel_size}, "
                                     f"recompute {rec}", gpu_memory_gib=a.gpu_memory))
     best = largest_micro_batch(cfg, a.gpu_memory, **kw)
     print(f" largest micro batch that fits in {a.gpu_memory:g} GiB: {best}"

@@ -67,13 +67,15 @@ def check_image_tokens(config, n_img: int) -> None:
 
 def chunk(config, x: torch.Tensor) -> torch.Tensor:
     """This rank's contiguous chunk ``[S/CP, B, h]`` of the whole image stream ``[S, B, h]``
-    (a slice: the gradient of the other chunks is zero here, they are other ranks' share)."""
+    (a slice: the gradient of the other chunks is zero here, they are other ranks' share),
+    copied, so that the whole stream is freed once the embeddings are done with it (a view would
+    keep all of it alive for the first block's backward)."""
     cp = size(config)
     if cp == 1:
         return x
     n = x.shape[0] // cp
     r = ps.get_context_parallel_rank()
-    return x[r * n:(r + 1) * n]
+    return x[r * n:(r + 1) * n].clone()
 
 
 def gather_image(config, t: torch.Tensor) -> torch.Tensor:

@@ -105,15 +105,14 @@ class SD3OutputHead(nn.Module):
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
 
-    def forward(self, x, y, latent_hw):
-        """x: [S_img, B, h]; y: [B, h]; latent_hw: (H, W) of the latent."""
-        return self.unpatchify(self.patches(x, y), latent_hw)
-
-    def patches(self, x, y):
-        """x: [S, B, h] (any run of image tokens); y: [B, h] -> [S, B, p*p*C]."""
+    def forward(self, x, y, latent_hw=None):
+        """x: [S_img, B, h]; y: [B, h]; latent_hw: (H, W) of the latent -> velocity [B, C, H, W].
+        Without ``latent_hw``: the patches ``[S, B, p*p*C]`` of any run of image tokens (a
+        context-parallel chunk), for :meth:`unpatchify` once the chunks are gathered."""
         scale, shift = self.norm_linear(F.silu(y)).chunk(2, dim=-1)
         x = F.layer_norm(x, (x.shape[-1],), eps=self.eps) * (1 + scale[None]) + shift[None]
-        return self.proj_out(x)
+        x = self.proj_out(x)
+        return x if latent_hw is None else self.unpatchify(x, latent_hw)
 
     def unpatchify(self, x, latent_hw):
         """[S_img, B, p*p*C] -> velocity [B, C, H, W]."""

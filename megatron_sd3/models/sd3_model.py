@@ -172,7 +172,7 @@ class SD3Model(MegatronModule):
         if not self.post_process:
             return layout.pack(x, c, target, y)
         # the head on this rank's image tokens; the loss sees the whole image on every CP rank
-        velocity = self.head.unpatchify(cp.gather_image(cfg, self.head.patches(sp.gather(cfg, x), y)), latent_hw)
+        velocity = self.head.unpatchify(cp.gather_image(cfg, self.head(sp.gather(cfg, x), y)), latent_hw)
         if not cfg.text_recon:
             return velocity
         c, target = cp.text_loss_share(cfg, sp.gather(cfg, c)), sp.gather(cfg, target)
