@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) tools/bench_attention.py
 	$(PY) tools/bench_data.py
 	$(PY) tools/bench_memory.py
+	$(PY) tools/bench_context_parallel.py
 	$(PY) tools/bench_corpus.py
 
 clean:

@@ -150,3 +150,16 @@ def test_bench_corpus_prints_both_ratios():
                         "4", "--small", "50", "--large", "500"], cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "preprocessing 2 ranks / 1 rank: " in r.stdout and "start-up 500 / 50 samples: time " in r.stdout
+
+
+@pytest.mark.timeout(240)
+def test_bench_context_parallel_times_cp2_against_cp1_in_one_run(tmp_path):
+    """The step-time ratio of CP=2 to CP=1 (DP=2) on 2 processes, alternated round by round."""
+    path = tmp_path / "cp.json"
+    r = _tool("bench_context_parallel.py", "--resolution", "0", "--rounds", "2", "--steps", "1",
+              "--timing-latent", "16x16", "--json", str(path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = json.loads(path.read_text())["step_time"]
+    s = t["seconds_per_iteration"]
+    assert s["1"] > 0 and s["2"] > 0 and t["rounds"] == 2
+    assert "CP=2 / CP=1 =" in r.stdout
