@@ -177,3 +177,30 @@ def test_cp2_dp2_distributed_optimizer_overlapped(root):
     ranks = _compare(root, 4, [*CP2, *RECON_LATE, "--mask", "--overlap", "--bucket-size", "3000"],
                      (*RECON_LATE, "--mask"), loss_within=CP_LOSS)
     assert ranks[0]["buckets"] > 2, ranks[0]["buckets"]
+
+
+@pytest.mark.timeout(500)
+def test_cp2_pp2_sends_the_image_chunk_and_the_whole_text(root):
+    """CP=2 x PP=2, text reconstruction with its target on the second stage: each rank sends
+    its 6 of the 12 image tokens, the whole text and target, and y: 6 + 2 * 16 + 1 = 39 tokens."""
+    ranks = _compare(root, 4, [*CP2, "--pp", "2", *RECON_LATE], RECON_LATE, loss_within=CP_LOSS)
+    tokens = IMG // 2 + 2 * TXT + 1
+    senders = [r for r in ranks if r["sent"]]
+    assert len(senders) == 2  # both CP ranks of the first stage
+    for r in senders:
+        assert all(shape == (tokens, MB, HIDDEN) and nbytes == tokens * MB * HIDDEN * 4
+                   for shape, nbytes in r["sent"]), r["sent"]
+
+
+@pytest.mark.timeout(500)
+def test_cp2_tp2_sequence_parallel(root):
+    """CP=2 x TP=2 with sequence parallelism: each image chunk sliced again over TP, the text
+    sliced over TP and whole over CP; heads split over TP, then over CP by the all-to-all."""
+    _compare(root, 4, [*CP2, *SP, *RECON_0, "--mask"], (*RECON_0, "--mask"), loss_within=CP_LOSS)
+
+
+@pytest.mark.timeout(300)
+def test_cp2_recompute_full(root):
+    """CP=2 with --recompute-granularity full (uniform, one block per unit): the blocks run
+    again in the backward pass, all-to-alls included, to the one-process numbers."""
+    _compare(root, 2, [*CP2, "--recompute", *RECON_LATE], RECON_LATE, loss_within=CP_LOSS)
