@@ -222,7 +222,7 @@ def _params(model_chunks):
 # -- model + weights for inference --------------------------------------------------------------------
 def build_inference_model(load: str, *, ema: bool = False, transformer_impl: str = "local",
                           ckpt_step: Optional[int] = None):
-    """Build this rank's stage of the checkpoint's model under the current TP/PP layout
+    """Build this rank's stage of the checkpoint's model under the current TP/PP/CP layout
     (``parallel_state`` initialised) and load the checkpoint's weights (or its EMA weights),
     whatever layout saved it: the latest checkpoint under ``load``, or iteration ``ckpt_step``.
     Returns ``(model_chunks, config, common_state)``."""
@@ -241,6 +241,7 @@ def build_inference_model(load: str, *, ema: bool = False, transformer_impl: str
     fields = {k: v for k, v in common["model_config"].items() if v is not None}
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     cfg = make_config("tiny", parallel=dict(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                           context_parallel_size=ps.get_context_parallel_world_size(),
                                            **pipeline_config_fields(fields["num_layers"], pp)), **fields)
     chunks = build_model(cfg, transformer_impl=transformer_impl)
     averaged = EMA(chunks, 0.0) if ema else None

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", default=None, help="local transformers CLIPModel folder: CLIP score of the PNGs")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--context-parallel-size", type=int, default=1,
+                   help="ranks each sample's image tokens are split over (all-to-all attention over heads)")
     return p
 
 
@@ -125,10 +127,11 @@ def validate(a) -> None:
         raise GenerateError(f"--micro-batch-size must be >= 1, got {a.micro_batch_size}")
     if a.latent_size:
         parse_hw(a.latent_size)
-    tp, pp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size
+    tp, pp, cp = a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.context_parallel_size
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if tp < 1 or pp < 1 or world % (tp * pp):
-        raise GenerateError(f"run with a multiple of TP x PP = {tp} x {pp} processes (torchrun), got {world}")
+    if tp < 1 or pp < 1 or cp < 1 or world % (tp * pp * cp):
+        raise GenerateError(f"run with a multiple of TP x PP x CP = {tp} x {pp} x {cp} processes (torchrun), "
+                            f"got {world}")
 
 
 def prepare_inputs(a, cfg, device):
@@ -215,7 +218,8 @@ def run(a) -> int:
     from megatron_sd3.distributed import destroy_distributed, initialize_distributed
     from megatron_sd3.sampling import build_inference_model, sample
 
-    info = initialize_distributed(a.tensor_model_parallel_size, a.pipeline_model_parallel_size, seed=a.seed)
+    info = initialize_distributed(a.tensor_model_parallel_size, a.pipeline_model_parallel_size, seed=a.seed,
+                                  cp=a.context_parallel_size)
     rank0 = dist.get_rank() == 0
     try:
         chunks, cfg, common = build_inference_model(a.load, ema=a.ema)
