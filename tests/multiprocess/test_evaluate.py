@@ -175,8 +175,8 @@ def test_training_is_bit_identical_with_evaluation_and_sampling(tmp_path):
 @pytest.mark.timeout(1500)
 def test_validation_numbers_are_the_same_under_every_layout(tmp_path):
     """The initial weights do not depend on the layout, so the evaluation before the first
-    iteration must give the same numbers on 1 process, PP=2, TP=2 with sequence parallelism and
-    DP=2 with the distributed optimizer; also the text-stream gradient norms of each loss term
+    iteration must give the same numbers on 1 process, PP=2, TP=2 with sequence parallelism,
+    DP=2 with the distributed optimizer and CP=2; also the text-stream gradient norms of each loss term
     (--log-text-grad-norms: gradients reduced over DP, sharded by the distributed optimizer,
     summed over the stages, TP duplicates counted once), within the fp32 bound of the layouts."""
     from _fp32_bound import BOUND
@@ -187,7 +187,8 @@ def test_validation_numbers_are_the_same_under_every_layout(tmp_path):
     assert ref["grad_norm_text_denoise"] > 0 and ref["grad_norm_text_recon"] > 0
     for name, extra in (("pp2", ["--pipeline-model-parallel-size", "2"]),
                         ("tp2", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
-                        ("dp2", ["--use-distributed-optimizer"])):
+                        ("dp2", ["--use-distributed-optimizer"]),
+                        ("cp2", ["--context-parallel-size", "2"])):
         got = [r for r in _train(tmp_path, name, 2, [*args, *extra])[0] if r["type"] == "eval"][0]
         assert "ema" not in got
         for k in ("loss", "denoise_loss", "text_recon_loss"):
