@@ -73,7 +73,7 @@ def train(a, fp8, bf16, steps, snapshot_at=None):
     from megatron_sd3.training.build import build_training, unwrap
     from megatron_sd3.training.step import TrainStep
 
-    parallel = dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
+    parallel = dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp, context_parallel_size=a.cp,
                     **pipeline_config_fields(a.num_layers, a.pp, None))
     if fp8:
         parallel["fp8"] = fp8  # make_config pads text to 16
@@ -119,6 +119,7 @@ def main():
     ap.add_argument("--latent", type=int, default=None, help="square latent side (default 8x6)")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--cp", type=int, default=1, help="context-parallel ranks")
     ap.add_argument("--num-layers", type=int, default=4)
     ap.add_argument("--text-len", type=int, default=13,
                     help="text tokens per sample; 13 makes FP8 mode pad the text stream to 16")
@@ -141,7 +142,7 @@ def main():
 
     from megatron_sd3.distributed import initialize_distributed
 
-    info = initialize_distributed(a.tp, a.pp, seed=1234)
+    info = initialize_distributed(a.tp, a.pp, seed=1234, cp=a.cp)
     out = {}
     if a.ref != "none":
         out["ref_losses"], out["ref_grad_norms"], _, _, _ = train(a, None, a.ref == "bf16", a.steps)

@@ -49,6 +49,7 @@ FP8_1 = (1, ("--fp8", "hybrid", "--ref", "fp32", "--steps", str(TRACK_STEPS), "-
 LINEAR = ("--lr", str(LR), "--adam-eps", str(ADAM_EPS))  # Adam linear in the gradients
 FP8_1_CMP = (1, ("--fp8", "hybrid", "--steps", str(CMP_STEPS), "--snapshot-at", str(CMP_STEPS), *LINEAR))
 FP8_TP2 = (2, ("--fp8", "hybrid", "--tp", "2", "--steps", str(CMP_STEPS), *LINEAR))
+FP8_CP2 = (2, ("--fp8", "hybrid", "--cp", "2", "--steps", str(CMP_STEPS), *LINEAR))
 RECON = ("--fp8", "e4m3", "--bf16", "--gamma", "0.5", "--target", "1")
 RECON_1 = (1, (*RECON, "--ref", "fp32", "--steps", str(RECON_STEPS), "--snapshot-at", str(CMP_STEPS)))
 RECON_PP2 = (2, (*RECON, "--pp", "2", "--steps", str(CMP_STEPS)))
@@ -135,6 +136,16 @@ def test_fp8_rowwise_training_tracks_fp32(root):
 @pytest.mark.timeout(240)
 def test_fp8_tp2_tracks_one_rank(root):
     _compare_parallel(root, FP8_TP2, FP8_1_CMP, loss_tol=BOUND, norm_tol=BOUND, global_tol=BOUND,
+                      tensor_tol=2.0 ** -2, updates=True)
+
+
+@pytest.mark.timeout(240)
+def test_fp8_cp2_tracks_one_rank(root):
+    """CP=2 (torchao tensorwise FP8): each rank scales its image chunk's GEMM inputs by their own
+    amax (torchao does not reduce it over the CP group, as Transformer Engine's amax reduction
+    group would), so the FP8 rounding differs from one rank's, within the bounds of the TP=2 case
+    (measured: losses 1.4e-6, parameters 4e-6 apart)."""
+    _compare_parallel(root, FP8_CP2, FP8_1_CMP, loss_tol=BOUND, norm_tol=BOUND, global_tol=BOUND,
                       tensor_tol=2.0 ** -2, updates=True)
 
 
