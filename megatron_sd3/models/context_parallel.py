@@ -7,7 +7,8 @@ contiguous chunk of ``S_img / CP`` image tokens and the whole text stream (the j
 needs all of it on every rank). Everything outside the attention (adaLN, MLP, norms, the head)
 works on the local chunk. Around the attention kernel (``JointAttention.forward``):
 
-* :func:`heads_to_sequence`: the image part of q, k, v goes from ``[S_img/CP, b, h, d]`` to
+* :func:`heads_to_sequence` (:func:`qkv_heads_to_sequence`: q, k and v in one all-to-all): the
+  image part of q, k, v goes from ``[S_img/CP, b, h, d]`` to
   ``[S_img, b, h/CP, d]`` by megatron's ``all_to_all`` over the CP group (rank ``r`` gets the
   ``r``-th group of the heads, the chunks in rank order); the text part, whole on every rank, is
   sliced to the same heads without communication;
@@ -124,6 +125,13 @@ def heads_to_sequence(t: torch.Tensor, n_img_local: int, cp: int) -> torch.Tenso
     if txt.shape[0] == 0:
         return img
     return torch.cat([img, _heads_group(txt, cp)], dim=0)
+
+
+def qkv_heads_to_sequence(q, k, v, n_img_local: int, cp: int):
+    """:func:`heads_to_sequence` of q, k and v in one all-to-all (packed along the head
+    dimension: a third of the collectives)."""
+    d = q.shape[-1]
+    return heads_to_sequence(torch.cat([q, k, v], dim=-1), n_img_local, cp).split(d, dim=-1)
 
 
 def sequence_to_heads(out: torch.Tensor, n_img: int, cp: int, head_dim: int) -> torch.Tensor:

@@ -127,7 +127,7 @@ class JointAttention(MegatronModule):
             q, k, v = self._qkv_norm("", qkv)
         cp_size = cp.size(self.config)
         if cp_size > 1:  # Ulysses: every image token of this rank's heads (context_parallel.py)
-            q, k, v = (cp.heads_to_sequence(t, n_img, cp_size) for t in (q, k, v))
+            q, k, v = cp.qkv_heads_to_sequence(q, k, v, n_img, cp_size)
         out = self.core_attention(q, k, v, attention_mask=None, attn_mask_type=AttnMaskType.no_mask)
         region.release(out)
         if cp_size > 1:

@@ -204,3 +204,9 @@ def test_cp2_recompute_full(root):
     """CP=2 with --recompute-granularity full (uniform, one block per unit): the blocks run
     again in the backward pass, all-to-alls included, to the one-process numbers."""
     _compare(root, 2, [*CP2, "--recompute", *RECON_LATE], RECON_LATE, loss_within=CP_LOSS)
+
+
+@pytest.mark.slow  # CP x PP is in the default suite (test_cp2_pp2_...); interleaving adds model chunks
+@pytest.mark.timeout(500)
+def test_cp2_pp2_interleaved_virtual_stages(root):
+    _compare(root, 4, [*CP2, "--pp", "2", "--vpp", "2", *RECON_LATE], RECON_LATE, loss_within=CP_LOSS)
