@@ -15,7 +15,7 @@ WORKER = "tests/_cp_attention_worker.py"
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("nproc", [2, 4])
+@pytest.mark.parametrize("nproc", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_ulysses_joint_attention_matches_one_process(tmp_path, nproc):
     run_ranks(WORKER, nproc, ["--out", str(tmp_path)], timeout=100)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(nproc)]

@@ -146,6 +146,7 @@ def test_tp2_pp2_sequence_parallel_halves_the_message(root):
     assert 2 * (half - 1) == plain - 1
 
 
+@pytest.mark.slow  # test_cp2_dp2_distributed_optimizer_overlapped: the same optimizer setup at DP=2 (with CP=2)
 @pytest.mark.timeout(300)
 def test_dp2_distributed_optimizer_overlapped_in_small_buckets(root):
     """DP=2, distributed optimizer with overlapped grad reduce-scatter and param all-gather
@@ -163,6 +164,7 @@ def test_dp2_distributed_optimizer_overlapped_in_small_buckets(root):
 CP2, CP_LOSS = ("--cp", "2"), 1e-5
 
 
+@pytest.mark.slow  # CP=2 x TP=2 + SP runs the same arguments; CP=2 x DP=2 the masks per DP rank
 @pytest.mark.timeout(300)
 def test_cp2_recon_target_zero_with_masks(root):
     ranks = _compare(root, 2, [*CP2, *RECON_0, "--mask"], (*RECON_0, "--mask"), loss_within=CP_LOSS)
@@ -180,10 +182,12 @@ def test_cp2_dp2_distributed_optimizer_overlapped(root):
 
 
 @pytest.mark.timeout(500)
-def test_cp2_pp2_sends_the_image_chunk_and_the_whole_text(root):
-    """CP=2 x PP=2, text reconstruction with its target on the second stage: each rank sends
-    its 6 of the 12 image tokens, the whole text and target, and y: 6 + 2 * 16 + 1 = 39 tokens."""
-    ranks = _compare(root, 4, [*CP2, "--pp", "2", *RECON_LATE], RECON_LATE, loss_within=CP_LOSS)
+def test_cp2_pp2_recompute_full_sends_the_image_chunk_and_the_whole_text(root):
+    """CP=2 x PP=2 with --recompute-granularity full (uniform, one block per unit: the blocks run
+    again in the backward pass, all-to-alls included), text reconstruction with its target on
+    the second stage: each rank sends its 6 of the 12 image tokens, the whole text and target,
+    and y: 6 + 2 * 16 + 1 = 39 tokens."""
+    ranks = _compare(root, 4, [*CP2, "--pp", "2", "--recompute", *RECON_LATE], RECON_LATE, loss_within=CP_LOSS)
     tokens = IMG // 2 + 2 * TXT + 1
     senders = [r for r in ranks if r["sent"]]
     assert len(senders) == 2  # both CP ranks of the first stage
@@ -198,12 +202,6 @@ def test_cp2_tp2_sequence_parallel(root):
     sliced over TP and whole over CP; heads split over TP, then over CP by the all-to-all."""
     _compare(root, 4, [*CP2, *SP, *RECON_0, "--mask"], (*RECON_0, "--mask"), loss_within=CP_LOSS)
 
-
-@pytest.mark.timeout(300)
-def test_cp2_recompute_full(root):
-    """CP=2 with --recompute-granularity full (uniform, one block per unit): the blocks run
-    again in the backward pass, all-to-alls included, to the one-process numbers."""
-    _compare(root, 2, [*CP2, "--recompute", *RECON_LATE], RECON_LATE, loss_within=CP_LOSS)
 
 
 @pytest.mark.slow  # CP x PP is in the default suite (test_cp2_pp2_...); interleaving adds model chunks

@@ -201,12 +201,7 @@ def test_bad_inputs_are_clear_errors(setup, tmp_path):
 @pytest.mark.timeout(300)
 def test_generate_matches_diffusers_context_parallel(setup):
     """CP=2: each rank holds half of the 24 image tokens of every sample, the whole text; the
-    velocity is gathered on both, and the latents are diffusers' (so one process's) to 1e-5."""
+    velocity is gathered on both, and the latents are diffusers' one-process pipeline's to 1e-5."""
     out = setup["tmp"] / "cp2.safetensors"
     run_ranks(GEN, 2, _args(setup, out, "--context-parallel-size", "2"), timeout=240)
     assert _rel(load_file(str(out))["latents"], setup["ref"]) <= 1e-5
-    one = setup["tmp"] / "one_cp_ref.safetensors"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, GEN), *_args(setup, one)], env=_env(),
-                       capture_output=True, text=True, timeout=200)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert _rel(load_file(str(out))["latents"], load_file(str(one))["latents"]) <= 1e-5

@@ -153,6 +153,7 @@ def test_bench_corpus_prints_both_ratios():
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow  # a benchmark (make bench runs it); its memory part is in test_memory_plan.py
 def test_bench_context_parallel_times_cp2_against_cp1_in_one_run(tmp_path):
     """The step-time ratio of CP=2 to CP=1 (DP=2) on 2 processes, alternated round by round."""
     path = tmp_path / "cp.json"

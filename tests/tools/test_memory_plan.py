@@ -148,12 +148,12 @@ def _within_10_percent(rows):
 
 @pytest.mark.timeout(300)
 def test_context_parallel_activation_estimate_within_10_percent(tmp_path):
-    """CP = 2 and 4 ranks of the tiny preset (4 blocks, dual attention in the first two): each
-    part's saved bytes per rank, measured with the saved-tensor hooks, and the planner's figure."""
+    """CP = 2 ranks of the tiny preset (4 blocks, dual attention in the first two): each part's
+    saved bytes per rank, measured with the saved-tensor hooks, and the planner's figure (CP = 4:
+    the slow 2048 px test)."""
     _, rows = _cp_rows(tmp_path, "--preset", "tiny", "--num-layers", "4", "--resolution", "128",
-                       "--context-parallel", "2", "4")
+                       "--context-parallel", "2")
     _within_10_percent(rows)
-    assert rows["4"]["block1_measured"] < rows["2"]["block1_measured"]
 
 
 @pytest.mark.slow  # ~5 min: sd3_light at 16384 image tokens on 1 + 2 + 4 CPU ranks
