@@ -136,7 +136,9 @@ def block_activation_bytes(cfg, layer_number: int, n_img: int, micro_batch: int,
     if mode is None:
         mode = {"selective": "selective", "full": "full"}.get(cfg.recompute_granularity, "none")
     if cp is None:
-        cp = int(getattr(cfg, "context_parallel_size", 1) or 1)
+        from megatron_sd3.models.context_parallel import size as cp_size
+
+        cp = cp_size(cfg)
     e = torch.finfo(cfg.params_dtype).bits // 8
     h, f, b = cfg.hidden_size, _ffn(cfg), micro_batch
     n_txt = cfg.padded_text_len
@@ -195,7 +197,9 @@ def head_activation_bytes(cfg, n_img: int, micro_batch: int) -> float:
     adaLN input (of this rank's ``n_img / CP`` image tokens)."""
     e = torch.finfo(cfg.params_dtype).bits // 8
     h = cfg.hidden_size
-    n_img = n_img / int(getattr(cfg, "context_parallel_size", 1) or 1)
+    from megatron_sd3.models.context_parallel import size as cp_size
+
+    n_img = n_img / cp_size(cfg)
     return float(e * micro_batch * (3 * n_img * h + 2 * n_img + 2 * h))
 
 
