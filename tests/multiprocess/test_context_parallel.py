@@ -37,6 +37,8 @@ def test_ulysses_joint_attention_matches_one_process(tmp_path, nproc):
 import json  # noqa: E402
 import os  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 BASE = ["--config", "configs/sd3_light_tiny.toml", "--log-interval", "1", "--no-progress", "--lr-decay-iters", "8"]
 CP2 = ["--context-parallel-size", "2"]
 
@@ -48,13 +50,37 @@ def _train(tmp, name, nproc, args, timeout=300):
         return {r["iteration"]: r for r in map(json.loads, fh)}, logs
 
 
+def _checkpoint_state(d, out):
+    """Everything a checkpoint folder restores, layout-free: its tensors and objects by key (model,
+    EMA, optimizer, RNG; read with torch's DCP converter) and its common state."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(d, out)
+    return torch.load(out, weights_only=False), torch.load(os.path.join(d, "common.pt"), weights_only=False)
+
+
+def _assert_same_state(a, b):
+    (ta, ca), (tb, cb) = a, b
+    assert sorted(ta) == sorted(tb) and ca == cb
+    for key, va in ta.items():
+        if isinstance(va, torch.Tensor):
+            assert torch.equal(va, tb[key]), key
+        elif key.startswith("rng_state"):  # [{"random": ..., "np": ..., "torch": ...}]
+            (ra,), (rb,) = va, tb[key]
+            assert ra["random"] == rb["random"] and torch.equal(ra["torch"], rb["torch"]), key
+            assert all(np.array_equal(x, y) for x, y in zip(ra["np"], rb["np"])), key
+
+
 @pytest.mark.timeout(600)
 def test_a_cp2_checkpoint_resumes_under_cp2_bit_exact_and_under_cp1(tmp_path):
     """CP=2 trains 6 iterations, saving at 4. Resumed from 4 under CP=2, every later loss is the
     uninterrupted run's to the bit. Under CP=1 the same checkpoint loads (parameters and optimizer
-    state are replicated over CP, so nothing is resharded) and trains on: the losses are CP=2's up
-    to the rounding of a layout change (the weight-gradient sums over tokens are split in two and
-    added by the all-reduce), held to 1e-5 as the other reshards."""
+    state are replicated over CP, so nothing is resharded) with every bit of its state: saved again
+    at once by the CP=1 process, it is the CP=2 checkpoint, tensor for tensor (weights, EMA, Adam
+    moments, RNG states, iteration, samples consumed, scheduler). Trained on from there, the losses
+    are CP=1's arithmetic on that state: CP=2's up to the rounding of a layout change (the
+    weight-gradient sums over tokens are split in two and added by the all-reduce, so no bit
+    equality is promised after the first update), held to 1e-5 as the other reshards."""
     tmp = str(tmp_path)
     ck = os.path.join(tmp, "ck")
     full, logs = _train(tmp, "full", 2, [*CP2, "--train-iters", "6", "--save", ck, "--save-interval", "4"])
@@ -65,6 +91,12 @@ def test_a_cp2_checkpoint_resumes_under_cp2_bit_exact_and_under_cp1(tmp_path):
     for it in (5, 6):
         for k in ("loss", "denoise_loss", "text_recon_loss", "lr", "grad_norm"):
             assert resumed[it][k] == full[it][k], (it, k, resumed[it][k], full[it][k])
+    # CP=1 loads iteration 4 and, with no iteration left to run, saves what it holds
+    resaved = os.path.join(tmp, "ck1")
+    _, logs = _train(tmp, "resave", 1, ["--train-iters", "4", "--load", ck, "--ckpt-step", "4", "--save", resaved])
+    assert "resumed from" in logs[0] and "differs from this run's" not in logs[0]
+    _assert_same_state(_checkpoint_state(os.path.join(ck, "iter_0000004"), os.path.join(tmp, "cp2.pt")),
+                       _checkpoint_state(os.path.join(resaved, "iter_0000004"), os.path.join(tmp, "cp1.pt")))
     single, logs = _train(tmp, "cp1", 1, at4)
     assert "resumed from" in logs[0]
     for it in (5, 6):
