@@ -97,10 +97,14 @@ class SD3Config(TransformerConfig):
     def text_recon(self) -> bool:
         return self.text_recon_gamma > 0
 
+    def padded_text(self, text_len: int) -> int:
+        """Text tokens as they travel: ``text_len`` rounded up to ``text_pad_multiple``."""
+        m = max(1, self.text_pad_multiple)
+        return int(math.ceil(int(text_len) / m) * m)
+
     @property
     def padded_text_len(self) -> int:
-        m = max(1, self.text_pad_multiple)
-        return int(math.ceil(self.text_seq_len / m) * m)
+        return self.padded_text(self.text_seq_len)
 
     def num_image_tokens(self, latent_h: int, latent_w: int) -> int:
         return (latent_h // self.patch_size) * (latent_w // self.patch_size)

@@ -343,12 +343,9 @@ def pipeline_message_line(cfg, latent_hw, micro_batch: int) -> str:
     """What one rank sends a later pipeline stage per microbatch (``models/packing.py``): its
     image tokens (its context-parallel chunk, its sequence-parallel slice of it), the text (and
     the reconstruction target), ``y``; in tokens and bytes."""
-    from megatron_sd3.models import context_parallel, sequence_parallel
     from megatron_sd3.models.packing import ActivationLayout
 
-    layout = ActivationLayout(n_img=cfg.num_image_tokens(*latent_hw), n_txt=sequence_parallel.text_len(cfg),
-                              carry_target=cfg.text_recon, sp=sequence_parallel.size(cfg),
-                              cp=context_parallel.size(cfg))
+    layout = ActivationLayout.of(cfg, latent_hw)
     dtype = cfg.pipeline_dtype or cfg.params_dtype
     n_txt = layout.n_txt // layout.sp
     parts = f"{layout.n_img_local} image + {n_txt} text" + (f" + {n_txt} target" if layout.carry_target else "") + " + 1 (y)"

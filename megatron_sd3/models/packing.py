@@ -36,6 +36,21 @@ class ActivationLayout:
     """Context-parallel ranks the image stream is split over (1 = off): each holds a chunk of
     ``n_img / cp`` image tokens (sliced again over ``sp``) and the whole text stream."""
 
+    @classmethod
+    def of(cls, config, latent_hw, text_len: Optional[int] = None) -> "ActivationLayout":
+        """The layout of a model of ``config`` for latents of ``latent_hw`` and ``text_len`` text
+        tokens (default: the declared ``text_seq_len``, what pipeline stages agree on); a stream
+        that does not split over the SP / CP ranks is one ``ConfigError`` line."""
+        from megatron_sd3.models import context_parallel as cp
+        from megatron_sd3.models import sequence_parallel as sp
+
+        n_img = config.num_image_tokens(*latent_hw)
+        sp.check_image_tokens(config, n_img)
+        cp.check_image_tokens(config, n_img)
+        padded = config.padded_text(config.text_seq_len if text_len is None else text_len)
+        return cls(n_img=n_img, n_txt=sp.text_len(config, padded), carry_target=config.text_recon,
+                   sp=sp.size(config), cp=cp.size(config))
+
     @property
     def n_img_local(self) -> int:
         """Image tokens in one rank's message."""

@@ -91,21 +91,10 @@ class SD3Model(MegatronModule):
             return True
         return self.config.text_recon  # the last block's text feeds only the recon loss
 
-    def padded_len(self, text_len: int) -> int:
-        """Text tokens as they travel: ``text_len`` rounded up to ``text_pad_multiple``."""
-        m = max(1, self.config.text_pad_multiple)
-        return -(-int(text_len) // m) * m
-
     def layout(self, latent_hw, text_len: Optional[int] = None) -> ActivationLayout:
         """The packed activation for latents of ``latent_hw`` and ``text_len`` text tokens
         (default: the declared ``text_seq_len``, what pipeline stages agree on)."""
-        cfg = self.config
-        n_img = cfg.num_image_tokens(*latent_hw)
-        sp.check_image_tokens(cfg, n_img)
-        cp.check_image_tokens(cfg, n_img)
-        n = cfg.text_seq_len if text_len is None else text_len
-        return ActivationLayout(n_img=n_img, n_txt=sp.text_len(cfg, self.padded_len(n)), carry_target=cfg.text_recon,
-                                sp=sp.size(cfg), cp=cp.size(cfg))
+        return ActivationLayout.of(self.config, latent_hw, text_len)
 
     def check_text_len(self, text_len: int) -> None:
         """A single-stage model takes any text length; pipeline stages need the declared one."""
