@@ -204,3 +204,21 @@ def test_pipeline_message_sizes_for_sd3_light_at_1024px():
     assert (n_img, off.seq_len, on.seq_len) == (4096, 4430, 4763)
     assert off.bytes_per_message(1, cfg.hidden_size, torch.bfloat16) == 4430 * 1536 * 2 == 13_608_960
     assert on.bytes_per_message(1, cfg.hidden_size, torch.bfloat16) == 14_631_936
+def test_the_memory_report_states_the_pipeline_message_per_rank_under_cp_and_sp():
+    """Each CP rank sends its image chunk and the whole text (and target); SP slices both streams
+    again (the 333 text tokens padded to 334): tokens x micro batch x hidden x 4 bytes (fp32)."""
+    from megatron_sd3.memory import pipeline_message_line
+
+    cfg = make_config("sd3_light", parallel=dict(context_parallel_size=2, pipeline_model_parallel_size=2),
+                      text_recon_gamma=0.5)
+    line = pipeline_message_line(cfg, (128, 128), 2)
+    assert "2715 tokens (2048 image + 333 text + 333 target + 1 (y)) x 2 x 1536" in line, line
+    assert line.endswith(f"= {2715 * 2 * 1536 * 4 / 2**20:.2f} MiB"), line
+    cfg = make_config("sd3_light", parallel=dict(context_parallel_size=2, tensor_model_parallel_size=2,
+                                                 sequence_parallel=True, pipeline_model_parallel_size=2),
+                      text_recon_gamma=0.0)
+    line = pipeline_message_line(cfg, (128, 128), 2)
+    assert "1192 tokens (1024 image + 167 text + 1 (y)) x 2 x 1536" in line, line
+    assert line.endswith(f"= {1192 * 2 * 1536 * 4 / 2**20:.2f} MiB"), line
+
+
