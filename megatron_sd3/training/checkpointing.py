@@ -77,6 +77,30 @@ class SaveError(CheckpointError):
         self.quiet = quiet
 
 
+def serial_collectives(fn):
+    """Run ``fn`` with one intra-op thread (CPU runs with more than one; a no-op otherwise).
+
+    A checkpoint's object collectives (megatron-core's and torch DCP's ``all_gather_object`` /
+    ``gather_object`` of the save and load plans) copy their payloads on gloo's own worker threads.
+    A copy above ATen's grain size starts an OpenMP team on such a thread, and that team lives as
+    long as the process group. libgomp then sees more OpenMP threads than cores and makes every
+    team's workers sleep almost at once between parallel regions: on 2 cores, every later
+    iteration of a CPU run took about twice as long after the first save or load. With one
+    intra-op thread while the collectives run, a gloo thread's OpenMP thread count is initialised
+    to 1 and it never starts a team. Saving and loading are I/O-bound, so little is lost."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return fn(*args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return wrapper
+
+
 def iter_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
@@ -378,6 +402,7 @@ class AsyncSaver:
         self.in_flight = (Path(root), iteration)
         self.queue.schedule_async_request(request)
 
+    @serial_collectives
     def maybe_finalize(self, blocking: bool = False) -> None:
         """Finalise the save once its writer is done (every rank agrees when); a failed write
         raises :class:`SaveError` (see :func:`save_failed`)."""
@@ -389,6 +414,7 @@ class AsyncSaver:
         return self.queue.get_num_unfinalized_calls()
 
 
+@serial_collectives
 def save_checkpoint(root: str | Path, iteration: int, model_chunks, optimizer, ema, scheduler, *,
                     consumed_samples: int, skipped_iters: int, model_config: dict, run_config: dict,
                     global_batch_size: Optional[int] = None, async_saver: Optional[AsyncSaver] = None,
@@ -522,6 +548,7 @@ def check_resume(common: dict, model_config: dict, ckpt: Path, *, load_optim: bo
                               f"--global-batch-size {g_ckpt}")
 
 
+@serial_collectives
 def load_checkpoint(ckpt: Path, model_chunks, optimizer, ema, scheduler, *, model_config: dict,
                     load_optim: bool = True, load_rng: bool = True,
                     global_batch_size: Optional[int] = None) -> dict:

@@ -148,3 +148,23 @@ def test_weights_without_optimizer_state_reach_the_fp32_masters(tmp_path):
 
     logs = run_ranks("tests/_reload_worker.py", 1, [str(tmp_path / "ck")], timeout=240)
     assert "masters equal the loaded weights" in logs[0]
+
+
+@pytest.mark.timeout(300)
+def test_saving_and_loading_leave_no_openmp_threads_behind(tmp_path):
+    """One CPU process with two intra-op threads: the save's and the load's collectives must not
+    start an OpenMP team on gloo's worker threads (it outlives the save, and with more OpenMP
+    threads than cores libgomp let every later iteration run about twice as slow). Broken on
+    purpose (checkpointing.serial_collectives a no-op): save 69 -> 71 threads, load 67 -> 68."""
+    from _ranks import run_ranks
+
+    ck = str(tmp_path / "ck")
+    args = [*BASE, "--save", ck, "--load", ck]
+    counts = []
+    for name, iters in (("first", "2"), ("resumed", "3")):
+        out = str(tmp_path / f"{name}.json")
+        run_ranks("tests/_omp_threads_worker.py", 1, [out, *args, "--train-iters", iters], timeout=240)
+        counts += json.load(open(out))
+    assert [c[0] for c in counts] == ["save_checkpoint", "load_checkpoint", "save_checkpoint"], counts
+    for name, before, after in counts:
+        assert after == before, (name, before, after)
