@@ -402,13 +402,16 @@ class AsyncSaver:
         self.in_flight = (Path(root), iteration)
         self.queue.schedule_async_request(request)
 
-    @serial_collectives
     def maybe_finalize(self, blocking: bool = False) -> None:
         """Finalise the save once its writer is done (every rank agrees when); a failed write
         raises :class:`SaveError` (see :func:`save_failed`)."""
         if self.queue.get_num_unfinalized_calls():
-            with _save_errors(*self.in_flight):
-                self.queue.maybe_finalize_async_calls(blocking=blocking)
+            self._finalize(blocking)
+
+    @serial_collectives
+    def _finalize(self, blocking: bool) -> None:
+        with _save_errors(*self.in_flight):
+            self.queue.maybe_finalize_async_calls(blocking=blocking)
 
     def pending(self) -> int:
         return self.queue.get_num_unfinalized_calls()
