@@ -85,7 +85,7 @@ def serial_collectives(fn):
     A copy above ATen's grain size starts an OpenMP team on such a thread, and that team lives as
     long as the process group. libgomp then sees more OpenMP threads than cores and makes every
     team's workers sleep almost at once between parallel regions: on 2 cores, every later
-    iteration of a CPU run took about twice as long after the first save or load. With one
+    iteration of a CPU run takes about twice as long after the first save or load. With one
     intra-op thread while the collectives run, a gloo thread's OpenMP thread count is initialised
     to 1 and it never starts a team. Saving and loading are I/O-bound, so little is lost."""
     @functools.wraps(fn)
