@@ -1,6 +1,7 @@
 """Worker for tests/multiprocess/test_checkpoint_integrity.py: ``pretrain_sd3.py``'s checkpoint
-save (or, resuming, its load) on one process with two intra-op threads leaves no OpenMP thread
-behind: the threads of the process (/proc/self/task) are counted right before and after it."""
+save (or, resuming, its load; with --async-save, its finalisation) on one process with two
+intra-op threads leaves no OpenMP thread behind: the threads of the process (/proc/self/task)
+are counted right before and after each."""
 import json
 import os
 import sys
@@ -29,6 +30,7 @@ def main(out: str, argv: list[str]) -> None:
 
     ckpt.save_checkpoint = counted(ckpt.save_checkpoint)
     ckpt.load_checkpoint = counted(ckpt.load_checkpoint)
+    ckpt.AsyncSaver._finalize = counted(ckpt.AsyncSaver._finalize)  # --async-save: the save's collectives
     torch.set_num_threads(2)  # what one CPU process on a 2-core machine runs with
     assert pretrain.main(argv) == 0
     with open(out, "w") as fh:

@@ -152,19 +152,22 @@ def test_weights_without_optimizer_state_reach_the_fp32_masters(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_saving_and_loading_leave_no_openmp_threads_behind(tmp_path):
-    """One CPU process with two intra-op threads: the save's and the load's collectives must not
-    start an OpenMP team on gloo's worker threads (it outlives the save, and with more OpenMP
-    threads than cores libgomp let every later iteration run about twice as slow). Broken on
-    purpose (checkpointing.serial_collectives a no-op): save 69 -> 71 threads, load 67 -> 68."""
+    """One CPU process with two intra-op threads: the save's and the load's collectives (and an
+    async save's finalisation) must not start an OpenMP team on gloo's worker threads: it would
+    outlive them, and with more OpenMP threads than cores libgomp lets every later iteration run
+    about twice as slow. Broken on purpose (checkpointing.serial_collectives a no-op): save
+    69 -> 71 threads, load 67 -> 68, async save 69 -> 70 and its finalisation 70 -> 71."""
     from _ranks import run_ranks
 
     ck = str(tmp_path / "ck")
-    args = [*BASE, "--save", ck, "--load", ck]
     counts = []
-    for name, iters in (("first", "2"), ("resumed", "3")):
+    for name, args in (("first", ["--save", ck, "--train-iters", "2"]),
+                       ("resumed", ["--save", ck, "--load", ck, "--train-iters", "3"]),
+                       ("async", ["--save", str(tmp_path / "ck_async"), "--async-save", "--train-iters", "2"])):
         out = str(tmp_path / f"{name}.json")
-        run_ranks("tests/_omp_threads_worker.py", 1, [out, *args, "--train-iters", iters], timeout=240)
+        run_ranks("tests/_omp_threads_worker.py", 1, [out, *BASE, *args], timeout=240)
         counts += json.load(open(out))
-    assert [c[0] for c in counts] == ["save_checkpoint", "load_checkpoint", "save_checkpoint"], counts
+    assert [c[0] for c in counts] == ["save_checkpoint", "load_checkpoint", "save_checkpoint",
+                                      "save_checkpoint", "_finalize"], counts
     for name, before, after in counts:
         assert after == before, (name, before, after)
