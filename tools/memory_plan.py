@@ -52,7 +52,8 @@ def main(argv=None) -> int:
 
     from megatron_sd3.config import ConfigError, make_config
     from megatron_sd3.memory import format_report, largest_micro_batch, plan_memory
-    from megatron_sd3.training.parallel_layout import LayoutError, pipeline_config_fields, stage_layers
+    from megatron_sd3.training.parallel_layout import (LayoutError, check_layout, pipeline_config_fields,
+                                                          stage_layers)
 
     prog = "memory_plan.py"
     try:
@@ -90,9 +91,10 @@ def main(argv=None) -> int:
         elif a.recompute == "selective":
             parallel["recompute_granularity"] = "selective"
         cfg = make_config(a.preset, parallel=parallel, **over)
-        tc = a.tensor_model_parallel_size * a.context_parallel_size
-        if cfg.num_attention_heads % tc:
-            raise LayoutError(f"num_attention_heads {cfg.num_attention_heads} is not divisible by TP x CP = {tc}")
+        tp, cp, dp, mb = (a.tensor_model_parallel_size, a.context_parallel_size, a.data_parallel_size,
+                          a.micro_batch_size)
+        check_layout(tp * pp * cp * dp, tp, pp, n_layers, cfg.num_attention_heads, cfg.hidden_size,
+                     global_batch=mb * dp, micro_batch=mb, cp=cp)  # pretrain_sd3.py's rules
         from megatron_sd3.models import context_parallel
 
         side = a.resolution // 8

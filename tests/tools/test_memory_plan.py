@@ -102,6 +102,10 @@ def test_memory_plan_tool():
     assert out.stdout.count("\n       ") >= 2  # one row per pipeline rank
     bad = _tool("tools/memory_plan.py", "--resolution", "1001")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "multiple of 8" in bad.stderr
+    bad = _tool("tools/memory_plan.py", "--preset", "tiny", "--tensor-model-parallel-size", "2",
+                "--context-parallel-size", "4")  # 4 heads
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
+    assert "num_attention_heads 4 is not divisible by tensor-model-parallel-size x context-parallel-size" in bad.stderr
 
 
 def test_bench_memory_tool_on_tiny_shapes(tmp_path):
