@@ -28,7 +28,8 @@
 #   ENTRY           script torchrun runs; default <repo>/pretrain_sd3.py (tests put a stand-in here)
 #   EXTRA_ARGS      more arguments, word-split, placed before "$@"
 #   LAUNCH_SRUN     1: always go through srun, even for one node already in a batch job (below)
-#   LAUNCH_CHECK    0: skip the checks run once before the ranks start (below); default 1
+#   LAUNCH_CHECK    0: skip the checks and the environment report run once before the ranks
+#                   start (below); default 1
 #   OMP_NUM_THREADS threads per rank; 1 when several ranks share a node (torchrun's default)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun waits for ranks after SIGTERM before SIGKILL (30)
 #   MAX_REQUEUES    several nodes: times this script requeues a job whose step failed (3; below)
@@ -54,7 +55,8 @@
 #
 # Before any rank starts, `ENTRY --check-config ARGS` runs once (WORLD_SIZE = nodes x ranks per
 # node): a bad flag, TOML key, parallel layout, data path or checkpoint is one line and a non-zero
-# exit here, not one traceback per rank.
+# exit here, not one traceback per rank. Once the checks pass it prints the environment report
+# (`python -m megatron_sd3.env ARGS`: versions, GPUs, and what the run will use).
 #
 # How it starts the ranks:
 #   outside SLURM            exec torchrun --nproc-per-node=GPUS_PER_NODE on this machine.

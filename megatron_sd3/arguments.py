@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib.util
 import json
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -454,11 +453,9 @@ def effective_config(args) -> dict[str, Any]:
 def optional_kernels() -> str:
     """One line on Transformer Engine and apex, for the arguments block (megatron-core falls back
     to torch without them)."""
-    te = importlib.util.find_spec("transformer_engine") is not None
-    try:
-        from megatron.core.models.backends import HAVE_APEX
-    except ImportError:
-        HAVE_APEX = False
+    from megatron_sd3.env import package_version  # the environment report's test of each
+
+    te, HAVE_APEX = package_version("Transformer Engine") is not None, package_version("apex") is not None
     state = (f"Transformer Engine {'installed' if te else 'not installed'}, "
              f"apex {'installed' if HAVE_APEX else 'not installed'}")
     if not te and not HAVE_APEX:

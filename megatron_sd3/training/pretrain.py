@@ -107,11 +107,12 @@ def _check_buckets(args, model: dict, buckets) -> None:
     parallel, and sequence parallel within each chunk): one line at start otherwise."""
     from types import SimpleNamespace
 
+    from megatron_sd3.loss import ConfigView
     from megatron_sd3.models import context_parallel, sequence_parallel
 
     view = SimpleNamespace(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                           sequence_parallel=args.sequence_parallel,
-                           context_parallel_size=args.context_parallel_size, patch_size=model["patch_size"])
+                           sequence_parallel=args.sequence_parallel, context_parallel_size=args.context_parallel_size,
+                           patch_size=ConfigView(model).patch_size)  # a preset may leave it at the default
     p = view.patch_size
     for h, w in dict.fromkeys(buckets):
         n_img = (h // p) * (w // p)
@@ -150,6 +151,12 @@ def preflight(args):
     check_backend(args.transformer_impl, Fp8Settings(
         format=args.fp8_format, recipe=args.fp8_recipe,
         amax_history_len=args.fp8_amax_history_len) if args.fp8_format else None)
+    if args.fp8_format:  # FP8 tensor cores: sm_89 and newer (on CPU torch's _scaled_mm kernel runs it)
+        from megatron_sd3.env import fp8_device_problem, gpus
+
+        problem = fp8_device_problem(gpus())
+        if problem:
+            raise ConfigError(problem)
     from megatron_sd3.training.build import check_compile_mode
 
     check_compile_mode(args.torch_compile_mode, torch_compile=args.torch_compile,
@@ -638,18 +645,30 @@ def _rank_prefix() -> str:
     return f"rank {dist.get_rank()}: " if dist.is_initialized() and dist.get_world_size() > 1 else ""
 
 
-def main(argv=None) -> int:
+def check_run(argv=None, args=None):
+    """Parse the flags (unless ``args`` are given) and run ``preflight``: ``(args, plan)``, or exit
+    code 2 after one error line on stderr. ``main`` and ``python -m megatron_sd3.env`` start here."""
     from megatron_sd3.arguments import parse_args
     from megatron_sd3.data.shards import ShardError
 
-    args = parse_args(argv)
+    args = parse_args(argv) if args is None else args
     errors = (ConfigError, LayoutError, ckpt.CheckpointError, ShardError, RuntimeError, MetricsError)
     try:
-        plan = preflight(args)
+        return args, preflight(args)
     except errors as e:
         print(f"pretrain_sd3.py: error: {e}", file=sys.stderr, flush=True)
         return 2
-    if args.check_config:
+
+
+def main(argv=None) -> int:
+    checked = check_run(argv)
+    if isinstance(checked, int):
+        return checked
+    args, plan = checked
+    if args.check_config:  # what launch.sh runs once before the ranks: the checks, then the report
+        from megatron_sd3.env import report
+
+        print(report(args, plan), flush=True)
         print(f"pretrain_sd3.py: checks passed (world size {os.environ.get('WORLD_SIZE', '1')}, "
               f"data-parallel size {plan['dp']})", file=sys.stderr, flush=True)
         return 0

@@ -155,7 +155,9 @@ def test_demo_run_is_quiet(tmp_path, ranks, args):
     noisy = [line for line in r.stderr.splitlines()
              if not line.startswith(("launch.sh: ", "pretrain_sd3.py: checks passed"))]
     assert not noisy, "\n".join(noisy[:40])
-    assert sum("Transformer Engine" in line for line in r.stdout.splitlines()) == 1, r.stdout
+    assert r.stdout.count("-- environment --") == 1, r.stdout  # the report of launch.sh's checks
+    arguments = r.stdout[r.stdout.index("-- arguments --"):r.stdout.index("end of arguments")]
+    assert sum("Transformer Engine" in line for line in arguments.splitlines()) == 1, r.stdout
     assert "stopped: finished at iteration 3/3" in r.stdout
 
 

@@ -34,10 +34,13 @@ def test_make_demo_learns_to_follow_the_prompts(demo):
 
     out, log, err = demo
     # quiet: no warning on stderr from any rank (megatron's TE/apex fallbacks, torchao, torchrun's
-    # OMP banner), and the arguments block says once whether Transformer Engine is installed
+    # OMP banner); launch.sh's checks print the environment report once, before the ranks, and the
+    # arguments block says once whether Transformer Engine is installed
     noisy = [line for line in err.splitlines() if not line.startswith(("launch.sh: ", "pretrain_sd3.py: checks passed"))]
     assert not noisy, "\n".join(noisy[:40])
-    assert sum("Transformer Engine" in line for line in log.splitlines()) == 1
+    assert log.count("-- environment --") == 1 and log.index("-- environment --") < log.index("-- arguments --")
+    arguments = log[log.index("-- arguments --"):log.index("end of arguments")]
+    assert sum("Transformer Engine" in line for line in arguments.splitlines()) == 1
     summary = log[log.index("-- summary --"):]
     m = re.search(r"\n  samples following their prompt: ([0-9.]+) \((\d+) of (\d+); chance 0.25\)\n", summary)
     assert m, summary
