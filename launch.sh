@@ -24,12 +24,21 @@
 #                   do not collide); outside SLURM a free port (torchrun --standalone)
 #   NODE_RANK       this node's rank outside SLURM (inside SLURM: SLURM_NODEID), default 0
 #   CONFIG          preset passed as --config; default configs/sd3_light_tiny.toml; empty: none
-#   PYTHON          interpreter; default <repo>/.venv/bin/python if present, else python3
+#   PYTHON          interpreter; default <repo>/.venv/bin/python if present, else python3;
+#                   with CONTAINER_IMAGE: python (the container's)
 #   ENTRY           script torchrun runs; default <repo>/pretrain_sd3.py (tests put a stand-in here)
 #   EXTRA_ARGS      more arguments, word-split, placed before "$@"
 #   LAUNCH_SRUN     1: always go through srun, even for one node already in a batch job (below)
 #   LAUNCH_CHECK    0: skip the checks and the environment report run once before the ranks
 #                   start (below); default 1
+#   LAUNCH_DRY_RUN  1: print the commands this script would run (the checks, srun, torchrun or
+#                   ft_launcher on each node) and start nothing
+#   CONTAINER_IMAGE in SLURM: run the ranks in this container image through pyxis (srun
+#                   --container-image; a registry image such as nvcr.io#nvidia/pytorch:25.12-py3 or
+#                   a .sqsh file; docker/Dockerfile builds one with this project installed); the
+#                   srun step mounts the repository and the working directory at the same paths,
+#                   starts in the working directory, and uses the container's python
+#   CONTAINER_MOUNTS more pyxis mounts, SRC:DST[,SRC:DST...] (data, checkpoints); with CONTAINER_IMAGE
 #   OMP_NUM_THREADS threads per rank; 1 when several ranks share a node (torchrun's default)
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun waits for ranks after SIGTERM before SIGKILL (30)
 #   MAX_REQUEUES    several nodes: times this script requeues a job whose step failed (3; below)
@@ -66,6 +75,9 @@
 #   several nodes / salloc   srun --ntasks-per-node=1 runs this script again on every node
 #                            (LAUNCH_STAGE=node), which execs torchrun with --node-rank=SLURM_NODEID
 #                            and MASTER_ADDR:MASTER_PORT as rendezvous (static, c10d store).
+#   CONTAINER_IMAGE          always the srun path (one node too): pyxis starts the container in the
+#                            srun step; the checks and the report then run in the container, on
+#                            every node (node 0 prints them). Outside SLURM: refused (no pyxis).
 #
 # Stopping a job so that it saves (pass --exit-signal-handler: the ranks save and exit 0 on SIGTERM):
 #   scancel --batch --signal=TERM JOBID   graceful in both modes (this script forwards it), job keeps
@@ -93,7 +105,8 @@ export LAUNCH_ROOT
 ROOT=$LAUNCH_ROOT
 
 if [[ -z ${PYTHON:-} ]]; then
-    if [[ -x $ROOT/.venv/bin/python ]]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
+    if [[ -n ${CONTAINER_IMAGE:-} ]]; then PYTHON=python  # the container's, not this host's .venv
+    elif [[ -x $ROOT/.venv/bin/python ]]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
 fi
 ENTRY=${ENTRY:-$ROOT/pretrain_sd3.py}
 CONFIG=${CONFIG-$ROOT/configs/sd3_light_tiny.toml}
@@ -101,6 +114,16 @@ EXTRA_ARGS=${EXTRA_ARGS:-}
 export PYTHON ENTRY CONFIG EXTRA_ARGS
 
 log() { echo "launch.sh: $*" >&2; }
+
+DRY_RUN=${LAUNCH_DRY_RUN:-0}
+# LAUNCH_DRY_RUN=1: one command, shell-quoted, on stdout, after a comment line saying what it is.
+show() {
+    local what=$1
+    shift
+    echo "# $what"
+    printf '%q ' "$@" | sed 's/ $//'
+    echo
+}
 
 ranks_per_node() {
     if [[ -n ${GPUS_PER_NODE:-} ]]; then echo "$GPUS_PER_NODE"; return; fi
@@ -131,6 +154,11 @@ check_config() {
     [[ ${LAUNCH_CHECK:-1} == 0 ]] && return 0
     world=$((nnodes * $(ranks_per_node)))
     entry_args "$@"
+    if [[ $DRY_RUN == 1 ]]; then
+        show "the checks and the environment report, once (WORLD_SIZE=$world)" \
+            env WORLD_SIZE="$world" "$PYTHON" "$ENTRY" --check-config "${ENTRY_ARGS[@]}"
+        return 0
+    fi
     if [[ $loud == 1 ]]; then
         WORLD_SIZE=$world "$PYTHON" "$ENTRY" --check-config "${ENTRY_ARGS[@]}" || rc=$?
     else
@@ -157,13 +185,12 @@ ft_options() {
     if ! command -v nvidia-smi >/dev/null 2>&1; then FT_OPTIONS+=(--ft-enable-nic-monitor=false); fi
 }
 
-# exec torchrun (or ft_launcher) for one node: $1 = nnodes, $2 = node rank, then the entry's arguments.
-exec_torchrun() {
+# torchrun's (or ft_launcher's) command for one node, in TORCHRUN_CMD: $1 = nnodes, $2 = node rank,
+# then the entry's arguments.
+torchrun_cmd() {
     local nnodes=$1 node_rank=$2 nproc
     shift 2
     nproc=$(ranks_per_node)
-    # torchrun's own default for several ranks, set here so that it does not print a banner about it
-    if [[ $nproc -gt 1 && -z ${OMP_NUM_THREADS:-} ]]; then export OMP_NUM_THREADS=1; fi
     # torch warns at import when pynvml (a dependency of nvidia-resiliency-ext) is installed
     local -a cmd=("$PYTHON" -W "ignore:The pynvml package is deprecated:FutureWarning")
     local ft=0
@@ -186,11 +213,28 @@ exec_torchrun() {
     fi
     entry_args "$@"
     cmd+=("$ENTRY" "${ENTRY_ARGS[@]}")
-    log "node $node_rank/$nnodes on $(hostname): ${cmd[*]}"
-    exec "${cmd[@]}"
+    TORCHRUN_CMD=("${cmd[@]}")
+}
+
+# exec torchrun (or ft_launcher) for one node: $1 = nnodes, $2 = node rank, then the entry's arguments.
+exec_torchrun() {
+    local nnodes=$1 node_rank=$2
+    torchrun_cmd "$@"
+    if [[ $DRY_RUN == 1 ]]; then
+        show "node $node_rank of $nnodes: the ranks" "${TORCHRUN_CMD[@]}"
+        exit 0
+    fi
+    # torchrun's own default for several ranks, set here so that it does not print a banner about it
+    if [[ $(ranks_per_node) -gt 1 && -z ${OMP_NUM_THREADS:-} ]]; then export OMP_NUM_THREADS=1; fi
+    log "node $node_rank/$nnodes on $(hostname): ${TORCHRUN_CMD[*]}"
+    exec "${TORCHRUN_CMD[@]}"
 }
 
 # ---- 1. outside SLURM ---------------------------------------------------------------------------
+if [[ -z ${SLURM_JOB_ID:-} && -n ${CONTAINER_IMAGE:-} ]]; then
+    log "CONTAINER_IMAGE runs the ranks through SLURM's pyxis (srun --container-image): use sbatch/salloc, or start the container yourself and run launch.sh in it without CONTAINER_IMAGE"
+    exit 2
+fi
 if [[ -z ${SLURM_JOB_ID:-} ]]; then
     check_config "${NNODES:-1}" 1 "$@"
     exec_torchrun "${NNODES:-1}" "${NODE_RANK:-0}" "$@"
@@ -215,7 +259,7 @@ if [[ ${LAUNCH_STAGE:-} == node || -n ${SLURM_STEP_ID:-} ]]; then
 fi
 
 # ---- 3. batch shell on the (only) node: torchrun directly, so every signal reaches it ----------
-if [[ -n ${SLURMD_NODENAME:-} && $NNODES -eq 1 && ${LAUNCH_SRUN:-0} != 1 ]]; then
+if [[ -n ${SLURMD_NODENAME:-} && $NNODES -eq 1 && ${LAUNCH_SRUN:-0} != 1 && -z ${CONTAINER_IMAGE:-} ]]; then
     check_config 1 1 "$@"
     exec_torchrun 1 0 "$@"
 fi
@@ -225,14 +269,31 @@ fi
 # srun: it asks slurmctld to signal the job's steps instead (scancel without --full/--batch).
 # The checks run here when this shell can count the ranks per node (a batch job runs on the first
 # node of its allocation), else on the nodes (below, stage 2).
+# With CONTAINER_IMAGE this shell is outside the container: the nodes check, in it (stage 2).
 checked=0
-if [[ -n ${GPUS_PER_NODE:-} || -n ${SLURM_GPUS_ON_NODE:-} || -n ${SLURMD_NODENAME:-} ]]; then
+if [[ -z ${CONTAINER_IMAGE:-} ]] && [[ -n ${GPUS_PER_NODE:-} || -n ${SLURM_GPUS_ON_NODE:-} || -n ${SLURMD_NODENAME:-} ]]; then
     check_config "$NNODES" 1 "$@"
     checked=1
 fi
 srun_args=(--nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1
            --export=ALL,LAUNCH_STAGE=node,LAUNCH_CHECKED=$checked)
 [[ -n ${SLURM_CPUS_ON_NODE:-} ]] && srun_args+=(--cpus-per-task="$SLURM_CPUS_ON_NODE")
+if [[ -n ${CONTAINER_IMAGE:-} ]]; then  # pyxis: the same paths inside, starting where we are
+    mounts="$ROOT:$ROOT"
+    [[ $PWD != "$ROOT" && $PWD != "$ROOT"/* ]] && mounts+=",$PWD:$PWD"
+    [[ -n ${CONTAINER_MOUNTS:-} ]] && mounts+=",$CONTAINER_MOUNTS"
+    srun_args+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts" --container-workdir="$PWD")
+fi
+if [[ $DRY_RUN == 1 ]]; then
+    show "the srun step: one task per node (job ${SLURM_JOB_ID}, nodes ${SLURM_JOB_NODELIST:-?})" \
+        srun "${srun_args[@]}" bash "$ROOT/launch.sh" "$@"
+    [[ $checked == 0 ]] && check_config "$NNODES" 1 "$@"
+    for ((node = 0; node < NNODES; node++)); do
+        torchrun_cmd "$NNODES" "$node" "$@"
+        show "node $node of $NNODES (in the srun step${CONTAINER_IMAGE:+, in the container}): the ranks" "${TORCHRUN_CMD[@]}"
+    done
+    exit 0
+fi
 log "srun ${srun_args[*]} on ${SLURM_JOB_NODELIST:-?}, rendezvous $MASTER_ADDR:$MASTER_PORT"
 if [[ ${SLURM_RESTART_COUNT:-0} -gt 0 ]]; then
     log "job $SLURM_JOB_ID runs again: requeue ${SLURM_RESTART_COUNT} (SLURM_RESTART_COUNT)"

@@ -345,3 +345,125 @@ def test_sweep_job_array_runs_every_cell_as_the_local_sweep_does(slurm, tmp_path
         got = _train_losses(tmp_path / "array" / c / "metrics.jsonl")
         assert [i for i, _ in got] == list(range(1, SHORT_ITERS + 1)), c
         assert got == _train_losses(tmp_path / "local" / c / "metrics.jsonl"), c
+
+
+# ---- LAUNCH_DRY_RUN and CONTAINER_IMAGE (pyxis) -----------------------------------------------
+
+def _dry_run_commands(stdout: str) -> dict:
+    """LAUNCH_DRY_RUN's output: {comment: [argv of the command below it]}."""
+    import shlex
+
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    out = {}
+    for comment, cmd in zip(lines[::2], lines[1::2]):
+        assert comment.startswith("# ") and not cmd.startswith("#"), stdout
+        out[comment[2:]] = shlex.split(cmd)
+    return out
+
+
+def _stand_in_env(**extra):
+    return base_env(ENTRY=str(ROOT / "tests" / "_launch_entry.py"), CONFIG="", **extra)
+
+
+@pytest.mark.timeout(60)
+def test_dry_run_outside_slurm_prints_the_commands_and_starts_nothing(tmp_path):
+    save = tmp_path / "ckpt"
+    r = subprocess.run(["bash", str(LAUNCH), "--save", str(save), "--train-iters", "3"], cwd=tmp_path,
+                       env=_stand_in_env(LAUNCH_DRY_RUN=1, GPUS_PER_NODE=2), capture_output=True, text=True,
+                       timeout=50)
+    assert r.returncode == 0, r.stderr
+    cmds = _dry_run_commands(r.stdout)
+    check, ranks = list(cmds.values())
+    assert check[:2] == ["env", "WORLD_SIZE=2"] and "--check-config" in check, cmds
+    assert "torch.distributed.run" in ranks and "--nproc-per-node=2" in ranks and "--standalone" in ranks
+    assert ranks[-4:] == [str(ROOT / "tests" / "_launch_entry.py"), "--save", str(save), "--train-iters", "3"][-4:]
+    assert not save.exists() and not r.stderr.strip(), r.stderr  # nothing ran: no check, no rank
+    # a container needs SLURM's pyxis: outside SLURM that is one line, and nothing starts
+    r = subprocess.run(["bash", str(LAUNCH), "--save", str(save)], cwd=tmp_path,
+                       env=_stand_in_env(CONTAINER_IMAGE="nvcr.io#nvidia/pytorch:25.12-py3"),
+                       capture_output=True, text=True, timeout=50)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "pyxis" in r.stderr, r.stderr
+    assert not save.exists() and not r.stdout.strip()
+
+
+def _sbatch_dry_run(slurm, tmp_path, name, **extra):
+    save = tmp_path / "ckpt"
+    env = slurm_env(slurm, ENTRY=str(ROOT / "tests" / "_launch_entry.py"), CONFIG="", LAUNCH_DRY_RUN=1,
+                    GPUS_PER_NODE=2, **extra)
+    out = tmp_path / f"{name}.out"
+    r = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={out}", f"--chdir={tmp_path}",
+                        str(LAUNCH), "--save", str(save), "--train-iters", "3"], env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    assert wait_job(slurm, job, 60) == "COMPLETED", log_of(out)
+    assert not save.exists(), log_of(out)  # no rank started (the stand-in saves at once)
+    text = out.read_text()
+    return _dry_run_commands("\n".join(line for line in text.splitlines()
+                                       if not line.startswith("launch.sh: "))), job
+
+
+@pytest.mark.timeout(150)
+def test_dry_run_in_slurm_with_and_without_a_container(slurm, tmp_path):
+    """Inside the local SLURM allocation (sbatch): without CONTAINER_IMAGE the batch step runs
+    torchrun itself, as before; with it, one srun step per node carries pyxis' options (the repo
+    and the working directory mounted at the same paths, CONTAINER_MOUNTS added, started in the
+    working directory), and the checks and ranks use the container's python."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    cmds, job = _sbatch_dry_run(slurm, plain, "dry_plain")
+    check, ranks = list(cmds.values())
+    assert check[:2] == ["env", "WORLD_SIZE=2"] and check[2] == str(ROOT / ".venv" / "bin" / "python"), check
+    assert "torch.distributed.run" in ranks and "--node-rank=0" in ranks and "--nproc-per-node=2" in ranks
+    assert "--master-port=" + str(20000 + int(job) % 20000) in ranks, ranks
+    assert not [k for k in cmds if "srun" in k], cmds
+
+    work = tmp_path / "container"
+    work.mkdir()
+    cmds, job = _sbatch_dry_run(slurm, work, "dry_container", CONTAINER_IMAGE="nvcr.io#nvidia/pytorch:25.12-py3",
+                                   CONTAINER_MOUNTS="/data:/data")
+    keys = list(cmds)
+    srun = cmds[keys[0]]
+    assert keys[0].startswith("the srun step") and srun[0] == "srun", cmds
+    assert "--container-image=nvcr.io#nvidia/pytorch:25.12-py3" in srun
+    assert f"--container-mounts={ROOT}:{ROOT},{work}:{work},/data:/data" in srun, srun
+    assert f"--container-workdir={work}" in srun and "--ntasks-per-node=1" in srun
+    assert srun[srun.index("bash"):][:2] == ["bash", str(LAUNCH)] and srun[-4:] == ["--save", str(work / "ckpt"),
+                                                                                   "--train-iters", "3"]
+    check = cmds[keys[1]]
+    assert check[:3] == ["env", "WORLD_SIZE=2", "python"] and "--check-config" in check, check
+    ranks = cmds[keys[2]]
+    assert "in the container" in keys[2] and ranks[0] == "python" and "--node-rank=0" in ranks, ranks
+    assert "--master-port=" + str(20000 + int(job) % 20000) in ranks, ranks
+
+
+@pytest.mark.timeout(150)
+def test_container_job_runs_through_one_srun_step(slurm, tmp_path):
+    """A real job with CONTAINER_IMAGE. pyxis is not on this machine: an `srun` first on PATH stands
+    in for it, recording the --container-* options it gets and running the real srun without them.
+    The one-node job goes through the srun step (not torchrun in the batch shell), the node checks
+    and runs the ranks there, and the job completes with its checkpoint."""
+    real_srun = shutil.which("srun")
+    shim_dir, log = tmp_path / "pyxis", tmp_path / "pyxis.log"
+    shim_dir.mkdir()
+    (shim_dir / "srun").write_text(
+        "#!/usr/bin/env bash\nargs=()\nfor a in \"$@\"; do case $a in --container-*) echo \"$a\" >> "
+        f"{log};; *) args+=(\"$a\");; esac; done\nexec {real_srun} \"${{args[@]}}\"\n")
+    (shim_dir / "srun").chmod(0o755)
+    save = tmp_path / "ckpt"
+    env = slurm_env(slurm, ENTRY=str(ROOT / "tests" / "_launch_entry.py"), CONFIG="", GPUS_PER_NODE=1,
+                    CONTAINER_IMAGE="/images/megatron_sd3.sqsh", PYTHON=str(ROOT / ".venv" / "bin" / "python"),
+                    PATH=f"{shim_dir}:{os.environ['PATH']}")
+    out = tmp_path / "job.out"
+    r = subprocess.run(["sbatch", "--parsable", "--job-name=container", f"--output={out}", f"--chdir={tmp_path}",
+                        str(LAUNCH), "--save", str(save), "--train-iters", "3", "--iter-time", "0.05"],
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert wait_job(slurm, r.stdout.strip().split(";")[0], 120) == "COMPLETED", log_of(out)
+    assert latest_iteration(save) == 3, log_of(out)
+    assert log.read_text().split() == ["--container-image=/images/megatron_sd3.sqsh",
+                                       f"--container-mounts={ROOT}:{ROOT},{tmp_path}:{tmp_path}",
+                                       f"--container-workdir={tmp_path}"], log_of(out)
+    checks = [e for e in events(save) if e["event"] == "check"]
+    assert len(checks) == 1, checks  # on the node, in the step (node 0 of 1)
+    assert "launch.sh: srun " in out.read_text()
