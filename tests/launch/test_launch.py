@@ -76,7 +76,8 @@ def expected_world_size():
 def test_launch_sh_syntax_and_header():
     subprocess.run(["bash", "-n", str(LAUNCH)], check=True)
     head = LAUNCH.read_text().split("set -euo pipefail")[0]
-    for var in ("NNODES", "GPUS_PER_NODE", "MASTER_PORT", "CONFIG", "PYTHON", "ENTRY", "EXTRA_ARGS"):
+    for var in ("NNODES", "GPUS_PER_NODE", "MASTER_PORT", "CONFIG", "PYTHON", "ENTRY", "EXTRA_ARGS",
+                "LAUNCH_DRY_RUN", "CONTAINER_IMAGE", "CONTAINER_MOUNTS"):
         assert var in head, f"{var} not documented in launch.sh's header"
     for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --signal="):
         assert line in head
