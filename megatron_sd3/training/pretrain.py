@@ -661,6 +661,8 @@ def check_run(argv=None, args=None):
 
 
 def main(argv=None) -> int:
+    from megatron_sd3.data.shards import ShardError
+
     checked = check_run(argv)
     if isinstance(checked, int):
         return checked
