@@ -27,7 +27,7 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 # What a user's CUDA environment brings and pip must leave alone (normalised names).
 KEPT = re.compile(r"^(torch|torchvision|torchaudio|triton|pytorch-triton|apex|transformer-engine.*"
                   r"|nvidia-(?!ml-py$|resiliency-ext$).*)$")
-STAND_INS = {"transformer_engine": "2.10.0+769ed778", "transformer_engine_torch": "2.10.0+769ed778",
+STAND_INS = {"transformer_engine": "2.9.0+standin", "transformer_engine_torch": "2.9.0+standin",  # any version
              "apex": "0.1"}
 NGC_TORCH = "2.10.0a0+b4e4ee81d3"  # NVIDIA's PyTorch 25.12 release notes
 
