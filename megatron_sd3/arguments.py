@@ -455,10 +455,10 @@ def optional_kernels() -> str:
     to torch without them)."""
     from megatron_sd3.env import package_version  # the environment report's test of each
 
-    te, HAVE_APEX = package_version("Transformer Engine") is not None, package_version("apex") is not None
+    te, apex = package_version("Transformer Engine") is not None, package_version("apex") is not None
     state = (f"Transformer Engine {'installed' if te else 'not installed'}, "
-             f"apex {'installed' if HAVE_APEX else 'not installed'}")
-    if not te and not HAVE_APEX:
+             f"apex {'installed' if apex else 'not installed'}")
+    if not te and not apex:
         state += ": megatron-core uses torch's Adam, norms and multi-tensor ops"
     return state
 
