@@ -179,6 +179,28 @@ def sdpa_kernel_choice(device: str, dtype, heads: int, head_dim: int, attention_
     return names[kernel] + (" (CPU kernel)" if device == "cpu" and kernel != SDPBackend.MATH else "")
 
 
+def te_attention_env(attention_backend: str) -> str:
+    """The ``NVTE_*`` variables megatron-core's own mapping sets for ``--attention-backend`` (what
+    ``SD3Model`` runs before Transformer Engine picks a kernel), computed in a copy of the
+    environment; megatron's refusal of a conflicting ``NVTE_*`` already set, when it refuses."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.enums import AttnBackend
+
+    from megatron_sd3.compat import set_te_attention_backend
+
+    saved = dict(os.environ)
+    try:
+        set_te_attention_backend(SimpleNamespace(attention_backend=AttnBackend[attention_backend]))
+        return " ".join(f"{v}={os.environ[v]}" for v in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
+                        if v in os.environ)
+    except AssertionError as e:
+        return f"refused by megatron-core: {e}"
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def fp8_device_problem(devices: list[dict]) -> Optional[str]:
     """The one line refusing FP8 on these GPUs (any below sm_89), or None (CPU: torch's
     ``_scaled_mm`` CPU kernel runs it, for tests)."""
@@ -237,11 +259,9 @@ def run_rows(args, plan: dict) -> list[tuple[str, str]]:
     heads = mf["num_attention_heads"] // (args.tensor_model_parallel_size * args.context_parallel_size)
     head_dim = mf["hidden_size"] // mf["num_attention_heads"]
     if args.transformer_impl == "transformer_engine":
-        env = {"flash": "NVTE_FLASH_ATTN=1", "fused": "NVTE_FUSED_ATTN=1", "unfused": "NVTE_UNFUSED_ATTN=1",
-               "local": "NVTE_UNFUSED_ATTN=1"}.get(args.attention_backend)
         rows.append(("attention", f"TE DotProductAttention, --attention-backend {args.attention_backend}: "
-                     + (f"{env} (megatron-core's mapping)" if env else
-                        "TE picks FlashAttention, cuDNN fused or unfused per call")))
+                     f"{te_attention_env(args.attention_backend)} (megatron-core's mapping; TE picks "
+                     f"among the kernels left at 1)"))
     else:
         dtype = torch.bfloat16 if bf16 else torch.float32
         kernel = sdpa_kernel_choice("cuda" if on_gpu else "cpu", dtype, heads, head_dim, args.attention_backend)

@@ -151,3 +151,20 @@ def test_a_preset_without_patch_size_passes_the_checks(capsys, monkeypatch, tmp_
                                 "--save", str(tmp_path / "ckpt")], capsys, monkeypatch, world="2")
     assert code == 0, err
     assert "24 heads of 64 per rank" in _rows(out, "this run")["attention"]
+
+
+def test_te_attention_line_is_megatrons_own_mapping(monkeypatch):
+    """The report's TE attention line comes from megatron-core's mapping of --attention-backend
+    (run in a copy of the environment): `local` turns all three TE kernels off, a conflicting
+    NVTE_* already set is megatron's refusal, and the caller's environment is left as it was."""
+    from megatron_sd3.env import te_attention_env
+
+    for v in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+        monkeypatch.delenv(v, raising=False)
+    assert te_attention_env("local") == "NVTE_FLASH_ATTN=0 NVTE_FUSED_ATTN=0 NVTE_UNFUSED_ATTN=0"
+    assert te_attention_env("flash") == "NVTE_FLASH_ATTN=1 NVTE_FUSED_ATTN=0 NVTE_UNFUSED_ATTN=0"
+    assert te_attention_env("auto") == "NVTE_FLASH_ATTN=1 NVTE_FUSED_ATTN=1 NVTE_UNFUSED_ATTN=1"
+    assert "NVTE_FLASH_ATTN" not in os.environ
+    monkeypatch.setenv("NVTE_FLASH_ATTN", "0")
+    assert te_attention_env("flash").startswith("refused by megatron-core: NVTE_FLASH_ATTN set to 0")
+    assert os.environ["NVTE_FLASH_ATTN"] == "0"
