@@ -185,12 +185,13 @@ ft_options() {
     if ! command -v nvidia-smi >/dev/null 2>&1; then FT_OPTIONS+=(--ft-enable-nic-monitor=false); fi
 }
 
-# torchrun's (or ft_launcher's) command for one node, in TORCHRUN_CMD: $1 = nnodes, $2 = node rank,
-# then the entry's arguments.
+# torchrun's (or ft_launcher's) command for one node, in TORCHRUN_CMD (its ranks in NPROC):
+# $1 = nnodes, $2 = node rank, then the entry's arguments.
 torchrun_cmd() {
     local nnodes=$1 node_rank=$2 nproc
     shift 2
     nproc=$(ranks_per_node)
+    NPROC=$nproc
     # torch warns at import when pynvml (a dependency of nvidia-resiliency-ext) is installed
     local -a cmd=("$PYTHON" -W "ignore:The pynvml package is deprecated:FutureWarning")
     local ft=0
@@ -225,7 +226,7 @@ exec_torchrun() {
         exit 0
     fi
     # torchrun's own default for several ranks, set here so that it does not print a banner about it
-    if [[ $(ranks_per_node) -gt 1 && -z ${OMP_NUM_THREADS:-} ]]; then export OMP_NUM_THREADS=1; fi
+    if [[ $NPROC -gt 1 && -z ${OMP_NUM_THREADS:-} ]]; then export OMP_NUM_THREADS=1; fi
     log "node $node_rank/$nnodes on $(hostname): ${TORCHRUN_CMD[*]}"
     exec "${TORCHRUN_CMD[@]}"
 }
