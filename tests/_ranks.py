@@ -1,9 +1,15 @@
 """Start N local ranks of a worker script (the env torchrun would set), wait with a timeout."""
+import atexit
+import json
 import os
 import random
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,29 +35,125 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {lo}-{lo + 1499}")
 
 
-def run_ranks(script: str, nproc: int, args: list[str], timeout: float = 240, env: dict | None = None):
-    port = str(free_port())
-    procs, logs = [], []
-    for r in range(nproc):
-        e = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-                 **(env or {}))
-        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], env=e,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    failed = []
+# What may differ between a run's environment and the one the zygote imported under: the rank's
+# coordinates, and pytest's note of the running test. Any other difference (a variable a test sets
+# for the ranks may be read at import) starts fresh interpreters instead.
+PER_RUN = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+           "PYTEST_CURRENT_TEST"}
+ZYGOTE_ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+_zygote = None
+
+
+class _Zygote:
+    """tests/_rank_zygote.py for this pytest process: started at its first use, ended with it."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="rank_zygote_")
+        self.socket = os.path.join(self.dir, "socket")
+        self.env = dict(os.environ, **ZYGOTE_ENV)
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "_rank_zygote.py"), self.socket],
+                                     env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                     stdout=open(os.path.join(self.dir, "zygote.log"), "wb"), stderr=subprocess.STDOUT)
+        atexit.register(self.close)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _connect(self, deadline):
+        while True:
+            if self.proc.poll() is not None:
+                with open(os.path.join(self.dir, "zygote.log"), errors="replace") as fh:
+                    raise RuntimeError("the rank zygote exited:\n" + fh.read()[-3000:])
+            if os.path.exists(self.socket):
+                conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                conn.connect(self.socket)
+                return conn
+            if time.time() > deadline:
+                raise TimeoutError("the rank zygote did not start")
+            time.sleep(0.05)
+
+    def run(self, script, args, envs, timeout):
+        """Every rank's (return code, output); on timeout the run's whole session is killed."""
+        logs = [os.path.join(self.dir, f"{os.getpid()}_{time.monotonic_ns()}_rank{r}.log") for r in range(len(envs))]
+        conn = self._connect(time.time() + 120)
+        pid = None
+        try:
+            conn.sendall(json.dumps({"script": script, "args": list(args), "cwd": os.getcwd(), "envs": envs,
+                                     "logs": logs}).encode() + b"\n")
+            conn.settimeout(timeout)
+            fh = conn.makefile("rb")
+            pid = json.loads(fh.readline())["pid"]
+            try:
+                line = fh.readline()
+            except socket.timeout:
+                line = b""
+            if not line:
+                codes = None
+            else:
+                codes = json.loads(line)["returncodes"]
+        finally:
+            conn.close()
+            if pid is not None:
+                try:
+                    os.killpg(pid, signal.SIGKILL)  # nothing of the run outlives it
+                except ProcessLookupError:
+                    pass
+        outs = []
+        for path in logs:
+            with open(path, errors="replace") as fh:
+                outs.append(fh.read())
+            os.remove(path)
+        if codes is None:
+            raise subprocess.TimeoutExpired([script, *args], timeout, output="\n".join(o[-3000:] for o in outs))
+        return list(zip(codes, outs))
+
+
+def run_processes(script, args, envs, timeout):
+    """Start ``len(envs)`` processes of ``python script args``, each with its environment (a rank
+    each); every one's (return code, output). Forked from the rank zygote when the environments
+    differ from its own only in PER_RUN (``SD3_TEST_FRESH_RANKS=1``: always fresh interpreters)."""
+    global _zygote
+    path = os.path.join(ROOT, script)
+    base = _zygote.env if _zygote else dict(os.environ, **ZYGOTE_ENV)
+    if os.environ.get("SD3_TEST_FRESH_RANKS") != "1" and all(_same_imports(e, base) for e in envs):
+        if _zygote is None:
+            _zygote = _Zygote()
+        return _zygote.run(path, args, envs, timeout)
+    procs = [subprocess.Popen([sys.executable, path, *args], env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for e in envs]
+    results = []
     try:
-        for r, p in enumerate(procs):
+        for p in procs:
             out, _ = p.communicate(timeout=timeout)
-            logs.append(out)
-            if p.returncode != 0:
-                failed.append(r)
+            results.append((p.returncode, out))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+    return results
+
+
+def _same_imports(env, base) -> bool:
+    return all(env.get(k) == base.get(k) for k in (set(env) | set(base)) - PER_RUN)
+
+
+def rank_envs(nproc: int, env: dict | None = None) -> list[dict]:
+    """The environment torchrun would give each of ``nproc`` local ranks."""
+    port = str(free_port())
+    return [dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+                 **(env or {})) for r in range(nproc)]
+
+
+def run_ranks(script: str, nproc: int, args: list[str], timeout: float = 240, env: dict | None = None):
+    results = run_processes(script, args, rank_envs(nproc, env), timeout)
+    failed = [r for r, (code, _) in enumerate(results) if code != 0]
     if failed:
-        raise AssertionError(f"ranks {failed} of {script} failed:\n" + "\n".join(logs[r][-3000:] for r in failed))
-    return logs
+        raise AssertionError(f"ranks {failed} of {script} failed:\n" + "\n".join(results[r][1][-3000:] for r in failed))
+    return [out for _, out in results]
 
 
 def run_training_worker(script: str, nproc: int, args: list[str], root: str, timeout: float = 300):
