@@ -13,7 +13,7 @@ handlers run), and an exception or ``sys.exit`` gives the exit status Python wou
     python tests/_rank_zygote.py SOCKET_PATH
 
 serves requests on a unix socket, one JSON line each: ``{"script", "args", "cwd", "envs": [one
-environment per rank], "logs": [one output path per rank]}``. For each, a run manager is forked
+environment per rank], "logs": [per rank, one output path, or a stdout and a stderr path]}``. For each, a run manager is forked
 that starts a session of its own (``killpg`` of its pid ends the run and all it started),
 answers ``{"pid": ...}``, forks the ranks, waits for them and answers ``{"returncodes": [...]}``
 (``-N`` for a rank ended by signal N, as ``subprocess`` says). The server exits with the process
@@ -68,11 +68,16 @@ def _start_rank(script, args, cwd, env, log, printed):
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.write(fd, printed)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+    out, err = log if isinstance(log, list) else (log, log)
+    for path, fdno in ((out, 1), (err, 2)):
+        if fdno == 2 and err == out:
+            os.dup2(1, 2)
+            break
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        if fdno == 2 or err == out:
+            os.write(fd, printed)  # the imports' notices and warnings: stderr, as in a fresh interpreter
+        os.dup2(fd, fdno)
+        os.close(fd)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)

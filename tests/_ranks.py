@@ -75,13 +75,15 @@ class _Zygote:
                 raise TimeoutError("the rank zygote did not start")
             time.sleep(0.05)
 
-    def run(self, script, args, envs, timeout):
-        """Every rank's (return code, output); on timeout the run's whole session is killed."""
-        logs = [os.path.join(self.dir, f"{os.getpid()}_{time.monotonic_ns()}_rank{r}.log") for r in range(len(envs))]
+    def run(self, script, args, envs, timeout, split=False, cwd=None):
+        """Every rank's (return code, output), or with ``split`` (return code, stdout, stderr); on
+        timeout the run's whole session is killed."""
+        stem = os.path.join(self.dir, f"{os.getpid()}_{time.monotonic_ns()}_rank")
+        logs = [[f"{stem}{r}.out", f"{stem}{r}.err"] if split else f"{stem}{r}.log" for r in range(len(envs))]
         conn = self._connect(time.time() + 120)
         pid = None
         try:
-            conn.sendall(json.dumps({"script": script, "args": list(args), "cwd": os.getcwd(), "envs": envs,
+            conn.sendall(json.dumps({"script": script, "args": list(args), "cwd": str(cwd or os.getcwd()), "envs": envs,
                                      "logs": logs}).encode() + b"\n")
             conn.settimeout(timeout)
             fh = conn.makefile("rb")
@@ -102,26 +104,26 @@ class _Zygote:
                 except ProcessLookupError:
                     pass
         outs = []
-        for path in logs:
-            with open(path, errors="replace") as fh:
-                outs.append(fh.read())
-            os.remove(path)
+        for paths in logs:
+            texts = []
+            for path in paths if split else [paths]:
+                with open(path, errors="replace") as fh:
+                    texts.append(fh.read())
+                os.remove(path)
+            outs.append(texts)
         if codes is None:
-            raise subprocess.TimeoutExpired([script, *args], timeout, output="\n".join(o[-3000:] for o in outs))
-        return list(zip(codes, outs))
+            raise subprocess.TimeoutExpired([script, *args], timeout, output="\n".join(t[-1][-3000:] for t in outs))
+        return [(code, *texts) for code, texts in zip(codes, outs)]
 
 
 def run_processes(script, args, envs, timeout):
     """Start ``len(envs)`` processes of ``python script args``, each with its environment (a rank
     each); every one's (return code, output). Forked from the rank zygote when the environments
     differ from its own only in PER_RUN (``SD3_TEST_FRESH_RANKS=1``: always fresh interpreters)."""
-    global _zygote
     path = os.path.join(ROOT, script)
     base = _zygote.env if _zygote else dict(os.environ, **ZYGOTE_ENV)
     if os.environ.get("SD3_TEST_FRESH_RANKS") != "1" and all(_same_imports(e, base) for e in envs):
-        if _zygote is None:
-            _zygote = _Zygote()
-        return _zygote.run(path, args, envs, timeout)
+        return _start_zygote().run(path, args, envs, timeout)
     procs = [subprocess.Popen([sys.executable, path, *args], env=e, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for e in envs]
     results = []
@@ -134,6 +136,26 @@ def run_processes(script, args, envs, timeout):
             if p.poll() is None:
                 p.kill()
     return results
+
+
+def run_script(script, args, env=None, cwd=None, timeout=300):
+    """``subprocess.run([python, script, *args], env=env, cwd=cwd, capture_output=True, text=True)``,
+    forked from the rank zygote when ``env`` (``os.environ`` if None) fits it."""
+    env = dict(os.environ) if env is None else env
+    path = os.path.join(ROOT, script)
+    base = _zygote.env if _zygote else dict(os.environ, **ZYGOTE_ENV)
+    if os.environ.get("SD3_TEST_FRESH_RANKS") != "1" and _same_imports(env, base):
+        [(code, out, err)] = _start_zygote().run(path, args, [env], timeout, split=True, cwd=cwd)
+        return subprocess.CompletedProcess([sys.executable, path, *args], code, out, err)
+    return subprocess.run([sys.executable, path, *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _start_zygote():
+    global _zygote
+    if _zygote is None:
+        _zygote = _Zygote()
+    return _zygote
 
 
 def _same_imports(env, base) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from _jobs import ENTRY, metrics_records
-from _ranks import ROOT
+from _ranks import ROOT, run_script
 
 from megatron_sd3.training import checkpointing as ckpt
 
@@ -18,11 +18,10 @@ BASE = ["--config", "configs/sd3_light_tiny.toml", "--log-interval", "1", "--no-
 
 
 def run1(args, timeout=400):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    return subprocess.run([sys.executable, ENTRY, *BASE, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return run_script(ENTRY, [*BASE, *args], env=env, cwd=ROOT, timeout=timeout)
 
 
 def one_error_line(r):
