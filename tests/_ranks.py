@@ -138,6 +138,12 @@ def run_processes(script, args, envs, timeout):
     return results
 
 
+def one_process_env(**extra) -> dict:
+    """The environment of a single process started without torchrun (one thread, no warnings)."""
+    env = {k: v for k, v in os.environ.items() if k not in PER_RUN - {"PYTEST_CURRENT_TEST"}}
+    return dict(env, **ZYGOTE_ENV, **extra)
+
+
 def run_script(script, args, env=None, cwd=None, timeout=300):
     """``subprocess.run([python, script, *args], env=env, cwd=cwd, capture_output=True, text=True)``,
     forked from the rank zygote when ``env`` (``os.environ`` if None) fits it."""

@@ -4,7 +4,6 @@ corrupt file is named in one line before anything is loaded, with the newest goo
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from _ranks import ROOT, free_port, run_ranks
+from _ranks import ROOT, free_port, one_process_env, run_ranks, run_script
 
 ENTRY = "pretrain_sd3.py"
 BASE = ["--config", "configs/sd3_light_tiny.toml", "--log-interval", "1", "--no-progress", "--lr-decay-iters", "8"]
@@ -123,11 +123,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 
 
 def _run1(args, timeout=120):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return subprocess.run([sys.executable, os.path.join(ROOT, ENTRY), *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_script(ENTRY, args, env=one_process_env(), timeout=timeout)
 
 
 def _main(argv, capsys):

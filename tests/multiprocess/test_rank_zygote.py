@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from _ranks import ROOT, rank_envs, run_processes, run_ranks
+from _ranks import ROOT, one_process_env, rank_envs, run_processes, run_ranks, run_script
 
 PROBE = "tests/_zygote_probe.py"
 
@@ -34,6 +34,10 @@ def test_a_forked_rank_starts_as_a_fresh_interpreter_would_and_ends_with_its_sta
     assert [c for c, _ in run_processes(PROBE, ["exit3"], rank_envs(1), timeout=120)] == [3]
     [(code, out)] = run_processes(PROBE, ["raise"], rank_envs(1), timeout=120)
     assert code == 1 and "ValueError: the probe raised" in out
+    # run_script: subprocess.run's form, stdout and stderr apart, in the folder asked for
+    r = run_script(PROBE, ["raise"], env=one_process_env(), cwd=ROOT)
+    assert r.returncode == 1 and _state(r.stdout)["preloaded"] and _state(r.stdout)["cwd"] == ROOT
+    assert "ValueError: the probe raised" in r.stderr and "ValueError" not in r.stdout
 
 
 def test_a_variable_read_at_import_starts_fresh_interpreters():

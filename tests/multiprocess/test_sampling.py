@@ -1,7 +1,4 @@
 """megatron_sd3.sampling and tools/generate.py against diffusers' SD3 pipeline and scheduler."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +7,7 @@ pytest.importorskip("diffusers")
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from _ranks import ROOT, run_ranks  # noqa: E402
+from _ranks import one_process_env, run_ranks, run_script  # noqa: E402
 from megatron_sd3 import sampling  # noqa: E402
 from megatron_sd3.flow_matching import drop_text  # noqa: E402
 
@@ -89,10 +86,7 @@ def test_latent_preview():
 
 # -- the checkpoint, through tools/generate.py, against diffusers' pipeline ---------------------------
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+    return one_process_env()
 
 
 @pytest.fixture(scope="module")
@@ -149,16 +143,14 @@ def _rel(a, b):
 @pytest.mark.timeout(300)
 def test_generate_matches_diffusers_one_process(setup):
     out = setup["tmp"] / "one.safetensors"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, GEN), *_args(setup, out)], env=_env(),
-                       capture_output=True, text=True, timeout=200)
+    r = run_script(GEN, _args(setup, out), env=_env(), timeout=200)
     assert r.returncode == 0, r.stderr[-3000:]
     got = load_file(str(out))
     assert got["latents"].shape == setup["ref"].shape
     assert _rel(got["latents"], setup["ref"]) <= 1e-5
     # the file's noise reproduces the samples without the seed (and a different seed changes them)
     again = setup["tmp"] / "again.safetensors"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, GEN), *_args(setup, again, "--noise", str(out)),
-                        "--seed", "999"], env=_env(), capture_output=True, text=True, timeout=200)
+    r = run_script(GEN, [*_args(setup, again, "--noise", str(out)), "--seed", "999"], env=_env(), timeout=200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.equal(load_file(str(again))["latents"], got["latents"])
 
@@ -187,8 +179,7 @@ def test_generate_matches_diffusers_tensor_and_data_parallel(setup):
 
 def test_bad_inputs_are_clear_errors(setup, tmp_path):
     def run(*a):
-        return subprocess.run([sys.executable, os.path.join(ROOT, GEN), *a], env=_env(), capture_output=True,
-                              text=True, timeout=200)
+        return run_script(GEN, a, env=_env(), timeout=200)
 
     r = run("--load", setup["ck"], "--prompts", str(tmp_path / "p.txt"), "--output-dir", str(tmp_path))
     assert r.returncode == 2 and "--prompts needs --sd3-root" in r.stderr

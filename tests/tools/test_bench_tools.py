@@ -9,15 +9,11 @@ import weakref
 import pytest
 import torch
 
-from _ranks import ROOT
+from _ranks import ROOT, one_process_env, run_script
 
 
 def _tool(name, *args, timeout=240):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_script(os.path.join("tools", name), args, env=one_process_env(), cwd=ROOT, timeout=timeout)
 
 
 @pytest.mark.timeout(300)

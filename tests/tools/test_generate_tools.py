@@ -13,7 +13,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from _data_fixtures import build_tiny_sd3_encoders  # noqa: E402
-from _ranks import ROOT  # noqa: E402
+from _ranks import ROOT, one_process_env, run_script  # noqa: E402
 
 GEN = os.path.join(ROOT, "tools", "generate.py")
 COMPARE = os.path.join(ROOT, "tools", "compare_runs.py")
@@ -22,14 +22,11 @@ PROMPTS = ["a red cat on the mat", "the blue sky", "a small house in a tree"]
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
+    return one_process_env()
 
 
 def _gen(*args):
-    return subprocess.run([sys.executable, GEN, *args], env=_env(), capture_output=True, text=True, timeout=300)
+    return run_script(GEN, args, env=_env(), timeout=300)
 
 
 def _tiny_clip(root):
