@@ -46,10 +46,10 @@ def _preload():
         os.dup2(capture.fileno(), 1)
         os.dup2(capture.fileno(), 2)
         try:
-            import torch  # noqa: F401
-
-            import megatron.core  # noqa: F401
-            import megatron_sd3.training.pretrain  # noqa: F401
+            # the package first, as every entry point: its import picks torch.compile's cache
+            # folder before megatron-core's import touches it (megatron_sd3/compile_cache.py)
+            import megatron_sd3  # noqa: F401
+            import megatron_sd3.training.pretrain  # noqa: F401  (torch, megatron-core)
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -35,22 +35,24 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {lo}-{lo + 1499}")
 
 
-# What may differ between a run's environment and the one the zygote imported under: the rank's
-# coordinates, and pytest's note of the running test. Any other difference (a variable a test sets
-# for the ranks may be read at import) starts fresh interpreters instead.
+# The variables a zygote does not import under: the rank's coordinates and pytest's note of the
+# running test. Runs whose environments agree in everything else share a zygote; another
+# environment (a variable a test sets may be read at import) gets a zygote of its own.
 PER_RUN = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
            "PYTEST_CURRENT_TEST"}
 ZYGOTE_ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-_zygote = None
+MAX_ZYGOTES = 2  # per pytest process; the least recently used one ends when a third starts
+_zygotes: dict = {}
 
 
 class _Zygote:
-    """tests/_rank_zygote.py for this pytest process: started at its first use, ended with it."""
+    """tests/_rank_zygote.py under one environment, for this pytest process: started at its first
+    use, ended with it."""
 
-    def __init__(self):
+    def __init__(self, env):
         self.dir = tempfile.mkdtemp(prefix="rank_zygote_")
         self.socket = os.path.join(self.dir, "socket")
-        self.env = dict(os.environ, **ZYGOTE_ENV)
+        self.env = env
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "_rank_zygote.py"), self.socket],
                                      env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL,
                                      stdout=open(os.path.join(self.dir, "zygote.log"), "wb"), stderr=subprocess.STDOUT)
@@ -116,26 +118,46 @@ class _Zygote:
         return [(code, *texts) for code, texts in zip(codes, outs)]
 
 
-def run_processes(script, args, envs, timeout):
-    """Start ``len(envs)`` processes of ``python script args``, each with its environment (a rank
-    each); every one's (return code, output). Forked from the rank zygote when the environments
-    differ from its own only in PER_RUN (``SD3_TEST_FRESH_RANKS=1``: always fresh interpreters)."""
-    path = os.path.join(ROOT, script)
-    base = _zygote.env if _zygote else dict(os.environ, **ZYGOTE_ENV)
-    if os.environ.get("SD3_TEST_FRESH_RANKS") != "1" and all(_same_imports(e, base) for e in envs):
-        return _start_zygote().run(path, args, envs, timeout)
-    procs = [subprocess.Popen([sys.executable, path, *args], env=e, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for e in envs]
-    results = []
+def _zygote_for(envs):
+    """The zygote for these environments (started if needed), or None: they differ outside
+    PER_RUN, or ``SD3_TEST_FRESH_RANKS=1`` asks for fresh interpreters."""
+    keys = {frozenset((k, v) for k, v in e.items() if k not in PER_RUN) for e in envs}
+    if os.environ.get("SD3_TEST_FRESH_RANKS") == "1" or len(keys) != 1:
+        return None
+    [key] = keys
+    zygote = _zygotes.pop(key, None)
+    if zygote is None:
+        if len(_zygotes) >= MAX_ZYGOTES:
+            _zygotes.pop(next(iter(_zygotes))).close()
+        zygote = _Zygote(dict(key))
+    _zygotes[key] = zygote  # the most recently used last
+    return zygote
+
+
+def _fresh(path, args, envs, timeout, **popen):
+    """``python path args`` per environment, each in a session of its own that ends with it."""
+    procs = [subprocess.Popen([sys.executable, path, *args], env=e, start_new_session=True, **popen) for e in envs]
     try:
-        for p in procs:
-            out, _ = p.communicate(timeout=timeout)
-            results.append((p.returncode, out))
+        return [p.communicate(timeout=timeout) for p in procs], [p.returncode for p in procs]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return results
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def run_processes(script, args, envs, timeout):
+    """Start ``len(envs)`` processes of ``python script args``, each with its environment (a rank
+    each); every one's (return code, output). Forked from the zygote of their environment, or
+    fresh interpreters under ``SD3_TEST_FRESH_RANKS=1``; nothing they start outlives them."""
+    path = os.path.join(ROOT, script)
+    zygote = _zygote_for(envs)
+    if zygote is not None:
+        return zygote.run(path, args, envs, timeout)
+    outs, codes = _fresh(path, args, envs, timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return [(code, out) for code, (out, _) in zip(codes, outs)]
 
 
 def one_process_env(**extra) -> dict:
@@ -146,26 +168,16 @@ def one_process_env(**extra) -> dict:
 
 def run_script(script, args, env=None, cwd=None, timeout=300):
     """``subprocess.run([python, script, *args], env=env, cwd=cwd, capture_output=True, text=True)``,
-    forked from the rank zygote when ``env`` (``os.environ`` if None) fits it."""
+    forked from the zygote of ``env`` (``os.environ`` if None)."""
     env = dict(os.environ) if env is None else env
     path = os.path.join(ROOT, script)
-    base = _zygote.env if _zygote else dict(os.environ, **ZYGOTE_ENV)
-    if os.environ.get("SD3_TEST_FRESH_RANKS") != "1" and _same_imports(env, base):
-        [(code, out, err)] = _start_zygote().run(path, args, [env], timeout, split=True, cwd=cwd)
+    zygote = _zygote_for([env])
+    if zygote is not None:
+        [(code, out, err)] = zygote.run(path, args, [env], timeout, split=True, cwd=cwd)
         return subprocess.CompletedProcess([sys.executable, path, *args], code, out, err)
-    return subprocess.run([sys.executable, path, *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _start_zygote():
-    global _zygote
-    if _zygote is None:
-        _zygote = _Zygote()
-    return _zygote
-
-
-def _same_imports(env, base) -> bool:
-    return all(env.get(k) == base.get(k) for k in (set(env) | set(base)) - PER_RUN)
+    [(out, err)], [code] = _fresh(path, args, [env], timeout, cwd=cwd, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+    return subprocess.CompletedProcess([sys.executable, path, *args], code, out, err)
 
 
 def rank_envs(nproc: int, env: dict | None = None) -> list[dict]:

@@ -9,7 +9,7 @@ import sys
 if __name__ == "__main__":
     print(json.dumps({"rank": os.environ.get("RANK"), "argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(),
                       "preloaded": "megatron.core" in sys.modules, "main_file": sys.modules["__main__"].__file__,
-                      "marker": os.environ.get("PROBE_MARKER")}), flush=True)
+                      "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}), flush=True)
     how = sys.argv[1]
     if how == "exit3":
         sys.exit(3)

@@ -40,10 +40,16 @@ def test_a_forked_rank_starts_as_a_fresh_interpreter_would_and_ends_with_its_sta
     assert "ValueError: the probe raised" in r.stderr and "ValueError" not in r.stdout
 
 
-def test_a_variable_read_at_import_starts_fresh_interpreters():
-    [(code, out)] = run_processes(PROBE, ["ok"], rank_envs(1, {"PROBE_MARKER": "x"}), timeout=120)
-    s = _state(out)
-    assert code == 0 and s["marker"] == "x" and not s["preloaded"]
+def test_a_variable_read_at_import_is_read_at_import():
+    """megatron_sd3's import derives torch.compile's cache folder from ATEN_CPU_CAPABILITY
+    (megatron_sd3/compile_cache.py): a run under another value gets a zygote that imported under it."""
+    env = {k: v for k, v in one_process_env().items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+    plain = run_script(PROBE, ["ok"], env=env)
+    avx2 = run_script(PROBE, ["ok"], env=dict(env, ATEN_CPU_CAPABILITY="avx2"))
+    assert plain.returncode == avx2.returncode == 0, plain.stderr + avx2.stderr
+    plain, avx2 = _state(plain.stdout), _state(avx2.stdout)
+    assert plain["preloaded"] and avx2["preloaded"]
+    assert not (plain["inductor_cache"] or "").endswith("_avx2") and avx2["inductor_cache"].endswith("_avx2")
 
 
 def test_a_timeout_ends_the_run_and_all_it_started(tmp_path):
