@@ -15,8 +15,9 @@ handlers run), and an exception or ``sys.exit`` gives the exit status Python wou
 serves requests on a unix socket, one JSON line each: ``{"script", "args", "cwd", "envs": [one
 environment per rank], "logs": [per rank, one output path, or a stdout and a stderr path]}``. For each, a run manager is forked
 that starts a session of its own (``killpg`` of its pid ends the run and all it started),
-answers ``{"pid": ...}``, forks the ranks, waits for them and answers ``{"returncodes": [...]}``
-(``-N`` for a rank ended by signal N, as ``subprocess`` says). The server exits with the process
+answers ``{"pid": ...}``, forks the ranks (``{"pids": [...]}``), says each rank's exit status as it
+comes (``{"rank": r, "code": c}``: ``-N`` for a rank ended by signal N, as ``subprocess`` says),
+and ends with ``{"returncodes": [...]}``. The server exits with the process
 that started it (``PR_SET_PDEATHSIG``, and a check of its parent every second).
 """
 import json
@@ -102,10 +103,14 @@ def _manage(conn, request, printed, added):
             conn.close()
             return _start_rank(request["script"], request["args"], request["cwd"], {**env, **added}, log, printed)
         pids.append(pid)
-    codes = []
-    for pid in pids:
-        _, status = os.waitpid(pid, 0)
-        codes.append(os.waitstatus_to_exitcode(status))
+    conn.sendall(json.dumps({"pids": pids}).encode() + b"\n")
+    codes = [None] * len(pids)
+    while None in codes:  # each rank's status as it ends
+        pid, status = os.wait()
+        if pid in pids:
+            rank = pids.index(pid)
+            codes[rank] = os.waitstatus_to_exitcode(status)
+            conn.sendall(json.dumps({"rank": rank, "code": codes[rank]}).encode() + b"\n")
     conn.sendall(json.dumps({"returncodes": codes}).encode() + b"\n")
     conn.close()
     return None

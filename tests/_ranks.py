@@ -41,7 +41,7 @@ def free_port() -> int:
 PER_RUN = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
            "PYTEST_CURRENT_TEST"}
 ZYGOTE_ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-MAX_ZYGOTES = 2  # per pytest process; the least recently used one ends when a third starts
+MAX_ZYGOTES = 3  # per pytest process; the least recently used one ends when another starts
 _zygotes: dict = {}
 
 
@@ -77,34 +77,23 @@ class _Zygote:
                 raise TimeoutError("the rank zygote did not start")
             time.sleep(0.05)
 
+    def start(self, script, args, envs, logs, cwd=None):
+        """Start the ranks (``logs``: per rank, an output path or a stdout and a stderr path)."""
+        conn = self._connect(time.time() + 120)
+        conn.sendall(json.dumps({"script": script, "args": list(args), "cwd": str(cwd or os.getcwd()), "envs": envs,
+                                 "logs": logs}).encode() + b"\n")
+        return ForkedRun(conn, len(envs))
+
     def run(self, script, args, envs, timeout, split=False, cwd=None):
         """Every rank's (return code, output), or with ``split`` (return code, stdout, stderr); on
         timeout the run's whole session is killed."""
         stem = os.path.join(self.dir, f"{os.getpid()}_{time.monotonic_ns()}_rank")
         logs = [[f"{stem}{r}.out", f"{stem}{r}.err"] if split else f"{stem}{r}.log" for r in range(len(envs))]
-        conn = self._connect(time.time() + 120)
-        pid = None
+        run = self.start(script, args, envs, logs, cwd)
         try:
-            conn.sendall(json.dumps({"script": script, "args": list(args), "cwd": str(cwd or os.getcwd()), "envs": envs,
-                                     "logs": logs}).encode() + b"\n")
-            conn.settimeout(timeout)
-            fh = conn.makefile("rb")
-            pid = json.loads(fh.readline())["pid"]
-            try:
-                line = fh.readline()
-            except socket.timeout:
-                line = b""
-            if not line:
-                codes = None
-            else:
-                codes = json.loads(line)["returncodes"]
+            codes = run.wait(timeout)
         finally:
-            conn.close()
-            if pid is not None:
-                try:
-                    os.killpg(pid, signal.SIGKILL)  # nothing of the run outlives it
-                except ProcessLookupError:
-                    pass
+            run.kill()  # nothing of the run outlives it
         outs = []
         for paths in logs:
             texts = []
@@ -118,7 +107,93 @@ class _Zygote:
         return [(code, *texts) for code, texts in zip(codes, outs)]
 
 
-def _zygote_for(envs):
+class ForkedRun:
+    """The ranks of one run forked by a zygote: ``pgid`` (the run manager's session: ``killpg``
+    ends them and all they started), ``procs`` (one ``ForkedRank`` per rank, as ``Popen``)."""
+
+    def __init__(self, conn, nproc):
+        self.conn, self.buf, self.closed = conn, b"", False
+        self.codes = [None] * nproc
+        self.pgid = self._next(120)["pid"]
+        pids = self._next(120)
+        if pids is None:
+            raise RuntimeError("the rank zygote's run manager ended before its ranks started")
+        self.procs = [ForkedRank(self, r, pid) for r, pid in enumerate(pids["pids"])]
+
+    def _next(self, timeout):
+        """The manager's next message; None at the timeout or once it has ended."""
+        deadline = time.time() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.time()
+            if self.closed or left <= 0:
+                return None
+            self.conn.settimeout(left)
+            try:
+                chunk = self.conn.recv(65536)
+            except socket.timeout:
+                return None
+            if not chunk:
+                self.closed = True
+                return None
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def pump(self, timeout=0.0):
+        """Take in the exit statuses said within ``timeout``; a rank gone with its manager (killed
+        with the run) counts as killed."""
+        deadline = time.time() + timeout
+        while None in self.codes:
+            msg = self._next(max(0.0, deadline - time.time()))
+            if msg is None:
+                break
+            if "rank" in msg:
+                self.codes[msg["rank"]] = msg["code"]
+        if self.closed:
+            for p in self.procs:
+                if self.codes[p.rank] is None and not os.path.exists(f"/proc/{p.pid}"):
+                    self.codes[p.rank] = -signal.SIGKILL
+
+    def wait(self, timeout):
+        """Every rank's exit status, or None if some rank still runs after ``timeout``."""
+        deadline = time.time() + timeout
+        while None in self.codes and time.time() < deadline:
+            self.pump(min(0.5, max(0.0, deadline - time.time())))
+        return None if None in self.codes else list(self.codes)
+
+    def kill(self):
+        try:
+            os.killpg(self.pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.wait(30)
+        self.conn.close()
+
+
+class ForkedRank:
+    """One forked rank, with the part of ``subprocess.Popen`` the tests use."""
+
+    def __init__(self, run, rank, pid):
+        self.run, self.rank, self.pid = run, rank, pid
+
+    @property
+    def returncode(self):
+        return self.run.codes[self.rank]
+
+    def poll(self):
+        self.run.pump()
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.time() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.time() > deadline:
+                raise subprocess.TimeoutExpired(f"rank {self.rank}", timeout)
+            self.run.pump(0.2)
+        return self.returncode
+
+
+def zygote_for(envs):
     """The zygote for these environments (started if needed), or None: they differ outside
     PER_RUN, or ``SD3_TEST_FRESH_RANKS=1`` asks for fresh interpreters."""
     keys = {frozenset((k, v) for k, v in e.items() if k not in PER_RUN) for e in envs}
@@ -153,7 +228,7 @@ def run_processes(script, args, envs, timeout):
     each); every one's (return code, output). Forked from the zygote of their environment, or
     fresh interpreters under ``SD3_TEST_FRESH_RANKS=1``; nothing they start outlives them."""
     path = os.path.join(ROOT, script)
-    zygote = _zygote_for(envs)
+    zygote = zygote_for(envs)
     if zygote is not None:
         return zygote.run(path, args, envs, timeout)
     outs, codes = _fresh(path, args, envs, timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -171,7 +246,7 @@ def run_script(script, args, env=None, cwd=None, timeout=300):
     forked from the zygote of ``env`` (``os.environ`` if None)."""
     env = dict(os.environ) if env is None else env
     path = os.path.join(ROOT, script)
-    zygote = _zygote_for([env])
+    zygote = zygote_for([env])
     if zygote is not None:
         [(code, out, err)] = zygote.run(path, args, [env], timeout, split=True, cwd=cwd)
         return subprocess.CompletedProcess([sys.executable, path, *args], code, out, err)
