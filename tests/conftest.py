@@ -26,3 +26,20 @@ _TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _TESTS)
 for _group in ("unit", "tools", "multiprocess", "launch"):
     sys.path.insert(1, os.path.join(_TESTS, _group))
+
+
+# The files that take longest on 2 cores go to the pytest-xdist workers first (longest first keeps
+# one worker from starting `make demo` when the other is nearly done; docs/results/
+# make_test_durations.txt has the times). Within a file the order stays as written.
+LONGEST_FIRST = ("multiprocess/test_conditional.py", "launch/test_faults.py", "launch/test_launch.py",
+                 "multiprocess/test_checkpoint_crash.py", "multiprocess/test_checkpoint_no_orphans.py",
+                 "multiprocess/test_checkpoint_disk_full.py", "multiprocess/test_cpu_mode.py",
+                 "launch/test_slurm_two_node.py", "tools/test_install.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return next((i for i, f in enumerate(LONGEST_FIRST) if path.endswith(f)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep their order
