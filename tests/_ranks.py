@@ -109,7 +109,7 @@ class _Zygote:
 
 class ForkedRun:
     """The ranks of one run forked by a zygote: ``pgid`` (the run manager's session: ``killpg``
-    ends them and all they started), ``procs`` (one ``ForkedRank`` per rank, as ``Popen``)."""
+    ends them and all they started), ``pids``, and ``codes`` (each rank's exit status once said)."""
 
     def __init__(self, conn, nproc):
         self.conn, self.buf, self.closed = conn, b"", False
@@ -118,7 +118,7 @@ class ForkedRun:
         pids = self._next(120)
         if pids is None:
             raise RuntimeError("the rank zygote's run manager ended before its ranks started")
-        self.procs = [ForkedRank(self, r, pid) for r, pid in enumerate(pids["pids"])]
+        self.pids = pids["pids"]
 
     def _next(self, timeout):
         """The manager's next message; None at the timeout or once it has ended."""
@@ -150,9 +150,9 @@ class ForkedRun:
             if "rank" in msg:
                 self.codes[msg["rank"]] = msg["code"]
         if self.closed:
-            for p in self.procs:
-                if self.codes[p.rank] is None and not os.path.exists(f"/proc/{p.pid}"):
-                    self.codes[p.rank] = -signal.SIGKILL
+            for rank, pid in enumerate(self.pids):
+                if self.codes[rank] is None and not os.path.exists(f"/proc/{pid}"):
+                    self.codes[rank] = -signal.SIGKILL
 
     def wait(self, timeout):
         """Every rank's exit status, or None if some rank still runs after ``timeout``."""
@@ -168,29 +168,6 @@ class ForkedRun:
             pass
         self.wait(30)
         self.conn.close()
-
-
-class ForkedRank:
-    """One forked rank, with the part of ``subprocess.Popen`` the tests use."""
-
-    def __init__(self, run, rank, pid):
-        self.run, self.rank, self.pid = run, rank, pid
-
-    @property
-    def returncode(self):
-        return self.run.codes[self.rank]
-
-    def poll(self):
-        self.run.pump()
-        return self.returncode
-
-    def wait(self, timeout=None):
-        deadline = None if timeout is None else time.time() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.time() > deadline:
-                raise subprocess.TimeoutExpired(f"rank {self.rank}", timeout)
-            self.run.pump(0.2)
-        return self.returncode
 
 
 def zygote_for(envs):
