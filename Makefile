@@ -30,7 +30,7 @@ test-all: $(STAMP)
 # conditional synthetic task (4 classes, each a fixed text embedding and its own latent pattern),
 # PP=2 over 2 local CPU ranks (all GPUs when there are some), text reconstruction on, through
 # launch.sh like a cluster run (configs/sd3_light_demo.toml). It ends with one validation, a
-# sample grid of each class's prompt (DEMO_DIR/checkpoints/samples/iter_0000600.png: a latent
+# sample grid of each class's prompt (DEMO_DIR/checkpoints/samples/iter_0000400.png: a latent
 # preview, one row per class) and the share of samples that follow their prompt, against chance.
 DEMO_DIR ?= runs/demo
 demo: $(STAMP)

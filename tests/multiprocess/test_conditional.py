@@ -55,7 +55,7 @@ def test_make_demo_learns_to_follow_the_prompts(demo):
     assert len(judged) == 1 and judged[0]["prompt_following"] == hits / n
     assert 0 <= judged[0]["prompt_following_no_guidance"] <= 1
     # the grid: a row per class (8x8 latents enlarged to 64 px, 2 px gaps), labels on the left
-    grid = np.asarray(Image.open(out / "checkpoints" / "samples" / "iter_0000600.png").convert("RGB"))
+    grid = np.asarray(Image.open(out / "checkpoints" / "samples" / "iter_0000400.png").convert("RGB"))
     assert grid.shape[0] == K * 64 + (K - 1) * 2
     margin = grid.shape[1] - (PER_CLASS * 64 + (PER_CLASS - 1) * 2)
     assert 40 <= margin <= 80
