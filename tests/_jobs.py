@@ -2,8 +2,11 @@
 
 ``Job(args, nproc, logdir, tag)`` starts ``pretrain_sd3.py`` on ``nproc`` ranks with the
 environment torchrun would give them (as tests/_ranks.py does), each rank's output in
-``logdir/tag.rankR.log``. ``kill_all()`` SIGKILLs the whole process group (ranks and anything they
-started), so no process outlives the test; use the job as a context manager.
+``logdir/tag.rankR.log``; the ranks are forked from the rank zygote of that environment
+(tests/_rank_zygote.py), or fresh interpreters under ``SD3_TEST_FRESH_RANKS=1``. ``procs`` holds
+one Popen-like handle per rank (``pid``, ``poll``, ``wait``, ``returncode``). ``kill_all()``
+SIGKILLs the whole process group (ranks and anything they started), so no process outlives the
+test; use the job as a context manager.
 """
 import json
 import os
@@ -13,22 +16,49 @@ import subprocess
 import sys
 import time
 
-from _ranks import ROOT, free_port
+from _ranks import ROOT, free_port, zygote_for
 
 ENTRY = os.path.join(ROOT, "pretrain_sd3.py")
+
+
+class ForkedRank:
+    """One rank of a zygote's run, as ``subprocess.Popen`` shows a process."""
+
+    def __init__(self, run, rank):
+        self.run, self.rank, self.pid = run, rank, run.pids[rank]
+
+    @property
+    def returncode(self):
+        return self.run.codes[self.rank]
+
+    def poll(self):
+        self.run.pump()
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.time() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.time() >= deadline:
+                raise subprocess.TimeoutExpired(f"rank {self.rank}", timeout)
+            self.run.pump(0.2 if deadline is None else min(0.2, max(0.0, deadline - time.time())))
+        return self.returncode
 
 
 class Job:
     def __init__(self, args, nproc, logdir, tag, env=None, script=ENTRY):
         port = str(free_port())
-        self.procs, self.log_paths = [], []
-        for r in range(nproc):
-            e = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
-                     LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                     OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=ROOT, **(env or {}))
-            path = os.path.join(logdir, f"{tag}.rank{r}.log")
-            self.log_paths.append(path)
-            group = {"process_group": 0 if r == 0 else self.procs[0].pid}
+        envs = [dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+                     PYTHONPATH=ROOT, **(env or {})) for r in range(nproc)]
+        self.log_paths = [os.path.join(logdir, f"{tag}.rank{r}.log") for r in range(nproc)]
+        zygote = zygote_for(envs)
+        if zygote is not None:
+            self.run = zygote.start(script, args, envs, self.log_paths, cwd=ROOT)
+            self.procs, self.pgid = [ForkedRank(self.run, r) for r in range(nproc)], self.run.pgid
+            return
+        self.run, self.procs = None, []
+        for e, path in zip(envs, self.log_paths):
+            group = {"process_group": 0 if not self.procs else self.procs[0].pid}
             with open(path, "w") as log:
                 self.procs.append(subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=e, stdout=log,
                                                    stderr=subprocess.STDOUT, **group))
@@ -71,6 +101,8 @@ class Job:
             os.killpg(self.pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        if self.run is not None:
+            self.run.kill()  # every rank's status, then the manager's connection closed
         for p in self.procs:
             p.wait()
         deadline = time.time() + 10  # children of the ranks (writers, managers) go with the group

@@ -124,13 +124,12 @@ class ForkedRun:
         """The manager's next message; None at the timeout or once it has ended."""
         deadline = time.time() + timeout
         while b"\n" not in self.buf:
-            left = deadline - time.time()
-            if self.closed or left <= 0:
+            if self.closed:
                 return None
-            self.conn.settimeout(left)
+            self.conn.settimeout(max(0.0, deadline - time.time()))  # 0: a look without waiting
             try:
                 chunk = self.conn.recv(65536)
-            except socket.timeout:
+            except (socket.timeout, BlockingIOError):
                 return None
             if not chunk:
                 self.closed = True
@@ -168,6 +167,7 @@ class ForkedRun:
             pass
         self.wait(30)
         self.conn.close()
+        self.closed = True
 
 
 def zygote_for(envs):
