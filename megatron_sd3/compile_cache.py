@@ -5,9 +5,9 @@ CPU kernels cached by a run at the default capability and loaded by a run under
 ``ATEN_CPU_CAPABILITY=avx2`` with one thread gave non-finite outputs (torch 2.13; a fresh cache
 gives the right numbers under either). With the variable set and no ``TORCHINDUCTOR_CACHE_DIR``
 of the user's, the cache becomes ``/tmp/torchinductor_$USER_<capability>``; child processes
-inherit it. It must happen before anything touches inductor's folder, and importing
-megatron-core already does (its fused kernels are ``torch.compile``-decorated), so the package's
-``__init__`` calls :func:`use_a_cache_per_cpu_capability`.
+inherit it. It must happen before anything touches inductor's folder (megatron-core's import did,
+before its fused kernels compiled at first call: lazy_compile.py), so the package's ``__init__``
+calls :func:`use_a_cache_per_cpu_capability` first.
 """
 from __future__ import annotations
 
