@@ -16,6 +16,8 @@ import sys
 import pytest
 import torch
 
+from _ranks import run_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.path.join(REPO, "tests", "_cpu_mode_worker.py")
 
@@ -45,10 +47,9 @@ def reference_run(tmp_path_factory):
     if torch.cuda.is_available():
         pytest.skip("CPU mode is for CPU hosts")
     workdir = tmp_path_factory.mktemp("cpu_mode_ref")
-    proc = subprocess.run(
-        [sys.executable, WORKER, "--cases", "plain", "--save-reference", str(workdir / "ref.pt"),
-         "--ckpt-dir", str(workdir / "ckpt"), "--report-dir", str(workdir / "report")],
-        cwd=str(workdir), env=_no_torchrun_env(), capture_output=True, text=True, timeout=200)
+    proc = run_script(WORKER, ["--cases", "plain", "--save-reference", str(workdir / "ref.pt"), "--ckpt-dir",
+                               str(workdir / "ckpt"), "--report-dir", str(workdir / "report")],
+                      env=_no_torchrun_env(), cwd=str(workdir), timeout=200)
     path = workdir / "report" / "report_rank0.txt"
     return proc.returncode, proc.stdout + proc.stderr, path.read_text() if path.exists() else "", \
         workdir / "ref.pt"
