@@ -215,6 +215,9 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
         F("fp8_format", str, None, "FP8 GEMMs in the joint blocks (default: off)", choices=("e4m3", "hybrid")),
         F("fp8_recipe", str, None, "default: delayed with transformer_engine, tensorwise with local "
           "(torchao); rowwise: torchao's per-row scales (e4m3, TP=1)", choices=("tensorwise", "rowwise", "delayed")),
+        F("fp8_gemms", str, "rule", "which joint-block GEMMs run in FP8: rule = where FP8 plus its casts beat "
+          "bf16 by the step-time model (tools/fp8_plan.py; the text stream's and modulation GEMMs stay bf16), "
+          "all = every one (torchao; Transformer Engine runs all)", choices=("rule", "all")),
         F("fp8_amax_history_len", int, 1, "amax history of delayed scaling", check=at_least(1)),
         F("first_last_layers_bf16", bool, False, "keep the first and last joint blocks in bf16"),
     ]),

@@ -68,6 +68,8 @@ class SD3Config(TransformerConfig):
     text_pad_multiple: int = 1
     """Pad the text stream to a multiple of this many tokens (16 for FP8 GEMMs); pads are kept out
     of attention and of the text-reconstruction loss."""
+    fp8_gemms: str = "all"
+    """With FP8 on: which joint-block GEMMs run in FP8 (``rule`` / ``all``; backends/fp8_settings.py)."""
     init_seed: int = 1234
     """Seed of the layout-independent initialisation (each block from (seed, layer number))."""
 

@@ -234,6 +234,36 @@ def _fp8_line(args, backend: str, on_gpu: bool) -> str:
     return line
 
 
+def _fp8_gemms_line(args, plan: dict, backend: str) -> str:
+    """Which joint-block GEMMs run in FP8 (``--fp8-gemms``; the rule: backends/fp8_settings.py)."""
+    if backend == "transformer_engine":
+        return ("all: Transformer Engine runs every TE module of its FP8 region in FP8 (--fp8-gemms rule is "
+                "not applied with TE)")
+    if args.fp8_gemms == "all":
+        return "all joint-block GEMMs (--fp8-gemms all)"
+    import torch
+
+    from megatron_sd3.backends.fp8_settings import model_gpu
+    from megatron_sd3.config import make_config
+    from megatron_sd3.step_time import plan as step_plan
+
+    cfg = make_config(plan["preset"], **plan["fields"])
+    if args.mock_latent_size:
+        hw = tuple(int(v) for v in args.mock_latent_size.lower().split("x"))
+        where = f"{hw[0]}x{hw[1]} latents"
+    else:
+        hw, where = (cfg.sample_size, cfg.sample_size), f"the model's {cfg.sample_size}x{cfg.sample_size} latents"
+    gpu = model_gpu(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    rows = step_plan(cfg, hw, args.micro_batch_size, gpu, tp=args.tensor_model_parallel_size,
+                     cp=args.context_parallel_size)["gemms"]
+    fp8 = sorted({r["name"] for r in rows if r["fp8"]})
+    kept = sorted({r["name"] for r in rows if not r["fp8"] and r["fp8_ms"] is not None} - set(fp8))
+    said = (f"FP8 for {', '.join(fp8)}; bf16 for {', '.join(kept) or 'none'}" if fp8 else
+            f"none pays, every GEMM bf16 ({len(kept)} shapes; --fp8-gemms all forces FP8)")
+    return (f"rule, modelled on {gpu.upper()} at micro batch {args.micro_batch_size} and {where} "
+            f"(tools/fp8_plan.py): {said}")
+
+
 def run_rows(args, plan: dict) -> list[tuple[str, str]]:
     """What ``pretrain_sd3.py`` with ``args`` (checked by ``preflight``, which gave ``plan``) will use."""
     import torch
@@ -268,6 +298,8 @@ def run_rows(args, plan: dict) -> list[tuple[str, str]]:
         rows.append(("attention", f"torch SDPA, --attention-backend {args.attention_backend}: {kernel} "
                      f"for {str(dtype).replace('torch.', '')}, {heads} heads of {head_dim} per rank"))
     rows.append(("FP8", _fp8_line(args, backend, on_gpu)))
+    if args.fp8_format:
+        rows.append(("FP8 GEMMs", _fp8_gemms_line(args, plan, backend)))
     k = kernel_sources()
     names = {"te": "Transformer Engine's", "apex": "apex's"}
     dist_opt = "distributed optimizer" if args.use_distributed_optimizer else "plain optimizer"

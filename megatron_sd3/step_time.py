@@ -21,7 +21,7 @@ not:
 * **Other** (norms, modulation, activations, optimizer, embedders' element-wise work, idle):
   measured, scaled with ``b x S x h x layers``.
 
-Constants (:func:`calibration`) come from the one H200 measurement of sd3_light at 1024 px, micro batch
+Constants (``CALIBRATION``, from :func:`solve_calibration`) come from the one H200 measurement of sd3_light at 1024 px, micro batch
 4, compiled: the step totals of 2026-12-04 (bf16 267.3 ms, torchao FP8 tensorwise 274.5 ms) and the
 split of the profiled compiled bf16 step (attention 103 ms, GEMMs 74 ms; torchao's FP8 GEMMs 61 ms):
 README "One GPU". Each efficiency is solved so the model
@@ -151,14 +151,19 @@ def _solve(f, target: float) -> float:
     return (lo + hi) / 2
 
 
-_CALIBRATION: Optional[Calibration] = None
+# solve_calibration()'s result, kept as numbers so that the rule (backends/fp8_settings.py) builds no
+# config inside a traced block; tests/tools/test_fp8_plan.py solves them again and compares
+CALIBRATION = Calibration(gemm_eff_bf16=0.7919804050980923, gemm_eff_fp8=0.4779105219306844,
+                          attn_eff=0.3706307453400904, mem_eff=0.6149889267326736,
+                          other_ms_per_unit=2.212277508090615e-07)
 
 
 def calibration() -> Calibration:
+    return CALIBRATION
+
+
+def solve_calibration() -> Calibration:
     """The constants solved on ``MEASURED`` (see the module docstring)."""
-    global _CALIBRATION
-    if _CALIBRATION is not None:
-        return _CALIBRATION
     from megatron_sd3.config import make_config
 
     m = MEASURED
@@ -188,8 +193,7 @@ def calibration() -> Calibration:
         cal = Calibration(eff_bf16, eff_fp8, attn_eff, 1.0, 0.0)
         mem = sum(cast_ms(g, gpu, cal) for g in fp8 if g.in_blocks) / cast_target
     other = (m["bf16_ms"] - m["attention_ms"] - m["gemm_bf16_ms"]) / _units(cfg, hw, b)
-    _CALIBRATION = Calibration(eff_bf16, eff_fp8, attn_eff, mem, other)
-    return _CALIBRATION
+    return Calibration(eff_bf16, eff_fp8, attn_eff, mem, other)
 
 
 def plan(cfg, latent_hw, micro_batch: int, gpu: str = "h200", tp: int = 1, cp: int = 1, fp8: str = "rule") -> dict:

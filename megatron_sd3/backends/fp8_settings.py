@@ -16,6 +16,17 @@ Recipes (``--fp8-recipe``)
     scaling). :func:`recipe_problem` states these rules once; the backends' ``check`` and the
     command-line checks both use it.
 
+Which GEMMs (``--fp8-gemms``)
+    ``rule`` (pretrain_sd3.py's default): a joint block's GEMM runs in FP8 only where the
+    step-time model (``megatron_sd3/step_time.py``, ``tools/fp8_plan.py``) puts its FP8 GEMMs plus
+    their casts below its bf16 GEMMs, from its shape (rows = micro batch x tokens, in and out
+    features per rank) on the run's GPU (H200 constants on an H200, H100's elsewhere and on CPU):
+    the modulation (micro-batch rows) and, at sd3_light's width, every GEMM stay bf16. ``all``:
+    every joint-block GEMM in FP8 (``Fp8Settings``' default, the backends' behaviour before the
+    rule). :func:`gemm_in_fp8` is the one rule; the torchao backend applies it per GEMM. Transformer
+    Engine puts every TE module inside its FP8 region in FP8: with TE the rule is not applied
+    (``all``), and the environment report says so.
+
 Shapes
     On a GPU ``torch._scaled_mm`` needs every GEMM dimension divisible by 16, including the token
     dimension (the inner dimension of the ``grad_weight`` GEMM). With FP8 on, ``make_config``
@@ -35,6 +46,30 @@ from typing import Optional
 
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("tensorwise", "rowwise", "delayed")
+FP8_GEMMS = ("rule", "all")
+
+
+def model_gpu(device_name: Optional[str]) -> str:
+    """The step-time model's GPU for a device name: ``h200`` for an H200, ``h100`` otherwise."""
+    return "h200" if device_name and "H200" in device_name.upper() else "h100"
+
+
+def _gemm_pays(m: int, k: int, n: int, on_cuda: bool) -> bool:
+    from megatron_sd3.step_time import Gemm, fp8_pays
+
+    import torch
+
+    device_name = torch.cuda.get_device_name() if on_cuda else None
+    return fp8_pays(Gemm("gemm", int(m), int(k), int(n)), model_gpu(device_name))
+
+
+def gemm_in_fp8(gemms: str, m: int, k: int, n: int, on_cuda: bool = False) -> bool:
+    """Whether a ``[m, k] x [k, n]`` joint-block GEMM runs in FP8 under ``--fp8-gemms gemms``."""
+    if gemms == "all":
+        return True
+    if gemms != "rule":
+        raise ValueError(f"--fp8-gemms must be one of {FP8_GEMMS}, got {gemms!r}")
+    return _gemm_pays(m, k, n, on_cuda)
 
 
 def recipe_problem(recipe: str, fp8_format: str, transformer_impl: str,
@@ -67,6 +102,7 @@ class Fp8Settings:
     amax_history_len / amax_compute_algo: delayed scaling's history (TE only; ignored otherwise).
     agree_amax_across_tp: all-reduce (MAX) the amax of TP-split operands over the TP group so the
         scales do not depend on TP (default on; off only to demonstrate the difference).
+    gemms: ``'all'`` (every joint-block GEMM) or ``'rule'`` (:func:`gemm_in_fp8`).
     """
 
     format: str = "hybrid"
@@ -74,12 +110,15 @@ class Fp8Settings:
     amax_history_len: int = 1
     amax_compute_algo: str = "most_recent"
     agree_amax_across_tp: bool = True
+    gemms: str = "all"
 
     def __post_init__(self):
         if self.format not in FP8_FORMATS:
             raise ValueError(f"--fp8-format must be one of {FP8_FORMATS}, got {self.format!r}")
         if self.recipe not in FP8_RECIPES:
             raise ValueError(f"--fp8-recipe must be one of {FP8_RECIPES}, got {self.recipe!r}")
+        if self.gemms not in FP8_GEMMS:
+            raise ValueError(f"--fp8-gemms must be one of {FP8_GEMMS}, got {self.gemms!r}")
         if self.amax_history_len < 1:
             raise ValueError(f"--fp8-amax-history-len must be >= 1, got {self.amax_history_len}")
         if self.amax_compute_algo not in ("most_recent", "max"):
@@ -100,6 +139,7 @@ class Fp8Settings:
             recipe=str(recipe),
             amax_history_len=int(getattr(config, "fp8_amax_history_len", 1)),
             amax_compute_algo=str(getattr(config, "fp8_amax_compute_algo", "most_recent")),
+            gemms=str(getattr(config, "fp8_gemms", "all")),
         )
 
     def transformer_config_kwargs(self) -> dict:

@@ -55,12 +55,14 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
 from megatron_sd3.backends import Backend, register_backend
-from megatron_sd3.backends.fp8_settings import FP8_FORMATS, Fp8Settings, recipe_problem
-from megatron_sd3.backends.local import SD3LocalSpecProvider
+from megatron_sd3.backends import fp8_settings
+from megatron_sd3.backends.fp8_settings import FP8_FORMATS, Fp8Settings, gemm_in_fp8, recipe_problem
+from megatron_sd3.backends.local import SD3LocalSpecProvider, _plain_linear_ok
 from megatron_sd3.compat import GemmOverride
 
 try:  # torchao is a soft dependency: only FP8 with the local backend needs it
@@ -336,6 +338,12 @@ def get_local_fp8_context(config, layer_no: int = -1):
 # ---------------------------------------------------------------------------------------------
 
 
+# Inside a compiled joint block the rule is a constant of the graph (shapes are static): marked
+# here, by its one caller in compiled code, as the mark imports torch._dynamo, which importing the
+# training loop does not (megatron_sd3/lazy_compile.py)
+torch.compiler.assume_constant_result(fp8_settings._gemm_pays)
+
+
 class _Float8LocalGemmMixin(GemmOverride):
     """Shared by both layers: decide per forward whether the GEMM runs in FP8."""
 
@@ -351,6 +359,21 @@ class _Float8LocalGemmMixin(GemmOverride):
         if settings is None and self.fp8:
             settings = self.fp8_settings or Fp8Settings()
         return settings
+
+    @staticmethod
+    def _pays(settings: Fp8Settings, input: torch.Tensor, weight: torch.Tensor) -> bool:
+        """``--fp8-gemms``: this GEMM's shape on this rank through the one rule (fp8_settings.py)."""
+        if settings.gemms == "all":
+            return True
+        return gemm_in_fp8(settings.gemms, input.numel() // input.shape[-1], weight.shape[1], weight.shape[0],
+                           input.is_cuda)
+
+    @staticmethod
+    def _declined(input, weight, bias, **kwargs):
+        """A GEMM the rule keeps in high precision: the local backend's (``F.linear`` where megatron's
+        autograd function would add nothing, as a bf16 run of ``--transformer-impl local``; else
+        megatron's own)."""
+        return F.linear(input, weight, bias) if _plain_linear_ok(**kwargs) else None
 
     @staticmethod
     def _check_fp8_supported(sequence_parallel, grad_output_buffer):
@@ -371,10 +394,13 @@ class Float8ColumnParallelLinear(_Float8LocalGemmMixin, ColumnParallelLinear):
     """
 
     def local_gemm(self, input, weight, bias=None, allreduce_dgrad=False, sequence_parallel=False,
-                   grad_output_buffer=None, tp_group=None, **_):
+                   grad_output_buffer=None, tp_group=None, **kwargs):
         settings = self._active_fp8_settings()
         if settings is None:
             return None
+        if not self._pays(settings, input, weight):
+            return self._declined(input, weight, bias, allreduce_dgrad=allreduce_dgrad,
+                                  sequence_parallel=sequence_parallel, grad_output_buffer=grad_output_buffer, **kwargs)
         self._check_fp8_supported(sequence_parallel, grad_output_buffer)
         tp_group = tp_group or self.tp_group
         if allreduce_dgrad:
@@ -401,10 +427,13 @@ class Float8RowParallelLinear(_Float8LocalGemmMixin, RowParallelLinear):
     """
 
     def local_gemm(self, input, weight, bias=None, allreduce_dgrad=False, grad_output_buffer=None,
-                   **_):
+                   **kwargs):
         settings = self._active_fp8_settings()
         if settings is None:
             return None
+        if not self._pays(settings, input, weight):
+            return self._declined(input, weight, bias, allreduce_dgrad=allreduce_dgrad,
+                                  grad_output_buffer=grad_output_buffer, **kwargs)
         self._check_fp8_supported(False, grad_output_buffer)
         assert not allreduce_dgrad
         output = float8_parallel_gemm(

@@ -239,7 +239,7 @@ def setup(args, plan):
     if bf16:
         parallel.update(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16)
     if args.fp8_format:
-        parallel.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe,
+        parallel.update(fp8=args.fp8_format, fp8_recipe=args.fp8_recipe, fp8_gemms=args.fp8_gemms,
                         fp8_amax_history_len=args.fp8_amax_history_len,
                         first_last_layers_bf16=args.first_last_layers_bf16)
     parallel["attention_backend"] = AttnBackend[args.attention_backend]

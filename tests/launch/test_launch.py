@@ -143,7 +143,7 @@ def test_bad_input_through_launch_sh_is_one_line(tmp_path, args, message):
 @pytest.mark.parametrize("ranks, args", [
     # the demo itself (make demo, PP=2 through launch.sh) is held quiet by test_conditional.py
     pytest.param(2, ["--pipeline-model-parallel-size", "2"], marks=pytest.mark.slow),
-    pytest.param(1, ["--fp8-format", "hybrid"], marks=pytest.mark.slow),  # torchao's FP8 path
+    pytest.param(1, ["--fp8-format", "hybrid", "--fp8-gemms", "all"], marks=pytest.mark.slow),  # torchao's FP8 GEMMs
 ], ids=["demo-pp2", "fp8"])
 def test_demo_run_is_quiet(tmp_path, ranks, args):
     """The demo through launch.sh: no warning on stderr from any rank (megatron's TE/apex fallbacks,

@@ -46,6 +46,9 @@ def test_the_measured_h200_step_is_reproduced():
     assert p["attention_ms"] == pytest.approx(m["attention_ms"], rel=1e-3)
     assert p["gemm_bf16_ms"] == pytest.approx(m["gemm_bf16_ms"], rel=1e-3)
     c = p["calibration"]
+    solved = step_time.solve_calibration()  # the kept constants are the solution
+    for k, v in c.items():
+        assert getattr(solved, k) == pytest.approx(v, rel=1e-9), k
     assert 0 < c["gemm_eff_fp8"] < 1 and 0 < c["gemm_eff_bf16"] < 1 and 0 < c["mem_eff"] < 1 and 0 < c["attn_eff"] < 1
 
 

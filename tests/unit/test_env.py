@@ -120,8 +120,26 @@ def test_the_run_block_follows_the_flags(capsys, monkeypatch):
     assert "--attention-backend unfused: math (unfused)" in run["attention"], run
     assert run["FP8"].startswith("e4m3") and "torchao rowwise" in run["FP8"], run
     assert "distributed optimizer" in run["optimizer"], run
+    assert run["FP8 GEMMs"].startswith("rule, modelled on H100 at micro batch 2 and 8x8 latents"), run
+    assert run["FP8 GEMMs"].endswith("none pays, every GEMM bf16 (12 shapes; --fp8-gemms all forces FP8)"), run
     code, out, err = _env_main(TINY, capsys, monkeypatch)
     assert "plain optimizer" in _rows(out, "this run")["optimizer"]
+    assert "FP8 GEMMs" not in _rows(out, "this run")
+    code, out, err = _env_main([*TINY, "--fp8-format", "hybrid", "--fp8-gemms", "all"], capsys, monkeypatch)
+    assert _rows(out, "this run")["FP8 GEMMs"] == "all joint-block GEMMs (--fp8-gemms all)"
+
+
+def test_the_fp8_gemms_row_names_what_the_rule_moves_to_fp8(capsys, monkeypatch):
+    """At a width where the model says the large image GEMMs pay, the report names them and keeps
+    the text stream's and the modulation's in bf16."""
+    code, out, err = _env_main(["--preset", "sd3_light", "--mock-data", "--fp8-format", "hybrid", "--hidden-size",
+                                "16384", "--num-attention-heads", "256", "--micro-batch-size", "4"],
+                               capsys, monkeypatch)
+    assert code == 0, err
+    line = _rows(out, "this run")["FP8 GEMMs"]
+    fp8, kept = line.split("FP8 for ")[1].split("; bf16 for ")
+    assert {"image.fc1", "image.fc2", "image.qkv"} <= set(fp8.split(", ")), line
+    assert {"image.modulation", "text.modulation"} <= set(kept.split(", ")), line
 
 
 def test_without_flags_only_the_environment(capsys, monkeypatch):

@@ -484,18 +484,20 @@ def test_fp8_training_tracks_fp32(tp1, fmt, recipe):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fp8,recipe", [(None, None), ("hybrid", "tensorwise"), ("e4m3", "rowwise")])
-def test_compiled_block_is_one_graph(tp1, fp8, recipe):
+@pytest.mark.parametrize("fp8,recipe,gemms", [(None, None, "all"), ("hybrid", "tensorwise", "all"),
+                                             ("e4m3", "rowwise", "all"), ("hybrid", "tensorwise", "rule")])
+def test_compiled_block_is_one_graph(tp1, fp8, recipe, gemms):
     """torch.compile traces a whole joint block, its FP8 GEMMs with their amax, scales and casts
-    included, as one graph: no graph break at any GEMM."""
+    included, as one graph: no graph break at any GEMM (with ``--fp8-gemms rule`` the rule is a
+    constant of the graph; at the tiny widths it keeps every GEMM in bf16)."""
     from megatron_sd3.testing.helpers import block_graphs, tiny_forward_inputs
 
-    model = _tiny_fp8_model(fp8, fp8_recipe=recipe) if fp8 else _tiny_fp8_model(None)
+    model = _tiny_fp8_model(fp8, fp8_recipe=recipe, fp8_gemms=gemms) if fp8 else _tiny_fp8_model(None)
     inputs = tiny_forward_inputs(model.config)
     with count_scaled_mm() as calls:
         ex = block_graphs(model, inputs)
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), [r.reason[:200] for r in ex.break_reasons]
-    assert bool(calls) == bool(fp8)  # the FP8 runs really went through torch._scaled_mm
+    assert bool(calls) == (bool(fp8) and gemms == "all")  # FP8 runs really went through torch._scaled_mm
 
 
 def test_per_gemm_regions_break_before_every_fp8_gemm(tp1, monkeypatch):
@@ -546,3 +548,53 @@ def test_mmdit_flops_formula():
     assert peak_tflops("NVIDIA H100 80GB HBM3", "fp8") == 2 * PEAK_TFLOPS["H100"]["bf16"]
     assert peak_tflops("cpu", "bf16") is None
     assert math.isclose(mfu(989.0e12 / 2, "H100", "bf16"), 0.5, rel_tol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# --fp8-gemms: FP8 only where it pays (fp8_settings.gemm_in_fp8, the step-time model)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_rule_on_sd3_light_shapes():
+    """The modulation (micro-batch rows) never pays; at sd3_light's width (1024 px, micro batch 4)
+    no GEMM does (the measured 0.97x); at a width where the FLOPs outgrow the casts, the large
+    image GEMMs do. ``all`` is every GEMM; anything else is one line."""
+    from megatron_sd3.backends.fp8_settings import gemm_in_fp8, model_gpu
+
+    rows = 4 * 4096
+    assert not gemm_in_fp8("rule", 4, 1536, 9 * 1536)  # modulation
+    assert not gemm_in_fp8("rule", rows, 1536, 6144)  # sd3_light's image MLP
+    assert not gemm_in_fp8("rule", 4 * 336, 1536, 6144)  # the text stream's
+    assert gemm_in_fp8("rule", rows, 16384, 4 * 16384)  # a 16384-wide model's image MLP
+    assert not gemm_in_fp8("rule", 4, 16384, 9 * 16384)  # and its modulation
+    assert gemm_in_fp8("all", 4, 1536, 9 * 1536)
+    with pytest.raises(ValueError, match="--fp8-gemms must be one of"):
+        gemm_in_fp8("some", 4, 8, 8)
+    with pytest.raises(ValueError, match="--fp8-gemms must be one of"):
+        Fp8Settings(gemms="some")
+    assert model_gpu("NVIDIA H200") == "h200" and model_gpu("NVIDIA H100 80GB HBM3") == "h100"
+    assert model_gpu(None) == "h100"
+
+
+def test_the_torchao_layers_ask_the_rule_per_gemm(tp1, monkeypatch):
+    """Under ``rule`` each torchao GEMM asks gemm_in_fp8 with its rows and per-rank features: the
+    tiny pair's GEMMs do not pay (the local backend's F.linear: FP8 off's numbers to float
+    rounding, addmm against megatron's matmul + add, far inside FP8's few-% error); where the model
+    says they pay, both layers run FP8 (3 GEMMs each through torch._scaled_mm)."""
+    import megatron_sd3.backends.fp8_settings as fs
+    import megatron_sd3.step_time as st
+
+    w = H.full_weights()
+    x, gy = _inputs()
+    off = H.run_pair(*build_fp8_pair(w), x, gy, None)
+    with count_scaled_mm() as calls:
+        ruled = H.run_pair(*build_fp8_pair(w), x, gy, Fp8Settings("hybrid", gemms="rule"))
+    assert calls == []
+    for k in off:
+        assert rel(ruled[k], off[k]) < 1e-5, k
+    asked = []
+    monkeypatch.setattr(st, "fp8_pays", lambda g, gpu, cal=None: asked.append((g.m, g.k, g.n, gpu)) or True)
+    with count_scaled_mm() as calls:
+        H.run_pair(*build_fp8_pair(w), x, gy, Fp8Settings("hybrid", gemms="rule"))
+    assert len(calls) == 6
+    assert sorted(set(asked)) == sorted({(64, H.HIDDEN, H.FFN, "h100"), (64, H.FFN, H.HIDDEN, "h100")}), asked
