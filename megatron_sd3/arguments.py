@@ -434,6 +434,15 @@ def validate(args) -> None:
             bad(problem)
 
 
+def mock_latent_hw(args, sample_size: int) -> tuple[int, int]:
+    """The mock source's latent size: ``--mock-latent-size HxW`` (checked by :func:`validate`), or
+    the model's ``sample_size`` square."""
+    if getattr(args, "mock_latent_size", None):
+        h, w = (int(v) for v in args.mock_latent_size.lower().split("x"))
+        return h, w
+    return int(sample_size), int(sample_size)
+
+
 def flow_config(args) -> FlowMatchingConfig:
     """The run's flow-matching inputs (timestep density, loss weights, target, text dropout)."""
     return FlowMatchingConfig(timestep_sampling=args.timestep_sampling, weighting_scheme=args.weighting_scheme,

@@ -243,16 +243,14 @@ def _fp8_gemms_line(args, plan: dict, backend: str) -> str:
         return "all joint-block GEMMs (--fp8-gemms all)"
     import torch
 
+    from megatron_sd3.arguments import mock_latent_hw
     from megatron_sd3.backends.fp8_settings import model_gpu
     from megatron_sd3.config import make_config
     from megatron_sd3.step_time import plan as step_plan
 
     cfg = make_config(plan["preset"], **plan["fields"])
-    if args.mock_latent_size:
-        hw = tuple(int(v) for v in args.mock_latent_size.lower().split("x"))
-        where = f"{hw[0]}x{hw[1]} latents"
-    else:
-        hw, where = (cfg.sample_size, cfg.sample_size), f"the model's {cfg.sample_size}x{cfg.sample_size} latents"
+    hw = mock_latent_hw(args, cfg.sample_size)
+    where = f"{hw[0]}x{hw[1]} latents" if args.mock_latent_size else f"the model's {hw[0]}x{hw[1]} latents"
     gpu = model_gpu(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
     rows = step_plan(cfg, hw, args.micro_batch_size, gpu, tp=args.tensor_model_parallel_size,
                      cp=args.context_parallel_size)["gemms"]

@@ -319,10 +319,9 @@ def largest_micro_batch(cfg, gpu_memory_gib: float, limit: int = 1024, **kw) -> 
 def report_at_start(cfg, args, data_parallel: int, print_fn=print) -> None:
     """The report ``pretrain`` prints at start (rank 0), from the run's config and flags, for
     the mock latent size or else the model's ``sample_size`` latents."""
-    if getattr(args, "mock_latent_size", None):
-        latent_hw = tuple(int(v) for v in args.mock_latent_size.lower().split("x"))
-    else:
-        latent_hw = (cfg.sample_size, cfg.sample_size)
+    from megatron_sd3.arguments import mock_latent_hw
+
+    latent_hw = mock_latent_hw(args, cfg.sample_size)
     m = args.global_batch_size // (args.micro_batch_size * data_parallel)
     rows = plan_memory(cfg, latent_hw=latent_hw, micro_batch=args.micro_batch_size,
                        data_parallel=data_parallel, num_microbatches=m,

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.enums import AttnBackend
 
-from megatron_sd3.arguments import effective_config, flow_config, optional_kernels
+from megatron_sd3.arguments import effective_config, flow_config, mock_latent_hw, optional_kernels
 from megatron_sd3.config import ConfigError, config_to_dict, make_config, model_fields
 from megatron_sd3.distributed import initialize_distributed
 from megatron_sd3.flops import model_flops_per_sample
@@ -61,8 +61,7 @@ def build_dataset(args, cfg, blend=None):
     if blend is None and args.mock_data:
         from megatron_sd3.data.mock import MockDataset
 
-        side = cfg.sample_size
-        hw = tuple(int(v) for v in args.mock_latent_size.lower().split("x")) if args.mock_latent_size else (side, side)
+        hw = mock_latent_hw(args, cfg.sample_size)
         return MockDataset(args.mock_num_samples, latent_size=hw, in_channels=cfg.in_channels,
                            text_len=cfg.text_seq_len, text_dim=cfg.joint_attention_dim,
                            pooled_dim=cfg.pooled_projection_dim, with_mask=args.mock_with_mask, seed=args.seed,
@@ -178,9 +177,7 @@ def preflight(args):
             data_sizes.append(int(manifest["num_samples"]))
             buckets += [tuple(b) for b in manifest.get("latent_buckets") or []]
     if args.mock_data:
-        side = int(mf["sample_size"])
-        buckets.append(tuple(int(v) for v in args.mock_latent_size.lower().split("x")) if args.mock_latent_size
-                       else (side, side))
+        buckets.append(mock_latent_hw(args, mf["sample_size"]))
     _check_buckets(args, mf, buckets)
     # -- validation, samples, W&B (training/evaluate.py, training/metrics.py) --
     if args.valid_data_path:
