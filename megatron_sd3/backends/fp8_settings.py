@@ -41,6 +41,7 @@ This module imports neither torchao nor Transformer Engine.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -54,10 +55,11 @@ def model_gpu(device_name: Optional[str]) -> str:
     return "h200" if device_name and "H200" in device_name.upper() else "h100"
 
 
+@functools.lru_cache(maxsize=None)  # one decision per shape: the forward asks it per GEMM and micro batch
 def _gemm_pays(m: int, k: int, n: int, on_cuda: bool) -> bool:
-    from megatron_sd3.step_time import Gemm, fp8_pays
-
     import torch
+
+    from megatron_sd3.step_time import Gemm, fp8_pays
 
     device_name = torch.cuda.get_device_name() if on_cuda else None
     return fp8_pays(Gemm("gemm", int(m), int(k), int(n)), model_gpu(device_name))

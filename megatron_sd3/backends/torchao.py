@@ -363,8 +363,6 @@ class _Float8LocalGemmMixin(GemmOverride):
     @staticmethod
     def _pays(settings: Fp8Settings, input: torch.Tensor, weight: torch.Tensor) -> bool:
         """``--fp8-gemms``: this GEMM's shape on this rank through the one rule (fp8_settings.py)."""
-        if settings.gemms == "all":
-            return True
         return gemm_in_fp8(settings.gemms, input.numel() // input.shape[-1], weight.shape[1], weight.shape[0],
                            input.is_cuda)
 

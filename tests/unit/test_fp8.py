@@ -593,8 +593,12 @@ def test_the_torchao_layers_ask_the_rule_per_gemm(tp1, monkeypatch):
     for k in off:
         assert rel(ruled[k], off[k]) < 1e-5, k
     asked = []
+    fs._gemm_pays.cache_clear()  # the decisions above are cached per shape
     monkeypatch.setattr(st, "fp8_pays", lambda g, gpu, cal=None: asked.append((g.m, g.k, g.n, gpu)) or True)
-    with count_scaled_mm() as calls:
-        H.run_pair(*build_fp8_pair(w), x, gy, Fp8Settings("hybrid", gemms="rule"))
+    try:
+        with count_scaled_mm() as calls:
+            H.run_pair(*build_fp8_pair(w), x, gy, Fp8Settings("hybrid", gemms="rule"))
+    finally:
+        fs._gemm_pays.cache_clear()  # no planted decision outlives the test
     assert len(calls) == 6
     assert sorted(set(asked)) == sorted({(64, H.HIDDEN, H.FFN, "h100"), (64, H.FFN, H.HIDDEN, "h100")}), asked
