@@ -24,7 +24,7 @@ not:
 Constants (``CALIBRATION``, from :func:`solve_calibration`) come from the one H200 measurement of sd3_light at 1024 px, micro batch
 4, compiled: the step totals of 2026-12-04 (bf16 267.3 ms, torchao FP8 tensorwise 274.5 ms) and the
 split of the profiled compiled bf16 step (attention 103 ms, GEMMs 74 ms; torchao's FP8 GEMMs 61 ms):
-README "One GPU". Each efficiency is solved so the model
+README "One GPU", docs/results/gpu_h200_runs.jsonl. Each efficiency is solved so the model
 reproduces its part; FP8's casts are what is left of the FP8 step (274.5 - 267.3 + 74 - 61 = 20.2
 ms). A single calibration point: the model says where FP8's GEMM savings outgrow its casts as
 shapes change, not how a kernel library behaves at shapes never measured.

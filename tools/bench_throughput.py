@@ -20,7 +20,10 @@ Precision variants
     ``bf16``      bf16 params (megatron ``Float16Module`` as Megatron-LM's ``--bf16``); on CPU
                   this row is fp32 (named ``fp32``), CPU bf16 GEMMs being no reference.
     ``fp8-local`` FP8 GEMMs in the joint blocks through torchao (``--fp8-format hybrid``,
-                  tensorwise), bf16 params on GPU; text padded to a multiple of 16.
+                  tensorwise), every block GEMM (``--fp8-gemms all``), bf16 params on GPU; text
+                  padded to a multiple of 16.
+    ``fp8-rule``  as ``fp8-local`` with ``--fp8-gemms rule`` (pretrain's default): FP8 only for
+                  the GEMMs where the step-time model says FP8 plus its casts beat bf16.
     ``fp8-rowwise`` as ``fp8-local`` with torchao's rowwise recipe (``--fp8-format e4m3
                   --fp8-recipe rowwise``: per-row scales, all operands e4m3).
     ``fp8-per-gemm`` as ``fp8-local``, but compiled with a graph break before every FP8 GEMM
@@ -40,6 +43,13 @@ Measurements
     dense bf16 peak of the card (``flops.peak_tflops``; FP8 rows also against the FP8 peak);
     none on CPU. Peak memory: ``torch.cuda.max_memory_allocated`` per variant on GPU; on CPU the
     process RSS after the variant and the process-lifetime peak RSS (not per variant).
+
+Planned against measured: each row also carries what the planners say for its config --
+``planned_ms`` (``megatron_sd3.step_time.plan``: the step-time model of ``tools/fp8_plan.py``, on
+the card's constants, H100's off an H200; its ``planned_fp8_gemms`` are the GEMMs the rule puts
+in FP8) and ``planned_mem_GiB`` (``megatron_sd3.memory.plan_memory``: weights, gradients,
+optimizer and activations, the training log's theoretical memory), beside ``ms_per_iter`` and
+``peak_mem_GiB``.
 
 ``--compile on|both`` compiles every joint block in place (``block.compile()``; parameter
 names, DDP and the optimizer are untouched); ``both`` measures eager and compiled and marks the
@@ -61,7 +71,9 @@ instead of ~10-30 s of CPU master-weight init for sd3_light's 1.5 B parameters; 
 50x).
 
 Prints a table and writes JSON (``--json``; rewritten after every row, so a run cut by a timeout
-keeps what it measured; ``complete`` and ``summary`` appear at the end). A variant that fails is
+keeps what it measured; ``complete`` and ``summary`` appear at the end); ``--rows-jsonl`` appends
+each row as one line, with the device and ``--tag``, as soon as it is measured (the one log of
+``tools/gpu_check.sh``). A variant that fails is
 recorded with its error and the others still run. ``--time-budget`` skips the remaining variants
 once exceeded.
 """
@@ -119,8 +131,11 @@ def rss_mb() -> tuple[float, float]:
     return cur, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+VARIANTS = ("bf16", "fp8-local", "fp8-rule", "fp8-rowwise", "fp8-per-gemm", "fp8-te")
+
+
 def variants(cuda: bool, want: list[str]):
-    """(name, (fp8 format, fp8 recipe) or None, transformer_impl, bf16 params)."""
+    """(name, (fp8 format, fp8 recipe, fp8 gemms) or None, transformer_impl, bf16 params)."""
     from megatron_sd3.backends.transformer_engine import transformer_engine_available as have_transformer_engine
 
     out = []
@@ -128,19 +143,20 @@ def variants(cuda: bool, want: list[str]):
         if v == "bf16":
             out.append(("bf16" if cuda else "fp32", None, "local", cuda))
         elif v == "fp8-local":
-            out.append(("fp8-local", ("hybrid", "tensorwise"), "local", cuda))
+            out.append(("fp8-local", ("hybrid", "tensorwise", "all"), "local", cuda))
+        elif v == "fp8-rule":
+            out.append(("fp8-rule", ("hybrid", "tensorwise", "rule"), "local", cuda))
         elif v == "fp8-rowwise":
-            out.append(("fp8-rowwise", ("e4m3", "rowwise"), "local", cuda))
+            out.append(("fp8-rowwise", ("e4m3", "rowwise", "all"), "local", cuda))
         elif v == "fp8-per-gemm":
-            out.append(("fp8-per-gemm", ("hybrid", "tensorwise"), "local", cuda))
+            out.append(("fp8-per-gemm", ("hybrid", "tensorwise", "all"), "local", cuda))
         elif v == "fp8-te":
             if have_transformer_engine():
-                out.append(("fp8-te", ("hybrid", "delayed"), "transformer_engine", cuda))
+                out.append(("fp8-te", ("hybrid", "delayed", "all"), "transformer_engine", cuda))
             else:
                 log("fp8-te skipped: Transformer Engine not importable")
         else:
-            raise SystemExit(f"unknown variant {v!r}; choose from bf16, fp8-local, fp8-rowwise, "
-                             "fp8-per-gemm, fp8-te")
+            raise SystemExit(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     return out
 
 
@@ -163,7 +179,7 @@ def build(preset, fp8, impl, bf16, gamma, num_layers, init="cpu", attention_back
     if bf16:
         parallel.update(bf16=True, params_dtype=torch.bfloat16)
     if fp8:
-        parallel["fp8"], parallel["fp8_recipe"] = fp8
+        parallel["fp8"], parallel["fp8_recipe"], parallel["fp8_gemms"] = fp8
     overrides = dict(text_recon_gamma=gamma, text_recon_target_layer=0)
     if num_layers:
         overrides["num_layers"] = num_layers  # the preset's first N blocks
@@ -177,6 +193,21 @@ def build(preset, fp8, impl, bf16, gamma, num_layers, init="cpu", attention_back
         cfg.use_cpu_initialization = False
     return build_training(cfg, transformer_impl=impl,
                           optimizer=dict(lr=1e-4, weight_decay=0.01, clip_grad=1.0))
+
+
+def planned(cfg, latent: int, mbs: int, fp8_gemms, device_name) -> dict:
+    """What the planners say of one row: the step-time model (``step_time.plan``, the card's
+    constants; H100's for any other device) and the theoretical memory (``plan_memory``)."""
+    from megatron_sd3 import step_time
+    from megatron_sd3.backends.fp8_settings import model_gpu
+    from megatron_sd3.memory import GiB, plan_memory
+
+    gpu, hw = model_gpu(device_name), (latent, latent)
+    p = step_time.plan(cfg, hw, mbs, gpu=gpu, fp8=fp8_gemms or "all")
+    (mem,) = plan_memory(cfg, latent_hw=hw, micro_batch=mbs)  # TP = PP = DP = 1: one rank
+    return dict(plan_gpu=gpu, planned_ms=p["fp8_ms"] if fp8_gemms else p["bf16_ms"],
+                planned_fp8_gemms=sorted({g["name"] for g in p["gemms"] if g["fp8"]}) if fp8_gemms else [],
+                planned_mem_GiB=round(mem["total"] / GiB, 2))
 
 
 def synthetic_batch(cfg, mbs, latent, dev):
@@ -322,7 +353,9 @@ class Built:
                    preset=args.preset, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
                    params_M=self.params_m,
                    build_s=self.build_s, init=self.init, img_tokens=cfg.num_image_tokens(latent, latent),
-                   txt_tokens=cfg.padded_text_len, attention_backend=args.attention_backend)
+                   txt_tokens=cfg.padded_text_len, attention_backend=args.attention_backend,
+                   fp8_gemms=cfg.fp8_gemms if cfg.fp8 else None)  # what the model was built with
+        row.update(planned(cfg, latent, mbs, row["fp8_gemms"], torch.cuda.get_device_name() if cuda else None))
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -395,13 +428,13 @@ class Built:
 def fmt_table(rows, cuda):
     mem = "peak GiB" if cuda else "RSS MiB"
     head = ["variant", "recon", "res", "mb", "comp", "ms/iter", "samples/s", "TFLOP/s", "MFU(bf16)",
-            "MFU(fp8)", mem, "note"]
+            "MFU(fp8)", mem, "plan ms", "plan GiB", "note"]
     lines = []
     for r in rows:
         if "error" in r:
             lines.append([r["variant"], r["text_recon"], str(r.get("resolution", "-")),
                           str(r.get("micro_batch", "-")), "y" if r.get("compiled") else "n",
-                          "-", "-", "-", "-", "-", "-",
+                          "-", "-", "-", "-", "-", "-", "-", "-",
                           "ERROR " + r["error"][:60]])
             continue
         pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
@@ -411,6 +444,7 @@ def fmt_table(rows, cuda):
             f"{r['ms_per_iter']:.1f}", f"{r['samples_per_s']:.2f}",
             f"{r['tflops_per_device']:.3g}", pct(r["mfu_bf16_peak"]), pct(r["mfu_fp8_peak"]),
             f"{r['peak_mem_GiB']:.1f}" if cuda else f"{r['rss_MiB']:.0f}",
+            f"{r['planned_ms']:.1f}", f"{r['planned_mem_GiB']:.2f}",
             "best" if r.get("best") else "",
         ])
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
@@ -439,10 +473,10 @@ def summarize(rows):
                              "mfu_bf16_peak": r.get("mfu_bf16_peak")}
     for res, s in summary.items():
         base = s.get("bf16/off") or s.get("fp32/off")
-        for fp8 in ("fp8-local", "fp8-rowwise", "fp8-per-gemm", "fp8-te"):
+        for fp8 in VARIANTS[1:]:
             if base and f"{fp8}/off" in s:
                 s[f"{fp8}_speedup_vs_{'bf16' if 'bf16/off' in s else 'fp32'}"] = round(s[f"{fp8}/off"]["samples_per_s"] / base["samples_per_s"], 3)
-        for var in ("bf16", "fp32", "fp8-local", "fp8-rowwise", "fp8-per-gemm", "fp8-te"):
+        for var in ("fp32",) + VARIANTS:
             if f"{var}/off" in s and f"{var}/on" in s:
                 s[f"{var}_recon_slowdown"] = round(
                     1 - s[f"{var}/on"]["samples_per_s"] / s[f"{var}/off"]["samples_per_s"], 4)
@@ -475,6 +509,9 @@ def main(argv=None):
                     help="weight init: device (GPU default: fast) or cpu (layout-independent)")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds; skip the rest after")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--rows-jsonl", default=None,
+                    help="append each row here as one JSON line as soon as it is measured")
+    ap.add_argument("--tag", default=None, help="a name for this run's rows in --rows-jsonl")
     args = ap.parse_args(argv)
     args.resolution = args.resolution or ([256, 1024] if cuda else [64])
     if args.micro_batch_size is None:
@@ -584,6 +621,9 @@ def main(argv=None):
                         "peak_mem_GiB", "warmup_s", "error") if k in row})
                     rows.append(row)
                     save()
+                    if args.rows_jsonl:
+                        with open(args.rows_jsonl, "a") as fh:
+                            fh.write(json.dumps(dict(tag=args.tag, device=device_name, **row)) + "\n")
             built.free()
             del built
     summary = summarize(rows)

@@ -6,9 +6,10 @@
 
 Prints the step in bf16 and in FP8 (``--fp8-gemms rule``: FP8 for the block GEMMs where its GEMMs
 plus casts beat bf16; ``all``: every block GEMM, as the torchao backend runs today), the speedup,
-every GEMM's time both ways, and the width, micro batch and resolution at which the model puts
-FP8 at 1.1x and 1.3x. ``--json``: one line with ``bf16_ms``, ``fp8_ms``, ``speedup``, ``gemms``
-and ``thresholds``. The model and its calibration (one H200 measurement): megatron_sd3/step_time.py.
+every GEMM's time both ways, the theoretical memory of one rank with bf16 parameters (the
+training log's, ``megatron_sd3.memory.plan_memory``), and the width, micro batch and resolution at
+which the model puts FP8 at 1.1x and 1.3x. ``--json``: one line with ``bf16_ms``, ``fp8_ms``,
+``speedup``, ``gemms``, ``memory_GiB`` and ``thresholds``. The model and its calibration (one H200 measurement): megatron_sd3/step_time.py.
 """
 from __future__ import annotations
 
@@ -40,6 +41,20 @@ def build_parser():
     return p
 
 
+def planned_memory(a, overrides: dict, hw) -> dict:
+    """Megatron-LM's theoretical memory of the first pipeline rank with bf16 parameters, GiB."""
+    import torch
+
+    from megatron_sd3.config import make_config
+    from megatron_sd3.memory import GiB, plan_memory
+
+    cfg = make_config(a.preset, parallel=dict(bf16=True, params_dtype=torch.bfloat16,
+                                              tensor_model_parallel_size=a.tensor_model_parallel_size),
+                      **overrides)
+    row = plan_memory(cfg, latent_hw=hw, micro_batch=a.micro_batch_size)[0]
+    return {k: round(row[k] / GiB, 2) for k in ("weights", "grads", "optimizer", "activations", "total")}
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     from megatron_sd3 import step_time
@@ -68,6 +83,7 @@ def main(argv=None) -> int:
     hw = (a.resolution // 8, a.resolution // 8)
     par = dict(gpu=a.gpu, tp=a.tensor_model_parallel_size, cp=a.context_parallel_size, fp8=a.fp8_gemms)
     out = step_time.plan(cfg, hw, a.micro_batch_size, **par)
+    out["memory_GiB"] = planned_memory(a, overrides, hw)
 
     def at(**change):
         def make(v):
@@ -106,6 +122,9 @@ def main(argv=None) -> int:
         f8 = "-" if g["fp8_ms"] is None else f"{g['fp8_ms']:.3f}"
         print(f"  {g['name']:<18} {g['m']:>7} {g['k']:>6} {g['n']:>6} {g['count']:>3} {g['bf16_ms']:>8.3f} "
               f"{f8:>8}  {'yes' if g['fp8'] else 'no'}")
+    m = out["memory_GiB"]
+    print(f"  memory (one rank, bf16 params, theoretical): {m['total']:.2f} GiB = weights {m['weights']:.2f}"
+          f" + grads {m['grads']:.2f} + optimizer {m['optimizer']:.2f} + activations {m['activations']:.2f}")
     for t, where in out["thresholds"].items():
         said = ", ".join(f"{k.replace('_', ' ')} {v if v is not None else 'none in range'}" for k, v in where.items())
         print(f"  FP8 reaches {t} (one thing changed at a time): {said}")

@@ -44,21 +44,40 @@ def test_bench_throughput_rows_and_kernel_breakdown(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_bench_hidden_size_widens_the_model(tmp_path):
+def test_bench_hidden_size_widens_the_model_and_rows_carry_the_plans(tmp_path):
     """``--hidden-size`` (where FP8 starts to pay) builds the preset at that width, heads of 64,
-    MLP 4x, and the FLOP count follows; a width that is no multiple of 64 is one line, exit != 0."""
-    out = tmp_path / "w.json"
+    MLP 4x, and the FLOP count follows; a width that is no multiple of 64 is one line, exit != 0.
+    Each row reaches ``--rows-jsonl`` as it is measured, tagged, with what the planners say of it
+    (the step-time model's ms, the rule's FP8 GEMMs, the theoretical memory) for its own config,
+    built with pretrain's ``--fp8-gemms rule`` for ``fp8-rule``, ``all`` for ``fp8-local``."""
+    out, log = tmp_path / "w.json", tmp_path / "rows.jsonl"
     r = _tool("bench_throughput.py", "--hidden-size", "128", "--num-layers", "2", "--resolution", "32",
-              "--warmup", "0", "--iters", "1", "--variants", "bf16", "--recon", "off", "--json", str(out))
+              "--warmup", "0", "--iters", "1", "--variants", "bf16", "fp8-rule", "fp8-local", "--recon", "off",
+              "--json", str(out), "--rows-jsonl", str(log), "--tag", "wide")
     assert r.returncode == 0, r.stderr[-2000:]
-    (row,) = json.loads(out.read_text())["rows"]
-    assert (row["hidden_size"], row["num_layers"]) == (128, 2)
+    rows = json.loads(out.read_text())["rows"]
+    device = json.loads(out.read_text())["device"]
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [
+        dict(tag="wide", device=device, **{k: v for k, v in row.items() if k != "best"}) for row in rows]
+    assert [(row["variant"], row["fp8_gemms"]) for row in rows] == [("fp32", None), ("fp8-rule", "rule"),
+                                                                   ("fp8-local", "all")]
+    from megatron_sd3 import step_time
     from megatron_sd3.config import make_config
     from megatron_sd3.flops import model_flops_per_sample
+    from megatron_sd3.memory import GiB, plan_memory
 
     cfg = make_config("tiny", num_layers=2, hidden_size=128, num_attention_heads=2, text_recon_gamma=0.0)
     assert cfg.ffn_hidden_size == 512
-    assert row["model_flop_per_sample"] == model_flops_per_sample(cfg, (4, 4), training=True)
+    for row in rows:
+        assert (row["hidden_size"], row["num_layers"]) == (128, 2)
+        assert row["model_flop_per_sample"] == model_flops_per_sample(cfg, (4, 4), training=True)
+        plan = step_time.plan(cfg, (4, 4), 4, gpu="h100", fp8=row["fp8_gemms"] or "all")
+        assert row["plan_gpu"] == "h100"  # a CPU: the H100's constants
+        assert row["planned_ms"] == (plan["fp8_ms"] if row["fp8_gemms"] else plan["bf16_ms"])
+        assert row["planned_fp8_gemms"] == (sorted({g["name"] for g in plan["gemms"] if g["fp8"]})
+                                            if row["fp8_gemms"] else [])
+        assert row["planned_mem_GiB"] == round(plan_memory(cfg, latent_hw=(4, 4), micro_batch=4)[0]["total"] / GiB, 2)
+    assert rows[2]["planned_fp8_gemms"] and not rows[1]["planned_fp8_gemms"]
     r = _tool("bench_throughput.py", "--hidden-size", "100", "--variants", "bf16")
     assert r.returncode != 0 and "--hidden-size 100: must be a positive multiple of 64" in r.stderr
 

@@ -1,9 +1,10 @@
 """The step-time model behind tools/fp8_plan.py (megatron_sd3/step_time.py) and the tool itself."""
 import json
+import os
 
 import pytest
 
-from _ranks import run_script
+from _ranks import ROOT, run_script
 from megatron_sd3 import step_time
 from megatron_sd3.config import make_config
 from megatron_sd3.flops import mmdit_flops_per_sample
@@ -52,6 +53,25 @@ def test_the_measured_h200_step_is_reproduced():
     assert 0 < c["gemm_eff_fp8"] < 1 and 0 < c["gemm_eff_bf16"] < 1 and 0 < c["mem_eff"] < 1 and 0 < c["attn_eff"] < 1
 
 
+def test_the_calibration_point_is_the_committed_h200_log():
+    """``MEASURED`` is the H200 measurement in docs/results/gpu_h200_runs.jsonl: the 2026-12-04
+    compiled steps and the 2026-11-26 compiled bf16 / FP8 profiles."""
+    rows = [json.loads(line) for line in open(os.path.join(ROOT, "docs", "results", "gpu_h200_runs.jsonl"))]
+    m = step_time.MEASURED
+
+    def one(**want):
+        (row,) = [r for r in rows if all(r.get(k) == v for k, v in want.items())]
+        return row
+
+    step = dict(kind="bench", date="2026-12-04", blocks="compiled", resolution=m["resolution"], micro_batch=m["micro_batch"])
+    assert one(variant="bf16", **step)["ms_per_iter"] == m["bf16_ms"]
+    assert one(variant="fp8-local", **step)["ms_per_iter"] == m["fp8_ms"]
+    prof = dict(kind="profile", blocks="compiled", resolution=m["resolution"], micro_batch=m["micro_batch"])
+    bf16 = one(variant="bf16", **prof)["device_ms_per_iter"]
+    assert (bf16["attention"], bf16["gemm"]) == (m["attention_ms"], m["gemm_bf16_ms"])
+    assert one(variant="fp8-local", **prof)["device_ms_per_iter"]["gemm"] == m["gemm_fp8_ms"]
+
+
 def test_the_rule_keeps_small_gemms_in_bf16_and_moves_large_ones_to_fp8():
     """Per GEMM, FP8 when its FP8 GEMMs plus casts beat bf16: never the modulation (micro-batch
     rows); at sd3_light's width nothing (the measured 0.97x); at a width where the big image
@@ -78,5 +98,13 @@ def test_the_tool_prints_one_json_line_and_refuses_an_unknown_gpu():
     assert abs(out["bf16_ms"] / 267.3 - 1) < 0.3 and 0.85 <= out["speedup"] / 0.974 <= 1.10
     assert {"1.1x", "1.3x"} == set(out["thresholds"]) and out["thresholds"]["1.1x"]["hidden_size"] > 1536
     assert len(out["gemms"]) >= 12
+    import torch
+
+    from megatron_sd3.memory import GiB, plan_memory
+
+    cfg = make_config("sd3_light", parallel=dict(bf16=True, params_dtype=torch.bfloat16))
+    want = plan_memory(cfg, latent_hw=LATENT_1024, micro_batch=4)[0]
+    assert out["memory_GiB"] == {k: round(want[k] / GiB, 2) for k in out["memory_GiB"]}
+    assert out["memory_GiB"]["weights"] == round(2 * 1_509_028_800 / GiB, 2)  # bf16: 2 bytes a parameter
     bad = run_script("tools/fp8_plan.py", ["--gpu", "a100"], timeout=200)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("fp8_plan.py: error: --gpu 'a100'")
