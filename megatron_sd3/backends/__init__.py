@@ -12,7 +12,9 @@ registers a :class:`Backend` holding
   ``layer_fp8_context(config, layer_no)`` around each block (``layer_no`` 0-based, global).
   For the ``delayed`` recipe the pass context is the FP8 region and the layer context is a no-op
   (one amax-reduction per pass); for the other recipes the pass context is a no-op and each layer
-  opens its own (so ``--first-last-layers-bf16`` can keep a layer in high precision).
+  opens its own (so ``--first-last-layers-bf16`` can keep a layer in high precision);
+* ``step_context(chunks, config)``: around one iteration's forward and backward passes (the
+  torchao backend computes its FP8 weight scales there, once per step).
 
 Registered backends (``--transformer-impl`` picks the first or the last; ``local`` with FP8 on is
 ``torchao``):
@@ -27,6 +29,7 @@ Backend modules are imported on first use, so asking for ``local`` never imports
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional
@@ -44,6 +47,10 @@ class Backend:
     check: Callable[[Optional[Fp8Settings]], None]
     pass_fp8_context: Callable[[object], ContextManager]
     layer_fp8_context: Callable[[object, int], ContextManager]
+    #: entered by the training step around an iteration's forward and backward passes, whose
+    #: weights do not change: ``step_context(model_chunks, config)`` (what a backend can do once
+    #: per step instead of once per micro batch; default nothing)
+    step_context: Callable[[list, object], ContextManager] = lambda chunks, config: contextlib.nullcontext()
 
 
 _MODULES = {

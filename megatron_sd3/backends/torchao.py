@@ -243,11 +243,13 @@ def float8_parallel_gemm(
     *,
     input_is_split: bool,
     grad_output_is_split: bool,
+    weight_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``input @ weight.t()`` in float8 (forward and both backward GEMMs) via torchao.
 
     ``weight`` is this rank's shard; its amax (and that of the split operands named by the
     flags) is all-reduced over ``tp_group`` when ``settings.agree_amax_across_tp``.
+    ``weight_scale``: the weight's tensorwise scale, computed already (:func:`weight_scales_for_step`).
     """
     config, mm_config = _configs(settings)
     if COMPILE_REGIONS == "gemm":
@@ -265,7 +267,11 @@ def float8_parallel_gemm(
 
     # Weight: always pre-cast (scale from the amax over all TP shards). torchao's matmul uses an
     # already-cast operand as is, in the forward and in the grad_input GEMM.
-    weight_t = _cast_agreed(weight.t(), e4m3_dtype, mm_config, GemmInputRole.WEIGHT, group)
+    if weight_scale is None:
+        weight_t = _cast_agreed(weight.t(), e4m3_dtype, mm_config, GemmInputRole.WEIGHT, group)
+    else:
+        weight_t = hp_tensor_and_scale_to_float8(weight.t(), weight_scale, e4m3_dtype, mm_config,
+                                                 GemmInputRole.WEIGHT)
     # Input: split over TP (row layer) -> pre-cast with an agreed amax; replicated (column
     # layer) -> torchao casts it inside (same amax on all ranks anyway).
     if input_is_split and group is not None:
@@ -334,6 +340,56 @@ def get_local_fp8_context(config, layer_no: int = -1):
 
 
 # ---------------------------------------------------------------------------------------------
+# Weight scales once per step
+# ---------------------------------------------------------------------------------------------
+
+#: Compute the FP8 weights' tensorwise scales once per training step (True), or inside every
+#: GEMM, once per micro batch (False: the layers as called outside a training step).
+PRECOMPUTE_WEIGHT_SCALES = True
+
+
+def _fp8_layers(chunks) -> list:
+    return [m for c in chunks for m in c.modules()
+            if isinstance(m, _Float8LocalGemmMixin) and not m.explicit_expert_comm]
+
+
+@contextlib.contextmanager
+def weight_scales_for_step(chunks, config) -> Iterator[int]:
+    """The backend's ``step_context``: the weights do not change during an iteration's forward and
+    backward passes, so their scales are computed once, before them, for every FP8 layer at once:
+    one ``torch._foreach_norm(ord=inf)`` for all amaxes (one multi-tensor kernel), one all-reduce
+    (MAX) over the TP group for all of them, ``amax_to_scale`` on the lot. Each layer keeps its
+    scale in a buffer (updated in place, so a compiled block or a CUDA graph reads the new value)
+    and uses it while the context is open; the same scales as each GEMM computes alone, bit for
+    bit (the amax is exact in any float type). Yields the number of layers it prepared (0: FP8
+    off, another recipe, or ``PRECOMPUTE_WEIGHT_SCALES`` off)."""
+    settings = Fp8Settings.from_config(config)
+    layers = (_fp8_layers(chunks) if PRECOMPUTE_WEIGHT_SCALES and settings is not None
+              and settings.recipe == "tensorwise" else [])
+    if not layers:
+        yield 0
+        return
+    with torch.no_grad():
+        amax = torch.stack(torch._foreach_norm([m.weight for m in layers], ord=float("inf"))).to(torch.float32)
+        group = _tp_group_to_reduce(layers[0].tp_group) if settings.agree_amax_across_tp else None
+        if group is not None:
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+        scales = amax_to_scale(amax, e4m3_dtype)
+        for m, scale in zip(layers, scales):
+            buf = getattr(m, "_fp8_weight_scale", None)
+            if buf is None or buf.device != scale.device:
+                m.register_buffer("_fp8_weight_scale", scale.clone(), persistent=False)
+            else:
+                buf.copy_(scale)
+            m.fp8_weight_scale_ready = True
+    try:
+        yield len(layers)
+    finally:
+        for m in layers:
+            m.fp8_weight_scale_ready = False
+
+
+# ---------------------------------------------------------------------------------------------
 # The layers
 # ---------------------------------------------------------------------------------------------
 
@@ -351,6 +407,12 @@ class _Float8LocalGemmMixin(GemmOverride):
     fp8: Optional[bool] = None
     #: settings used when ``fp8 is True`` outside any context (default: hybrid tensorwise).
     fp8_settings: Optional[Fp8Settings] = None
+    #: True inside :func:`weight_scales_for_step`: the buffer ``_fp8_weight_scale`` holds this
+    #: step's weight scale
+    fp8_weight_scale_ready: bool = False
+
+    def _weight_scale(self) -> Optional[torch.Tensor]:
+        return self._fp8_weight_scale if self.fp8_weight_scale_ready else None
 
     def _active_fp8_settings(self) -> Optional[Fp8Settings]:
         if self.fp8 is False:
@@ -412,6 +474,7 @@ class Float8ColumnParallelLinear(_Float8LocalGemmMixin, ColumnParallelLinear):
             tp_group if not self.explicit_expert_comm else None,
             input_is_split=False,
             grad_output_is_split=True,
+            weight_scale=self._weight_scale(),
         )
         if bias is not None:
             output = output + bias
@@ -441,6 +504,7 @@ class Float8RowParallelLinear(_Float8LocalGemmMixin, RowParallelLinear):
             self.tp_group if not self.explicit_expert_comm else None,
             input_is_split=True,
             grad_output_is_split=False,
+            weight_scale=self._weight_scale(),
         )
         if bias is not None:  # megatron passes None here (the bias follows the all-reduce)
             output = output + bias
@@ -465,4 +529,4 @@ class Float8LocalSpecProvider(SD3LocalSpecProvider):
 BACKEND = register_backend(Backend(
     name="torchao", spec_provider=Float8LocalSpecProvider, check=check,
     pass_fp8_context=lambda config: contextlib.nullcontext(),
-    layer_fp8_context=get_local_fp8_context))
+    layer_fp8_context=get_local_fp8_context, step_context=weight_scales_for_step))

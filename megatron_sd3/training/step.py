@@ -218,15 +218,17 @@ class TrainStep:
                 self.optimizer.zero_grad()
         data = iter(microbatches) if needs_data else None
         vpp = len(self.chunks) > 1
-        reports = get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, state),
-            data_iterator=[data] * len(self.chunks) if vpp else data,
-            model=self.chunks if vpp else self.chunks[0],
-            num_microbatches=self.num_microbatches,
-            seq_length=layout.seq_len,
-            micro_batch_size=self.mbs,
-            forward_only=self.forward_only,
-        )
+        # the weights are fixed until the optimizer step: what the backend does once per step
+        with unwrap(self.chunks[0]).backend.step_context(self.chunks, self.cfg):
+            reports = get_forward_backward_func()(
+                forward_step_func=partial(self._forward_step, state),
+                data_iterator=[data] * len(self.chunks) if vpp else data,
+                model=self.chunks if vpp else self.chunks[0],
+                num_microbatches=self.num_microbatches,
+                seq_length=layout.seq_len,
+                micro_batch_size=self.mbs,
+                forward_only=self.forward_only,
+            )
         losses = self.reduce_report(reports)
         result = StepResult(loss_tensor=losses, names=("loss", *(t.name for t in loss_terms())),
                             latent_hw=latent_hw)

@@ -602,3 +602,49 @@ def test_the_torchao_layers_ask_the_rule_per_gemm(tp1, monkeypatch):
         fs._gemm_pays.cache_clear()  # no planted decision outlives the test
     assert len(calls) == 6
     assert sorted(set(asked)) == sorted({(64, H.HIDDEN, H.FFN, "h100"), (64, H.FFN, H.HIDDEN, "h100")}), asked
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight scales once per step (the torchao backend's step_context)
+# ---------------------------------------------------------------------------------------------
+
+
+def _fp8_steps(precompute: bool, monkeypatch, steps: int = 3):
+    """``steps`` training steps of the tiny model in FP8 (every block GEMM), 2 micro batches each,
+    through ``TrainStep``; returns the losses, the parameters after, and how many weight scales
+    the GEMMs computed themselves (``_cast_agreed`` calls)."""
+    from megatron_sd3.config import make_config
+    from megatron_sd3.testing.helpers import tiny_forward_inputs
+    from megatron_sd3.training.build import build_training, unwrap
+    from megatron_sd3.training.step import TrainStep
+
+    monkeypatch.setattr(F, "PRECOMPUTE_WEIGHT_SCALES", precompute)
+    calls = []
+    orig = F._cast_agreed
+    monkeypatch.setattr(F, "_cast_agreed", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    cfg = make_config("tiny", zero_init_adaln=False, parallel={"fp8": "hybrid"})
+    built = build_training(cfg, optimizer=dict(lr=1e-2))
+    step = TrainStep(built.cfg, built.ddp, built.optimizer, global_batch_size=4, micro_batch_size=2, seed=1)
+    losses = []
+    for i in range(steps):
+        mbs = [{k: v for k, v in tiny_forward_inputs(cfg, micro_batch=2, latent=8).items() if k != "timestep"}
+               for _ in range(2)]
+        batch = [dict(latents=m["hidden_states"] * (1 + i), prompt_embeds=m["encoder_hidden_states"],
+                      pooled_prompt_embeds=m["pooled_projections"]) for m in mbs]
+        res = step(batch, 4 * i)
+        assert not res.skipped
+        losses.append(res.losses["loss"])
+    params = {n: p.detach().clone() for n, p in unwrap(built.chunks[0]).named_parameters()}
+    built.free()
+    return losses, params, len(calls)
+
+
+def test_weight_scales_once_per_step_train_the_same_bits(tp1, monkeypatch):
+    """Inside a training step the FP8 weights' scales are computed once, for all layers at once,
+    instead of in every GEMM of every micro batch: the same losses and parameters, bit for bit,
+    and no weight scale computed by a GEMM (the 33 FP8 linears x 2 micro batches before)."""
+    ref_losses, ref_params, ref_casts = _fp8_steps(False, monkeypatch)
+    losses, params, casts = _fp8_steps(True, monkeypatch)
+    assert ref_casts == 3 * 2 * 33 and casts == 0
+    assert losses == ref_losses and ref_losses[0] != ref_losses[-1]
+    assert all(torch.equal(params[n], ref_params[n]) for n in ref_params)
