@@ -358,3 +358,81 @@ def test_training_loop_reads_losses_at_log_intervals(tmp_path):
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] in ("--pp2-worker", "--loop-worker"):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     (_pp2_worker if sys.argv[1] == "--pp2-worker" else _loop_worker)(sys.argv[2])
+
+
+class LaunchCounter:
+    """Counts the aten operators a training step dispatches that would each launch a kernel on a
+    GPU (views and detaches launch none), split into ``optimizer`` (inside ``optimizer.step``:
+    gradient norm, clipping, the update, the master-weight copies) and ``rest``."""
+
+    def __init__(self, optimizer):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.counts, self.phase, self.optimizer = Counter(), "rest", optimizer
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not func.is_view and func.overloadpacket is not torch.ops.aten.detach:
+                    counter.counts[counter.phase] += 1
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self._step = self.optimizer.step
+
+        def step(*a, **k):
+            self.phase = "optimizer"
+            try:
+                return self._step(*a, **k)
+            finally:
+                self.phase = "rest"
+
+        self.optimizer.step = step
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        self.optimizer.step = self._step
+
+
+def _optimizer_launches(num_layers: int, adam: str) -> tuple[int, int]:
+    """Launches in one step's ``optimizer.step`` of the tiny model with ``num_layers`` blocks, torch
+    AdamW as ``adam`` (``foreach``: megatron's fallback without apex/TE; ``fused``: what
+    ``build_optimizer`` makes of it on a GPU, ``use_fused_torch_adam``); and the parameter count."""
+    from megatron_sd3.config import make_config
+    from megatron_sd3.training.build import build_training, use_fused_torch_adam
+    from megatron_sd3.training.step import TrainStep
+
+    cfg = make_config("tiny", num_layers=num_layers, zero_init_adaln=False)
+    built = build_training(cfg, optimizer=dict(lr=1e-3, clip_grad=1.0))
+    if adam == "fused":
+        assert use_fused_torch_adam(built.optimizer, device_types=("cpu",)) == 1
+    else:
+        for group in built.optimizer.optimizer.param_groups:
+            group["fused"], group["foreach"] = False, True
+    step = TrainStep(cfg, built.ddp, built.optimizer, global_batch_size=4, micro_batch_size=2, seed=3)
+    step(_batch(cfg, 2), 0)
+    with LaunchCounter(built.optimizer) as c:
+        assert not step(_batch(cfg, 2, seed=1), 4).skipped
+    params = sum(1 for _ in built.chunks[0].parameters())
+    built.free()
+    return c.counts["optimizer"], params
+
+
+def test_the_optimizer_step_launches_a_handful_of_kernels_whatever_the_parameter_count(single_process):
+    """The host-side cost of an update: with torch's fused AdamW (the GPU path) and the multi-
+    tensor grad norm (training/multi_tensor.py), one optimizer step launches the same handful of
+    kernels for 2 blocks as for 4 (13); megatron's foreach fallback grows with the parameter
+    count (167 and 263 here)."""
+    fused2, p2 = _optimizer_launches(2, "fused")
+    fused4, p4 = _optimizer_launches(4, "fused")
+    foreach2, _ = _optimizer_launches(2, "foreach")
+    foreach4, _ = _optimizer_launches(4, "foreach")
+    print(f"launches in optimizer.step: fused AdamW {fused2} (2 blocks, {p2} parameters), {fused4} (4 blocks, "
+          f"{p4} parameters); megatron's foreach fallback {foreach2}, {foreach4}")
+    assert p4 > p2
+    assert fused2 == fused4 <= 16, (fused2, fused4)
+    assert foreach4 > foreach2 > 5 * fused2, (foreach2, foreach4)
