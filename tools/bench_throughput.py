@@ -59,7 +59,8 @@ eager, compiled and CUDA graphs. Compile time is in ``warmup_s``, not in ms/iter
 
 Host-boundness: with ``--profile`` each row also gets ``gpu_idle_ms_per_iter`` (profiled wall
 time minus the kernels' device time: what the GPU waits on the host, an upper bound where
-kernels overlap) and, on GPU, ``host_syncs_per_iter`` (calls CUDA's sync debug mode flags
+kernels overlap), its two causes ``kernels_per_iter`` (kernel launches per iteration; CPU:
+operators run) and, on GPU, ``host_syncs_per_iter`` (calls CUDA's sync debug mode flags
 during one iteration).
 
 Each (text recon, precision) pair is built once and measured at every resolution (order: recon
@@ -253,13 +254,14 @@ def kernel_breakdown(step_fn, cuda: bool, iters: int = 2) -> dict:
         if cuda:
             torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - t) * 1e3 / iters
-    per_kernel = {}
+    per_kernel, launches = {}, 0
     for ev in prof.key_averages():
         # GPU: a kernel's own device time (ops that launched it have self time 0, so nothing
         # counts twice); CPU (testing the code path only): each op's self time
         us = ev.self_device_time_total if cuda else ev.self_cpu_time_total
         if us > 0:
             per_kernel[ev.key] = per_kernel.get(ev.key, 0.0) + us / 1e3 / iters
+            launches += ev.count
     classes = {}
     for name, ms in per_kernel.items():
         c = classify_kernel(name)
@@ -270,6 +272,8 @@ def kernel_breakdown(step_fn, cuda: bool, iters: int = 2) -> dict:
             "kernel_ms_per_iter": round(total, 2),
             # the GPU waiting on the host (an upper bound where kernels overlap on streams)
             "gpu_idle_ms_per_iter": round(max(0.0, wall_ms - total), 2) if cuda else None,
+            # what keeps the host busy: kernels launched per iteration (CPU: operators run)
+            "kernels_per_iter": round(launches / iters, 1),
             "by_class_ms": {k: round(v, 2) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": [[n[:120], round(ms, 2)] for n, ms in top]}
 

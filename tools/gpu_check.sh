@@ -273,8 +273,8 @@ for tag in dict.fromkeys(r.get("tag") for r in rows if "variant" in r):
             print(f"      kernels {kt['kernel_ms_per_iter']} ms/iter of {kt['wall_ms_per_iter_profiled']} wall:",
                   ", ".join(f"{k} {v}" for k, v in kt["by_class_ms"].items()))
             print("      top:", "; ".join(f"{n[:60]} {ms}" for n, ms in kt["top_kernels_ms"][:6]))
-            print(f"      GPU idle {kt.get('gpu_idle_ms_per_iter')} ms/iter, host syncs per iteration "
-                  f"{r.get('host_syncs_per_iter')}")
+            print(f"      GPU idle {kt.get('gpu_idle_ms_per_iter')} ms/iter; its causes: "
+                  f"{kt.get('kernels_per_iter')} kernel launches and {r.get('host_syncs_per_iter')} host syncs per iteration")
     base = {(r["resolution"], r["hidden_size"]): r["ms_per_iter"] for r in rows
             if r.get("tag") == tag and r.get("variant") in ("bf16", "fp32") and "error" not in r}
     for r in rows:

@@ -30,6 +30,7 @@ def test_bench_throughput_rows_and_kernel_breakdown(tmp_path):
         assert row["ms_per_iter"] > 0 and row["samples_per_s"] > 0
         kt = row["kernel_time"]
         assert kt["kernel_ms_per_iter"] > 0 and kt["by_class_ms"]["gemm"] > 0
+        assert kt["kernels_per_iter"] > 10  # the operators of a training step, each a launch on a GPU
         assert abs(sum(kt["by_class_ms"].values()) - kt["kernel_ms_per_iter"]) < 0.05 * kt["kernel_ms_per_iter"] + 0.1
     from megatron_sd3.config import make_config
     from megatron_sd3.flops import model_flops_per_sample

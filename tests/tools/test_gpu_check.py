@@ -72,7 +72,10 @@ def test_on_cpu_the_chain_writes_every_row_to_one_log(tmp_path):
     assert bench == [(tag, v) for tag in FIRST[:2] for v in ("fp32", "fp8-rule", "fp8-local")]
     for row in rows[:6]:
         assert row["ms_per_iter"] > 0 and row["planned_ms"] > 0 and row["planned_mem_GiB"] > 0
+    for row in rows[:3]:  # step 2 profiles its rows: the GPU's idle time and its causes
+        assert row["kernel_time"]["kernels_per_iter"] > 10
     (track,) = [row for row in rows if row["tag"] == "fp8_train_tracking"]
     assert track["passed"] and track["scaled_mm_calls"] > 0 and len(track["loss"]) == 5
     assert "FP8 vs bf16 loss tracking (fp8_train_tracking)" in r.stdout
     assert "fp8-rule vs bf16 at 64 px, hidden 64:" in r.stdout
+    assert "kernel launches and None host syncs per iteration" in r.stdout  # no CUDA: no sync count
