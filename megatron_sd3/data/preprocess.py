@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from megatron_sd3.data import shards as _shards
+from megatron_sd3.data.inputs import InputError, InputItem  # noqa: F401  (also this module's API)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -53,20 +54,8 @@ class EncoderPathError(FileNotFoundError):
     """An encoder or tokenizer path is missing or not in diffusers/transformers format (one-line message)."""
 
 
-class InputError(ValueError):
-    """The input folder / list cannot be read (one-line message)."""
-
-
 # ----------------------------------------------------------------------------------------------------------
-# inputs
-
-
-@dataclass
-class InputItem:
-    image: str  # a path, or TAR#KEY for a sample of a tar (data: its bytes)
-    caption: str
-    mask: str | None = None
-    data: bytes | None = None
+# inputs (InputError, InputItem: data/inputs.py, shared with the tar reader)
 
 
 def list_inputs(source: str | os.PathLike, mask_suffix: str | None = None) -> tuple[list[InputItem], list[dict]]:

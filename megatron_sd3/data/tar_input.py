@@ -18,6 +18,8 @@ import glob
 import json
 import os
 
+from megatron_sd3.data.inputs import InputError, InputItem
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -27,8 +29,6 @@ def is_tar_input(source: str | os.PathLike) -> bool:
 
 def expand_tars(pattern: str) -> list[str]:
     """Local tar paths of a brace pattern and/or glob, in order, without repeats."""
-    from megatron_sd3.data.preprocess import InputError
-
     try:
         import webdataset  # noqa: F401  (read_tar needs it: say so before any work)
         from braceexpand import braceexpand
@@ -67,8 +67,6 @@ def _caption(sample: dict, caption_key: str) -> str | None:
 def read_tar(path: str, caption_key: str = "caption"):
     """``(items, skipped)`` of one tar (see the module docstring)."""
     import webdataset as wds
-
-    from megatron_sd3.data.preprocess import InputItem
 
     errors: list[Exception] = []
 

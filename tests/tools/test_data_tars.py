@@ -118,3 +118,21 @@ def test_a_rank_killed_mid_run_then_the_same_command_gives_identical_shards(tars
         assert (out / e["file"]).read_bytes() == (tars["out"] / e["file"]).read_bytes(), e["file"]
     assert again["skipped"] == ref["skipped"]
     verify(out)
+
+
+def test_the_two_input_readers_share_their_types_without_importing_each_other():
+    """The folder/list reader (data/preprocess.py) and the tar reader (data/tar_input.py) take
+    ``InputError`` and ``InputItem`` from data/inputs.py: importing either loads not the other."""
+    code = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
+            "print(sorted(m for m in sys.modules if m.startswith('megatron_sd3.data.')))")
+    loaded = {}
+    for mod in ("megatron_sd3.data.tar_input", "megatron_sd3.data.preprocess"):
+        r = subprocess.run([sys.executable, "-c", code, mod], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        loaded[mod] = r.stdout.strip().splitlines()[-1]
+    assert "megatron_sd3.data.preprocess'" not in loaded["megatron_sd3.data.tar_input"]
+    assert "megatron_sd3.data.tar_input'" not in loaded["megatron_sd3.data.preprocess"]
+    from megatron_sd3.data import inputs, preprocess, tar_input
+
+    assert preprocess.InputError is tar_input.InputError is inputs.InputError
+    assert preprocess.InputItem is tar_input.InputItem is inputs.InputItem
