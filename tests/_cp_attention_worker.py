@@ -1,5 +1,7 @@
 """Worker for tests/multiprocess/test_context_parallel.py: the Ulysses joint attention of
-``models/context_parallel.py`` against one process's attention, values and input gradients.
+``models/context_parallel.py``, through the calls the joint block makes (``qkv_heads_to_sequence``:
+q, k and v packed into one all-to-all; ``sequence_to_heads``), against one process's attention,
+values and input gradients.
 
 Every rank builds the same full q, k, v ``[S_img + S_txt, b, h, d]`` and the same upstream
 gradient ``G`` of the attention output; rank ``r`` holds image chunk ``r`` and the whole text.
@@ -49,7 +51,7 @@ def main():
     # this CP rank: image chunk r and the whole text
     n = s_img // n_cp
     local = [torch.cat([t[r * n:(r + 1) * n], t[s_img:]]).requires_grad_() for t in (q, k, v)]
-    joint = [cp.heads_to_sequence(t, n, n_cp) for t in local]
+    joint = cp.qkv_heads_to_sequence(*local, n, n_cp)  # as the model calls it: q, k, v in one all-to-all
     out = cp.sequence_to_heads(attention(*joint), s_img, n_cp, d)
     g_local = torch.cat([grad_out[r * n:(r + 1) * n], grad_out[s_img:] / n_cp])
     (out * g_local).sum().backward()
