@@ -250,7 +250,9 @@ def run_ranks(script: str, nproc: int, args: list[str], timeout: float = 240, en
 
 def run_training_worker(script: str, nproc: int, args: list[str], root: str, timeout: float = 300):
     """Run a training worker that saves ``rank{R}.pt`` ({"params": {global name: full tensor}, ...})
-    into a folder named after its arguments; returns (per-rank dicts, merged full parameters)."""
+    into a folder named after its arguments; returns (per-rank dicts, merged full parameters).
+    Every rank's parameters are read: a parameter held by several ranks (DP and CP replicas, TP
+    ranks' gathered copies) must be the same bits on each, else the merge fails naming it."""
     import torch
 
     out = os.path.join(root, f"n{nproc}_" + "_".join(a.strip("-") for a in args))
@@ -258,7 +260,13 @@ def run_training_worker(script: str, nproc: int, args: list[str], root: str, tim
     run_ranks(script, nproc, [*args, "--out", out], timeout=timeout)
     ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(nproc)]
     params = {}
-    for r in ranks:
+    held_by = {}
+    for rank, r in enumerate(ranks):
         for k, v in r.get("params", {}).items():
-            params.setdefault(k, v)  # TP ranks hold identical gathered copies
+            if k in params:
+                assert torch.equal(params[k], v), (
+                    f"{k}: rank {rank}'s copy differs from rank {held_by[k]}'s "
+                    f"(max |diff| {(params[k].double() - v.double()).abs().max().item():.3g})")
+            else:
+                params[k], held_by[k] = v, rank
     return ranks, params
