@@ -42,9 +42,15 @@ from typing import Any, Callable, Optional
 import torch
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or in its own dtype if wider: the losses are computed in fp32 from bf16
+    outputs, and in float64 from float64 ones (the float64 layout tests, docs/design.md)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def elementwise_denoise(pred: torch.Tensor, target: torch.Tensor,
                         pseudo_huber_c: Optional[float] = None) -> torch.Tensor:
-    d = pred.float() - target.float()
+    d = at_least_fp32(pred) - at_least_fp32(target)
     if pseudo_huber_c is None:
         return d * d
     c = float(pseudo_huber_c)
@@ -82,7 +88,7 @@ def denoise_terms(pred, target, mask=None, pseudo_huber_c=None, sample_weight=No
 def text_recon_terms(final_tokens, target_tokens, keep_text=None):
     """(sum of squared error, element count) of the text reconstruction over the samples with
     ``keep_text`` ([B] bool; None: all); the target is detached."""
-    d = final_tokens.float() - target_tokens.detach().float()
+    d = at_least_fp32(final_tokens) - at_least_fp32(target_tokens.detach())
     err = d * d
     if keep_text is None:
         return err.sum(), torch.tensor(float(d.numel()), device=d.device)

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _fp32_bound import ADAM_EPS, BOUND, LR  # noqa: E402
+from _bounds import ADAM_EPS, BOUND, LR  # noqa: E402
 
 NUM_LAYERS, GBS, MBS, STEPS, SEED = 4, 8, 2, 3, 42
 CLIP = 0.5  # below the gradient norm (about 0.8), so clipping really runs
@@ -142,7 +142,7 @@ def full_params(chunks):
 def compare_params(tag, params, ref, tol, start):
     """Every parameter this rank holds vs the reference's. fp32: each tensor's update since
     ``start`` (the reference's initial weights, the same at any layout) against the reference's
-    update, within the fp32 bound (tests/_fp32_bound.py). bf16: the parameters, all of them at once
+    update, within the fp32 bound (tests/_bounds.py). bf16: the parameters, all of them at once
     (bf16 rounding of the weights themselves is larger than an update)."""
     from megatron_sd3.testing.helpers import rel
 

@@ -5,7 +5,7 @@ ranks agree), this rank's parameters before and after the steps as full (TP-gath
 by global name, and the bytes of every pipeline p2p message it sends.
 
 Adam runs with an eps far above every gradient element, so that its update is linear in the
-gradients (tests/_fp32_bound.py says why the bound needs this).
+gradients (tests/_bounds.py says why the bound needs this).
 """
 import argparse
 import os
@@ -15,7 +15,26 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _fp32_bound import ADAM_EPS, LR  # noqa: E402
+from _bounds import ADAM_EPS, LR  # noqa: E402
+
+
+def float64_runs_megatron_fp32_paths():
+    """megatron-core picks its fp32 code paths by type name ("torch.cuda.FloatTensor": the
+    distributed optimizer's parameter groups, the gradient clipping's assert) and refuses other
+    names; those paths are dtype-generic (views of the parameters, foreach kernels). In the float64
+    runs a float64 tensor's type name reads as fp32's, so megatron runs its fp32 arithmetic, in
+    float64. (testing/cpu_mode.py reports CPU tensors' names as CUDA's on top of this.)"""
+    from megatron_sd3.testing import cpu_mode
+
+    orig = cpu_mode._ORIG_TENSOR_TYPE
+
+    def type_name(self, dtype=None, non_blocking=False, **kwargs):
+        result = orig(self, dtype, non_blocking, **kwargs)
+        if dtype is None and not kwargs and isinstance(result, str) and result.endswith(".DoubleTensor"):
+            return result[:-len("DoubleTensor")] + "FloatTensor"
+        return result
+
+    cpu_mode._ORIG_TENSOR_TYPE = torch.Tensor.type = type_name
 
 
 def main():
@@ -38,6 +57,7 @@ def main():
     ap.add_argument("--weighting-scheme", default=None, help="diffusers' density and loss weight")
     ap.add_argument("--precondition-outputs", action="store_true", help="the x0 target")
     ap.add_argument("--recompute", action="store_true", help="--recompute-granularity full, uniform, 1 block")
+    ap.add_argument("--float64", action="store_true", help="parameters, activations, messages and data in float64")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--gbs", type=int, default=8)
     ap.add_argument("--mbs", type=int, default=2)
@@ -60,11 +80,14 @@ def main():
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
         if a.recompute else {}
     vpp = dict(virtual_pipeline_model_parallel_size=a.vpp, overlap_p2p_comm=True, batch_p2p_comm=False) if a.vpp else {}
+    dtype = dict(params_dtype=torch.float64) if a.float64 else {}
+    if a.float64:
+        float64_runs_megatron_fp32_paths()
     given = [int(v) for v in a.pipeline_layers.split(",")] if a.pipeline_layers else None
     cfg = make_config("tiny", num_layers=a.num_layers, zero_init_adaln=False, text_recon_gamma=a.gamma,
                       text_recon_target_layer=a.target, text_seq_len=a.text_len,
                       parallel=dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                                    context_parallel_size=a.cp,
+                                    context_parallel_size=a.cp, **dtype,
                                     sequence_parallel=a.sequence_parallel, text_pad_multiple=a.text_pad_multiple,
                                     **pipeline_config_fields(a.num_layers, a.pp, given), **vpp, **recompute))
     overlap = dict(use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True) \
@@ -101,7 +124,8 @@ def main():
             for m in range(per_rank // a.mbs):
                 idx = [consumed + dp_rank * per_rank + m * a.mbs + j for j in range(a.mbs)]
                 samples = [ds[i] for i in idx]
-                mbs.append({k: torch.stack([s[k] for s in samples]) for k in samples[0]})
+                mb = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+                mbs.append({k: v.double() if a.float64 and v.is_floating_point() else v for k, v in mb.items()})
         res = step(mbs, consumed)
         assert not res.skipped
         losses.append(res.losses)

@@ -5,7 +5,7 @@ For each text-reconstruction weight in ``--gammas`` and each mode (none, full un
 full block 1, selective) it builds the model afresh (same initialisation), runs two steps and
 records the losses, the gradients of the first step (DDP's ``main_grad``, this rank's shards,
 by local name), the parameters before the first step and after the second (Adam made linear in
-the gradients, tests/_fp32_bound.py) and, with one stage, the bytes this rank saves
+the gradients, tests/_bounds.py) and, with one stage, the bytes this rank saves
 for backward in one forward next to the planner's figure. Writes ``OUT/rank{R}.pt``.
 """
 import argparse
@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _fp32_bound import ADAM_EPS, LR  # noqa: E402
+from _bounds import ADAM_EPS, LR  # noqa: E402
 
 MODES = {
     "none": {},

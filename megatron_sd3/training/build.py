@@ -115,7 +115,12 @@ def compile_blocks(chunks, mode: str = "default") -> int:
 
 def wrap_float16(cfg: SD3Config, chunks: list):
     """bf16: megatron's ``Float16Module`` (outputs back to fp32 on the last stage for the loss).
-    ``TrainStep`` hands the first stage its inputs already in the parameter dtype, timesteps in fp32."""
+    ``TrainStep`` hands the first stage its inputs already in the parameter dtype, timesteps in fp32.
+    float64 (the layout-equivalence tests, docs/design.md): megatron-core's layers are built in
+    ``params_dtype``; the modules of our own (patch and text embeddings, head) are cast from their
+    fp32 initialisation, so a float64 run starts from an fp32 run's weights exactly."""
+    if cfg.params_dtype == torch.float64:
+        return [c.double() for c in chunks]
     if not cfg.bf16:
         return chunks
     from megatron.core.transformer.module import Float16Module
@@ -134,7 +139,7 @@ def wrap_ddp(cfg: SD3Config, chunks: list[SD3Model], use_distributed_optimizer: 
     if overlap_param_gather and not (use_distributed_optimizer and overlap_grad_reduce):
         raise ValueError("overlap_param_gather needs use_distributed_optimizer and overlap_grad_reduce")
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+        grad_reduce_in_fp32=cfg.params_dtype != torch.float64, overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=use_distributed_optimizer, check_for_nan_in_grad=False,
         overlap_param_gather=overlap_param_gather,
         align_param_gather=overlap_param_gather and len(chunks) > 1, bucket_size=bucket_size)

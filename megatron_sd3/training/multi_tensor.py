@@ -18,11 +18,13 @@ import torch
 
 
 def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
-    """Drop-in for ``amp_C.multi_tensor_l2norm``: (l2 norm of all tensors ``[1]`` fp32, None)."""
+    """Drop-in for ``amp_C.multi_tensor_l2norm``: (l2 norm of all tensors ``[1]``, None), in fp32,
+    or in float64 when a tensor is float64 (the float64 layout tests; no narrowing of the norm)."""
     tensors = tensor_lists[0]
     if not tensors:
         return torch.zeros(1, dtype=torch.float32, device=noop_flag.device), None
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    norms = torch._foreach_norm(tensors, 2, dtype=dtype)
     return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
 
 

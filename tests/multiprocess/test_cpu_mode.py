@@ -3,7 +3,7 @@
 tests/_cpu_mode_worker.py trains the real SD3Model (tiny preset) through the production wiring
 (megatron_sd3.training.build + training.step: megatron's schedules, DistributedDataParallel, optimizer,
 finalize_model_grads): first as one process without torchrun (the reference), then with torchrun
-(2 ranks, gloo, CPU) in several layouts compared with it (within the fp32 bound of tests/_fp32_bound.py), each then saved and
+(2 ranks, gloo, CPU) in several layouts compared with it (within the fp32 bound of tests/_bounds.py), each then saved and
 loaded with dist_checkpointing and resumed for one more step.
 """
 

@@ -179,7 +179,7 @@ def test_validation_numbers_are_the_same_under_every_layout(tmp_path):
     DP=2 with the distributed optimizer and CP=2; also the text-stream gradient norms of each loss term
     (--log-text-grad-norms: gradients reduced over DP, sharded by the distributed optimizer,
     summed over the stages, TP duplicates counted once), within the fp32 bound of the layouts."""
-    from _fp32_bound import BOUND
+    from _bounds import BOUND
 
     args = ["--train-iters", "1", "--valid-samples", "16", "--eval-at-start", "--eval-timesteps", "3",
             "--ema-decay", "0", "--log-text-grad-norms"]

@@ -12,8 +12,8 @@ Bounds (and what a 2-core CPU measured):
   at every step; measured max 9.6e-5.
 * FP8 TP=2 vs FP8 on one rank (agreed amax, so identical scales; only the row-parallel
   all-reduce's summation order differs), 3 steps with Adam made linear in the gradients
-  (tests/_fp32_bound.py): losses, gradient norms and the update of all parameters together
-  within the fp32 bound of tests/_fp32_bound.py (measured <= 7e-8). The summation order can flip
+  (tests/_bounds.py): losses, gradient norms and the update of all parameters together
+  within the fp32 bound of tests/_bounds.py (measured <= 7e-8). The summation order can flip
   an FP8 rounding: one operand element moves by one FP8 step, 2^-3 (e4m3) or 2^-2 (e5m2, hybrid's
   gradients), which no fp32 bound covers, so each tensor's update is held to 2^-2 (measured 4e-7,
   and 2.9e-3 where a flip happened, under ATEN_CPU_CAPABILITY=default); a doubled gradient or a
@@ -36,7 +36,7 @@ import math
 import pytest
 import torch
 
-from _fp32_bound import ADAM_EPS, BOUND, LR
+from _bounds import ADAM_EPS, BOUND, LR
 from _ranks import run_training_worker
 
 WORKER = "tests/_fp8_train_worker.py"

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from _fp32_bound import BOUND
+from _bounds import BOUND
 
 
 def _text_grads(built):

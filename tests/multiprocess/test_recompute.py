@@ -4,7 +4,7 @@ Under PP = 2, TP = 2 (gloo, CPU), with text reconstruction off and on, and inter
 virtual stages (on), each mode (full
 uniform / block, selective) trains the same two steps as the run without recomputation; losses,
 first-step gradients (relative to each tensor's largest entry) and each tensor's update over two
-Adam steps (relative norm) agree within the fp32 bound of tests/_fp32_bound.py. In one
+Adam steps (relative norm) agree within the fp32 bound of tests/_bounds.py. In one
 process: full recomputation replays the forward's random numbers (megatron's RNG-state
 checkpointing) and leaves the RNG where the plain run leaves it, and the flags are checked.
 """
@@ -13,8 +13,8 @@ import functools
 import pytest
 import torch
 
-from _fp32_bound import BOUND
-from _fp32_bound import rel
+from _bounds import BOUND
+from _bounds import rel
 from _ranks import run_training_worker
 
 WORKER = "tests/_recompute_worker.py"
