@@ -366,8 +366,11 @@ def sample_inputs(cfg, latent_hw, micro_batch: int, seed: int = 0) -> dict:
 
 
 def measure_saved_bytes(model, latent_hw, micro_batch: int) -> dict:
-    """Saved-for-backward bytes of one forward of a whole (single-stage) ``SD3Model``, by part."""
-    inputs = sample_inputs(model.config, latent_hw, micro_batch)
+    """Saved-for-backward bytes of one forward of a whole (single-stage) ``SD3Model``, by part.
+    The inputs are in the parameter dtype, timesteps in fp32, as ``TrainStep`` hands them."""
+    dt = model.config.params_dtype
+    inputs = {k: v if k == "timestep" else v.to(dt)
+              for k, v in sample_inputs(model.config, latent_hw, micro_batch).items()}
     return saved_bytes_by_part(model, lambda: model(**inputs))
 
 

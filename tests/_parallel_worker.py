@@ -57,7 +57,8 @@ def main():
     ap.add_argument("--weighting-scheme", default=None, help="diffusers' density and loss weight")
     ap.add_argument("--precondition-outputs", action="store_true", help="the x0 target")
     ap.add_argument("--recompute", action="store_true", help="--recompute-granularity full, uniform, 1 block")
-    ap.add_argument("--float64", action="store_true", help="parameters, activations, messages and data in float64")
+    ap.add_argument("--float64", action="store_true", help="parameters, activations, pipeline messages, gradients and losses in float64 (the data and "
+                         "the noise stay fp32: the same inputs at every layout)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--gbs", type=int, default=8)
     ap.add_argument("--mbs", type=int, default=2)
@@ -124,8 +125,7 @@ def main():
             for m in range(per_rank // a.mbs):
                 idx = [consumed + dp_rank * per_rank + m * a.mbs + j for j in range(a.mbs)]
                 samples = [ds[i] for i in idx]
-                mb = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
-                mbs.append({k: v.double() if a.float64 and v.is_floating_point() else v for k, v in mb.items()})
+                mbs.append({k: torch.stack([s[k] for s in samples]) for k in samples[0]})
         res = step(mbs, consumed)
         assert not res.skipped
         losses.append(res.losses)

@@ -1,5 +1,5 @@
 """torchrun worker for tests/multiprocess/test_recompute.py: the same two optimizer steps of the tiny preset
-with every activation-recompute mode, in one process group.
+with every activation-recompute mode, in one process group, in float64 (tests/_bounds.py).
 
 For each text-reconstruction weight in ``--gammas`` and each mode (none, full uniform 1 and 2,
 full block 1, selective) it builds the model afresh (same initialisation), runs two steps and
@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _bounds import ADAM_EPS, LR  # noqa: E402
+from _parallel_worker import float64_runs_megatron_fp32_paths  # noqa: E402
 
 MODES = {
     "none": {},
@@ -35,6 +36,7 @@ def main():
     ap.add_argument("--gammas", default="0,0.5")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    float64_runs_megatron_fp32_paths()
 
     from megatron.core import parallel_state as ps
 
@@ -56,6 +58,7 @@ def main():
             cfg = make_config("tiny", num_layers=layers, zero_init_adaln=False, text_recon_gamma=gamma,
                               text_recon_target_layer=1 if gamma else 0,
                               parallel=dict(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
+                                            params_dtype=torch.float64,
                                             **pipeline_config_fields(layers, a.pp, None), **vpp, **rec))
             built = build_training(cfg, optimizer=dict(lr=LR, adam_eps=ADAM_EPS, clip_grad=1.0))
             chunks, ddp, opt = built.chunks, built.ddp, built.optimizer

@@ -1,19 +1,25 @@
 """Activation recomputation: every mode gives the plain run's losses and gradients.
 
 Under PP = 2, TP = 2 (gloo, CPU), with text reconstruction off and on, and interleaved PP = 2 x 2
-virtual stages (on), each mode (full
-uniform / block, selective) trains the same two steps as the run without recomputation; losses,
-first-step gradients (relative to each tensor's largest entry) and each tensor's update over two
-Adam steps (relative norm) agree within the fp32 bound of tests/_bounds.py. In one
-process: full recomputation replays the forward's random numbers (megatron's RNG-state
-checkpointing) and leaves the RNG where the plain run leaves it, and the flags are checked.
+virtual stages (on), each mode (full uniform / block, selective) trains the same two steps as the
+run without recomputation, in float64. The recomputed forward runs the same kernels on the same
+inputs, so full recomputation of one block per unit (uniform 1, block 1) is the plain run to the
+bit: losses, first-step gradients, and every tensor after two Adam steps. Two modes reorder sums,
+and are held to the float64 bound of tests/_bounds.py instead: autograd adds the gradients of a
+tensor with several consumers in the order their backward nodes run, and a recomputed unit is one
+node. Under uniform 2 the conditioning vector's gradient is summed over the two blocks of a unit
+before it joins the other units' (the timestep embedder's gradients differ in the last bits);
+under selective recomputation the recomputed norm and activation change the order of a block's
+own accumulations (its adaLN and QKV gradients). In one process: full recomputation replays the
+forward's random numbers (megatron's RNG-state checkpointing) and leaves the RNG where the plain
+run leaves it, and the flags are checked.
 """
 import functools
 
 import pytest
 import torch
 
-from _bounds import BOUND
+from _bounds import BOUND, BOUND64, LOSS_BOUND64
 from _bounds import rel
 from _ranks import run_training_worker
 
@@ -34,7 +40,10 @@ def root(tmp_path_factory):
 def _close(a, b, what, tol=BOUND):
     """max |a - b| <= tol x max |b|."""
     err = float((a - b).abs().max()) if a.numel() else 0.0
-    assert err <= tol * float(b.abs().max()) + 1e-12, (what, err, float(b.abs().max()))
+    assert err <= tol * float(b.abs().max()), (what, err, float(b.abs().max()))
+
+
+REORDERING = ("full_uniform2", "selective")  # see the module's docstring
 
 
 @pytest.mark.parametrize("layout", [("--pp", "2"), pytest.param(("--tp", "2"), marks=pytest.mark.slow),  # slow: PP, VPP stay
@@ -45,17 +54,23 @@ def test_every_mode_matches_the_plain_run(root, layout):
         res = rank["results"]
         for (gamma, mode), got in res.items():
             want = res[(gamma, "none")]
-            for g, w in zip(got["losses"], want["losses"]):
-                for k in ("loss", "denoise_loss", "text_recon_loss"):
-                    assert abs(g[k] - w[k]) <= BOUND * abs(w[k]), (r, gamma, mode, k, g[k], w[k])
+            if mode in REORDERING:
+                for g, w in zip(got["losses"], want["losses"]):
+                    for k in ("loss", "denoise_loss", "text_recon_loss"):
+                        assert abs(g[k] - w[k]) <= LOSS_BOUND64 * abs(w[k]), (r, gamma, mode, k, g[k], w[k])
+            else:
+                assert got["losses"] == want["losses"], (r, gamma, mode, got["losses"], want["losses"])
             assert got["grads"].keys() == want["grads"].keys() and want["grads"]
             for n in want["grads"]:
-                _close(got["grads"][n], want["grads"][n], (r, gamma, mode, "grad", n))
+                if mode in REORDERING:
+                    _close(got["grads"][n], want["grads"][n], (r, gamma, mode, "grad", n), tol=BOUND64)
+                else:
+                    assert torch.equal(got["grads"][n], want["grads"][n]), (r, gamma, mode, "grad", n)
             p0 = want["params0"]
             for n, w in want["params"].items():  # each tensor's update over two Adam steps
                 assert torch.equal(got["params0"][n], p0[n]), (r, gamma, mode, "initial", n)
                 diff = rel(got["params"][n] - p0[n], w - p0[n])
-                assert diff <= BOUND, (r, gamma, mode, "update", n, diff)
+                assert diff <= (BOUND64 if mode in REORDERING else 0), (r, gamma, mode, "update", n, diff)
             if "saved" in got:  # the planner under TP: head-sized tensors split over the ranks
                 measured, planned = got["saved"]
                 for part, want_bytes in planned.items():
@@ -66,19 +81,19 @@ def test_every_mode_matches_the_plain_run(root, layout):
 
 
 def _one_process_grads(single_process, parallel, dropout_p=0.0):
-    """Gradients of a tiny model (gamma > 0) whose MLPs apply dropout to linear_fc2."""
+    """Gradients of a tiny model (gamma > 0) whose MLPs apply dropout to linear_fc2, in float64."""
     from megatron_sd3.config import make_config
     from megatron_sd3.memory import sample_inputs
     from megatron_sd3.models.sd3_model import SD3Model
 
     cfg = make_config("tiny", zero_init_adaln=False, text_recon_gamma=0.5, text_recon_target_layer=1,
-                      parallel=parallel)
-    model = SD3Model(cfg)
+                      parallel=dict(parallel, params_dtype=torch.float64))
+    model = SD3Model(cfg).double()
     if dropout_p:
         for block in model.blocks:
             block.mlp.linear_fc2.register_forward_hook(
                 lambda m, i, o: (torch.nn.functional.dropout(o[0], dropout_p, training=True), o[1]))
-    inputs = sample_inputs(cfg, (8, 6), 2)
+    inputs = {k: v if k == "timestep" else v.double() for k, v in sample_inputs(cfg, (8, 6), 2).items()}
     torch.manual_seed(7)
     vel, final, target = model(**inputs)
     (vel.square().mean() + (final - target).square().mean()).backward()
@@ -93,16 +108,16 @@ def test_full_recompute_replays_the_random_numbers(single_process):
     want, want_rng = _one_process_grads(single_process, {}, dropout_p=0.3)
     got, got_rng = _one_process_grads(single_process, FULL, dropout_p=0.3)
     assert got.keys() == want.keys()
-    for n in want:
-        _close(got[n], want[n], n)
+    for n in want:  # two blocks per unit: the conditioning's gradient is summed in another order
+        _close(got[n], want[n], n, tol=BOUND64)
     assert torch.equal(got_rng, want_rng), "the recomputation moved the RNG"
 
 
 def test_selective_recompute_with_dropout_outside_its_regions(single_process):
     want, _ = _one_process_grads(single_process, {}, dropout_p=0.3)
     got, _ = _one_process_grads(single_process, dict(recompute_granularity="selective"), dropout_p=0.3)
-    for n in want:
-        _close(got[n], want[n], n)
+    for n in want:  # selective recomputation reorders a block's own accumulations (see above)
+        _close(got[n], want[n], n, tol=BOUND64)
 
 
 @pytest.mark.parametrize("flags, message", [
