@@ -50,7 +50,7 @@ def _train(tmp, name, nproc, args, timeout=300):
         return {r["iteration"]: r for r in map(json.loads, fh)}, logs
 
 
-def _checkpoint_state(d, out):
+def checkpoint_state(d, out):
     """Everything a checkpoint folder restores, layout-free: its tensors and objects by key (model,
     EMA, optimizer, RNG; read with torch's DCP converter) and its common state."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -95,8 +95,8 @@ def test_a_cp2_checkpoint_resumes_under_cp2_bit_exact_and_under_cp1(tmp_path):
     resaved = os.path.join(tmp, "ck1")
     _, logs = _train(tmp, "resave", 1, ["--train-iters", "4", "--load", ck, "--ckpt-step", "4", "--save", resaved])
     assert "resumed from" in logs[0] and "differs from this run's" not in logs[0]
-    _assert_same_state(_checkpoint_state(os.path.join(ck, "iter_0000004"), os.path.join(tmp, "cp2.pt")),
-                       _checkpoint_state(os.path.join(resaved, "iter_0000004"), os.path.join(tmp, "cp1.pt")))
+    _assert_same_state(checkpoint_state(os.path.join(ck, "iter_0000004"), os.path.join(tmp, "cp2.pt")),
+                       checkpoint_state(os.path.join(resaved, "iter_0000004"), os.path.join(tmp, "cp1.pt")))
     single, logs = _train(tmp, "cp1", 1, at4)
     assert "resumed from" in logs[0]
     for it in (5, 6):
