@@ -49,6 +49,25 @@ def count_scaled_mm():
     return calls
 
 
+def scaled_mm_in_float64():
+    """``torch._scaled_mm`` with ``out_dtype=torch.float64`` (what torchao asks for when the
+    high-precision tensors are float64; torch's kernels give fp32 / bf16 only): the FP8 operands
+    exactly in float64, their products exact, summed in float64, then scaled. Other calls go to
+    torch's kernel. The float64 layout comparisons (tests/_bounds.py) run the FP8 cast, scaling and
+    TP amax agreement of the real path; only the GEMM's accumulation is float64 instead of fp32."""
+    orig = torch._scaled_mm
+
+    def mm(a, b, scale_a=None, scale_b=None, bias=None, scale_result=None, out_dtype=None, use_fast_accum=False):
+        if out_dtype != torch.float64:
+            return orig(a, b, scale_a, scale_b, bias=bias, scale_result=scale_result, out_dtype=out_dtype,
+                        use_fast_accum=use_fast_accum)
+        assert scale_result is None
+        out = (a.to(torch.float64) @ b.to(torch.float64)) * scale_a.to(torch.float64) * scale_b.to(torch.float64)
+        return out if bias is None else out + bias.to(torch.float64)
+
+    torch._scaled_mm = mm
+
+
 def microbatches(ds, it, gbs, mbs, dp, dp_rank):
     per_rank = gbs // dp
     consumed = it * gbs
@@ -58,6 +77,11 @@ def microbatches(ds, it, gbs, mbs, dp, dp_rank):
         samples = [ds[i] for i in idx]
         out.append({k: torch.stack([s[k] for s in samples]) for k in samples[0]})
     return out
+
+
+def _wide(v: torch.Tensor) -> torch.Tensor:
+    """fp32 (bf16 parameters widened), float64 kept."""
+    return v if v.dtype == torch.float64 else v.float()
 
 
 def train(a, fp8, bf16, steps, snapshot_at=None):
@@ -80,6 +104,8 @@ def train(a, fp8, bf16, steps, snapshot_at=None):
         parallel["fp8_recipe"] = a.fp8_recipe
     if bf16:
         parallel.update(bf16=True, params_dtype=torch.bfloat16)
+    if a.float64:
+        parallel.update(params_dtype=torch.float64)
     overrides = dict(num_layers=a.num_layers, text_seq_len=a.text_len)
     cfg = make_config(a.preset, zero_init_adaln=False, text_recon_gamma=a.gamma,
                       text_recon_target_layer=a.target, parallel=parallel, **overrides)
@@ -98,7 +124,7 @@ def train(a, fp8, bf16, steps, snapshot_at=None):
     if snapshot_at is not None and not a.no_params:
         params0 = {}
         for c in chunks:
-            params0.update({k: v.float() for k, v in gather_full_state_dict(unwrap(c)).items()})
+            params0.update({k: _wide(v) for k, v in gather_full_state_dict(unwrap(c)).items()})
     for it in range(steps):
         mbs = microbatches(ds, it, a.gbs, a.mbs, dp, dp_rank) if (step.first or step.last) else None
         res = step(mbs, it * a.gbs)
@@ -108,7 +134,7 @@ def train(a, fp8, bf16, steps, snapshot_at=None):
         if snapshot_at is not None and it + 1 == snapshot_at and not a.no_params:
             params = {}
             for c in chunks:
-                params.update({k: v.float() for k, v in gather_full_state_dict(unwrap(c)).items()})
+                params.update({k: _wide(v) for k, v in gather_full_state_dict(unwrap(c)).items()})
     moved = sorted(k for c in chunks for k, v in unwrap(c).named_parameters() if not torch.equal(v, init[k]))
     return losses, norms, params, params0, moved
 
@@ -126,6 +152,8 @@ def main():
     ap.add_argument("--fp8", choices=["none", "hybrid", "e4m3"], default="none")
     ap.add_argument("--fp8-recipe", choices=["tensorwise", "rowwise"], default="tensorwise")
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--float64", action="store_true",
+                    help="float64 parameters and arithmetic around the FP8 casts (scaled_mm_in_float64)")
     ap.add_argument("--gamma", type=float, default=0.0)
     ap.add_argument("--target", type=int, default=0)
     ap.add_argument("--steps", type=int, default=3)
@@ -143,6 +171,11 @@ def main():
     from megatron_sd3.distributed import initialize_distributed
 
     info = initialize_distributed(a.tp, a.pp, seed=1234, cp=a.cp)
+    if a.float64:
+        from _parallel_worker import float64_runs_megatron_fp32_paths
+
+        float64_runs_megatron_fp32_paths()
+        scaled_mm_in_float64()
     out = {}
     if a.ref != "none":
         out["ref_losses"], out["ref_grad_norms"], _, _, _ = train(a, None, a.ref == "bf16", a.steps)

@@ -198,8 +198,8 @@ def _tp_group_to_reduce(group) -> Optional[dist.ProcessGroup]:
 def _agreed_scale(hp: torch.Tensor, float8_dtype: torch.dtype, group) -> torch.Tensor:
     """torchao's tensorwise scale, from the amax over all ranks of ``group`` (None: local)."""
     amax = tensor_to_amax(hp, scaling_granularity=ScalingGranularity.TENSORWISE)
-    if group is not None:
-        amax = amax.to(torch.float32).clone()
+    if group is not None:  # bf16 amax reduced in fp32; fp32 / float64 as they are (no rounding)
+        amax = amax.to(torch.promote_types(amax.dtype, torch.float32)).clone()
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
     return amax_to_scale(amax, float8_dtype)
 
