@@ -44,7 +44,7 @@ import torch
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in fp32, or in its own dtype if wider: the losses are computed in fp32 from bf16
-    outputs, and in float64 from float64 ones (the float64 layout tests, docs/design.md)."""
+    outputs, and in float64 from float64 ones (the float64 layout tests, docs/design.md section 6)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 

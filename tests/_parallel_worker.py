@@ -57,8 +57,9 @@ def main():
     ap.add_argument("--weighting-scheme", default=None, help="diffusers' density and loss weight")
     ap.add_argument("--precondition-outputs", action="store_true", help="the x0 target")
     ap.add_argument("--recompute", action="store_true", help="--recompute-granularity full, uniform, 1 block")
-    ap.add_argument("--float64", action="store_true", help="parameters, activations, pipeline messages, gradients and losses in float64 (the data and "
-                         "the noise stay fp32: the same inputs at every layout)")
+    ap.add_argument("--float64", action="store_true",
+                    help="parameters, activations, pipeline messages, gradients and losses in float64 "
+                         "(the data and the noise stay fp32: the same inputs at every layout)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--gbs", type=int, default=8)
     ap.add_argument("--mbs", type=int, default=2)

@@ -145,8 +145,10 @@ def _file(path: str) -> Path:
 
 
 def _first_failure(out: str) -> str:
+    """The failing assertion: a worker rank's own error where a rank failed, else the test's."""
     lines = [ln[1:].strip() for ln in out.splitlines() if ln.startswith("E ") and ln[1:].strip()]
-    msg = next((ln for ln in lines if "Error" in ln or "assert" in ln), lines[0] if lines else "")
+    rank = [ln for ln in lines if re.match(r"\[rank\d+\]: \w*Error: ", ln)]
+    msg = rank[0] if rank else next((ln for ln in lines if "Error" in ln or "assert" in ln), lines[0] if lines else "")
     return re.sub(r"\s+", " ", msg)[:400]
 
 

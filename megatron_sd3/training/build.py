@@ -116,9 +116,9 @@ def compile_blocks(chunks, mode: str = "default") -> int:
 def wrap_float16(cfg: SD3Config, chunks: list):
     """bf16: megatron's ``Float16Module`` (outputs back to fp32 on the last stage for the loss).
     ``TrainStep`` hands the first stage its inputs already in the parameter dtype, timesteps in fp32.
-    float64 (the layout-equivalence tests, docs/design.md): megatron-core's layers are built in
-    ``params_dtype``; the modules of our own (patch and text embeddings, head) are cast from their
-    fp32 initialisation, so a float64 run starts from an fp32 run's weights exactly."""
+    float64 (the layout-equivalence tests, docs/design.md section 6): megatron-core's layers are
+    built in ``params_dtype``; the modules of our own (patch and text embeddings, head) are cast
+    from their fp32 initialisation, so a float64 run starts from an fp32 run's weights exactly."""
     if cfg.params_dtype == torch.float64:
         return [c.double() for c in chunks]
     if not cfg.bf16:

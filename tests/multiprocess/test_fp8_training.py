@@ -105,14 +105,14 @@ def _compare_parallel(root, run, ref_run, loss_tol, norm_tol, global_tol, tensor
         assert r["scaled_mm_calls"] > 0, "no FP8 GEMM ran"
         for got, want in zip(r["losses"], ref["losses"][:CMP_STEPS], strict=False):
             for k in ("loss", "denoise_loss", "text_recon_loss"):
-                assert _rel(got[k], want[k]) <= loss_tol, (k, got, want)
+                assert _rel(got[k], want[k]) <= loss_tol, f"{k}: relative {_rel(got[k], want[k]):.2e} > {loss_tol:.2e}"
     norms = [n for n in ranks[-1]["grad_norms"]]
     for got, want in zip(norms, ref["grad_norms"][:CMP_STEPS]):
         assert _rel(got, want) <= norm_tol, (norms, ref["grad_norms"])
     assert params.keys() == ref_params.keys()
     assert _global_rel(params, ref_params) <= global_tol
     worst = max((_tensor_rel(params[k], ref_params[k]), k) for k in ref_params)
-    assert worst[0] <= tensor_tol, worst
+    assert worst[0] <= tensor_tol, f"{worst[1]}: relative {worst[0]:.2e} > {tensor_tol:.2e}"
     return ranks, ref
 
 

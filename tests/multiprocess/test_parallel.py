@@ -48,11 +48,14 @@ def _compare(root, nproc, args, ref_args, ref_nproc=1, fp32_bounds=None):
     ref = ref_ranks[0]
     for r in ranks:
         assert len(r["losses"]) == len(ref["losses"]) == int(STEPS)
-        for got, want in zip(r["losses"], ref["losses"]):
+        for step, (got, want) in enumerate(zip(r["losses"], ref["losses"])):
             for k in ("loss", "denoise_loss", "text_recon_loss"):
-                assert abs(got[k] - want[k]) <= loss_bound * abs(want[k]), (k, got, want)
-        for got, want in zip(r["grad_norms"], ref["grad_norms"]):
-            assert abs(got - want) <= norm_bound * want, ("grad norm", got, want)
+                assert abs(got[k] - want[k]) <= loss_bound * abs(want[k]), (
+                    f"step {step} {k}: {got[k]!r} vs one process's {want[k]!r}, relative "
+                    f"{abs(got[k] - want[k]) / max(abs(want[k]), 1e-300):.2e} > {loss_bound:.2e}")
+        for step, (got, want) in enumerate(zip(r["grad_norms"], ref["grad_norms"])):
+            assert abs(got - want) <= norm_bound * want, (
+                f"step {step} gradient norm: relative {abs(got - want) / want:.2e} > {norm_bound:.2e}")
     assert params.keys() == ref_params.keys()
     p0 = ref["params0"]  # the same initial weights at any layout (full master weights, then TP split)
     for r in ranks:
@@ -60,7 +63,7 @@ def _compare(root, nproc, args, ref_args, ref_nproc=1, fp32_bounds=None):
             assert torch.equal(v, p0[k]), k
     # Each tensor's update (weight decay keeps it non-zero), against the reference's update.
     worst = max((_rel(params[k] - p0[k], ref_params[k] - p0[k]), k) for k in ref_params)
-    assert worst[0] <= bound, worst
+    assert worst[0] <= bound, f"{worst[1]}: update {worst[0]:.2e} from one process's (relative) > {bound:.2e}"
     return ranks
 
 
