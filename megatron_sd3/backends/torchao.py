@@ -194,12 +194,18 @@ def _tp_group_to_reduce(group) -> Optional[dist.ProcessGroup]:
     return group if dist.get_world_size(group) > 1 else None
 
 
+def _reducible(amax: torch.Tensor) -> torch.Tensor:
+    """An amax in a dtype every backend all-reduces: bf16 widened to fp32, fp32 and float64 as
+    they are (no rounding: a float64 scale must not depend on the layout)."""
+    return amax.to(torch.promote_types(amax.dtype, torch.float32))
+
+
 @torch.no_grad()
 def _agreed_scale(hp: torch.Tensor, float8_dtype: torch.dtype, group) -> torch.Tensor:
     """torchao's tensorwise scale, from the amax over all ranks of ``group`` (None: local)."""
     amax = tensor_to_amax(hp, scaling_granularity=ScalingGranularity.TENSORWISE)
-    if group is not None:  # bf16 amax reduced in fp32; fp32 / float64 as they are (no rounding)
-        amax = amax.to(torch.promote_types(amax.dtype, torch.float32)).clone()
+    if group is not None:
+        amax = _reducible(amax).clone()
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
     return amax_to_scale(amax, float8_dtype)
 
@@ -370,7 +376,7 @@ def weight_scales_for_step(chunks, config) -> Iterator[int]:
         yield 0
         return
     with torch.no_grad():
-        amax = torch.stack(torch._foreach_norm([m.weight for m in layers], ord=float("inf"))).to(torch.float32)
+        amax = _reducible(torch.stack(torch._foreach_norm([m.weight for m in layers], ord=float("inf"))))
         group = _tp_group_to_reduce(layers[0].tp_group) if settings.agree_amax_across_tp else None
         if group is not None:
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
