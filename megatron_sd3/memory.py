@@ -356,21 +356,19 @@ def pipeline_message_line(cfg, latent_hw, micro_batch: int) -> str:
 # Measured next to planned (tests, tools/bench_memory.py)
 # ---------------------------------------------------------------------------------------------
 def sample_inputs(cfg, latent_hw, micro_batch: int, seed: int = 0) -> dict:
-    """A random first-stage batch of the model's shapes (fp32, CPU)."""
+    """A random first-stage batch of the model's shapes (CPU), drawn in fp32, in the parameter
+    dtype (``cfg.params_dtype``) with the timesteps in fp32, as ``TrainStep`` hands them."""
     g = torch.Generator().manual_seed(seed)
-    b = micro_batch
-    return dict(hidden_states=torch.randn(b, cfg.in_channels, *latent_hw, generator=g),
-                encoder_hidden_states=torch.randn(b, cfg.text_seq_len, cfg.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(b, cfg.pooled_projection_dim, generator=g),
+    b, dt = micro_batch, cfg.params_dtype
+    return dict(hidden_states=torch.randn(b, cfg.in_channels, *latent_hw, generator=g).to(dt),
+                encoder_hidden_states=torch.randn(b, cfg.text_seq_len, cfg.joint_attention_dim, generator=g).to(dt),
+                pooled_projections=torch.randn(b, cfg.pooled_projection_dim, generator=g).to(dt),
                 timestep=torch.rand(b, generator=g) * 1000)
 
 
 def measure_saved_bytes(model, latent_hw, micro_batch: int) -> dict:
-    """Saved-for-backward bytes of one forward of a whole (single-stage) ``SD3Model``, by part.
-    The inputs are in the parameter dtype, timesteps in fp32, as ``TrainStep`` hands them."""
-    dt = model.config.params_dtype
-    inputs = {k: v if k == "timestep" else v.to(dt)
-              for k, v in sample_inputs(model.config, latent_hw, micro_batch).items()}
+    """Saved-for-backward bytes of one forward of a whole (single-stage) ``SD3Model``, by part."""
+    inputs = sample_inputs(model.config, latent_hw, micro_batch)
     return saved_bytes_by_part(model, lambda: model(**inputs))
 
 

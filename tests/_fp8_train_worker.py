@@ -49,25 +49,6 @@ def count_scaled_mm():
     return calls
 
 
-def scaled_mm_in_float64():
-    """``torch._scaled_mm`` with ``out_dtype=torch.float64`` (what torchao asks for when the
-    high-precision tensors are float64; torch's kernels give fp32 / bf16 only): the FP8 operands
-    exactly in float64, their products exact, summed in float64, then scaled. Other calls go to
-    torch's kernel. The float64 layout comparisons (tests/_bounds.py) run the FP8 cast, scaling and
-    TP amax agreement of the real path; only the GEMM's accumulation is float64 instead of fp32."""
-    orig = torch._scaled_mm
-
-    def mm(a, b, scale_a=None, scale_b=None, bias=None, scale_result=None, out_dtype=None, use_fast_accum=False):
-        if out_dtype != torch.float64:
-            return orig(a, b, scale_a, scale_b, bias=bias, scale_result=scale_result, out_dtype=out_dtype,
-                        use_fast_accum=use_fast_accum)
-        assert scale_result is None
-        out = (a.to(torch.float64) @ b.to(torch.float64)) * scale_a.to(torch.float64) * scale_b.to(torch.float64)
-        return out if bias is None else out + bias.to(torch.float64)
-
-    torch._scaled_mm = mm
-
-
 def microbatches(ds, it, gbs, mbs, dp, dp_rank):
     per_rank = gbs // dp
     consumed = it * gbs
@@ -153,7 +134,7 @@ def main():
     ap.add_argument("--fp8-recipe", choices=["tensorwise", "rowwise"], default="tensorwise")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--float64", action="store_true",
-                    help="float64 parameters and arithmetic around the FP8 casts (scaled_mm_in_float64)")
+                    help="float64 parameters and arithmetic around the FP8 casts (tests/_float64.py)")
     ap.add_argument("--gamma", type=float, default=0.0)
     ap.add_argument("--target", type=int, default=0)
     ap.add_argument("--steps", type=int, default=3)
@@ -172,7 +153,7 @@ def main():
 
     info = initialize_distributed(a.tp, a.pp, seed=1234, cp=a.cp)
     if a.float64:
-        from _parallel_worker import float64_runs_megatron_fp32_paths
+        from _float64 import float64_runs_megatron_fp32_paths, scaled_mm_in_float64
 
         float64_runs_megatron_fp32_paths()
         scaled_mm_in_float64()

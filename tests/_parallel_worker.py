@@ -16,25 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _bounds import ADAM_EPS, LR  # noqa: E402
-
-
-def float64_runs_megatron_fp32_paths():
-    """megatron-core picks its fp32 code paths by type name ("torch.cuda.FloatTensor": the
-    distributed optimizer's parameter groups, the gradient clipping's assert) and refuses other
-    names; those paths are dtype-generic (views of the parameters, foreach kernels). In the float64
-    runs a float64 tensor's type name reads as fp32's, so megatron runs its fp32 arithmetic, in
-    float64. (testing/cpu_mode.py reports CPU tensors' names as CUDA's on top of this.)"""
-    from megatron_sd3.testing import cpu_mode
-
-    orig = cpu_mode._ORIG_TENSOR_TYPE
-
-    def type_name(self, dtype=None, non_blocking=False, **kwargs):
-        result = orig(self, dtype, non_blocking, **kwargs)
-        if dtype is None and not kwargs and isinstance(result, str) and result.endswith(".DoubleTensor"):
-            return result[:-len("DoubleTensor")] + "FloatTensor"
-        return result
-
-    cpu_mode._ORIG_TENSOR_TYPE = torch.Tensor.type = type_name
+from _float64 import float64_runs_megatron_fp32_paths  # noqa: E402
 
 
 def main():

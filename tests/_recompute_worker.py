@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _bounds import ADAM_EPS, LR  # noqa: E402
-from _parallel_worker import float64_runs_megatron_fp32_paths  # noqa: E402
+from _float64 import float64_runs_megatron_fp32_paths  # noqa: E402
 
 MODES = {
     "none": {},

@@ -189,7 +189,10 @@ def main(argv=None) -> int:
     if a.check:
         print(f"all {len(bugs)} bugs apply")
         return 0
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    def stop(*_):  # a SIGTERM unwinds through run()'s finally, which restores the file
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     rows, missed = [], []
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as fh:

@@ -87,15 +87,16 @@ def _one_process_grads(single_process, parallel, dropout_p=0.0):
     from megatron_sd3.config import make_config
     from megatron_sd3.memory import sample_inputs
     from megatron_sd3.models.sd3_model import SD3Model
+    from megatron_sd3.training.build import wrap_float16
 
     cfg = make_config("tiny", zero_init_adaln=False, text_recon_gamma=0.5, text_recon_target_layer=1,
                       parallel=dict(parallel, params_dtype=torch.float64))
-    model = SD3Model(cfg).double()
+    [model] = wrap_float16(cfg, [SD3Model(cfg)])  # float64: our own modules cast as in training
     if dropout_p:
         for block in model.blocks:
             block.mlp.linear_fc2.register_forward_hook(
                 lambda m, i, o: (torch.nn.functional.dropout(o[0], dropout_p, training=True), o[1]))
-    inputs = {k: v if k == "timestep" else v.double() for k, v in sample_inputs(cfg, (8, 6), 2).items()}
+    inputs = sample_inputs(cfg, (8, 6), 2)
     torch.manual_seed(7)
     vel, final, target = model(**inputs)
     (vel.square().mean() + (final - target).square().mean()).backward()
