@@ -28,7 +28,10 @@ Agreed amax across TP ranks (so TP does not change the scales)
     (split along hidden) and the output gradient of the column layer (split along its output
     features). Replicated operands (the column layer's input, the row layer's output gradient)
     already have the same amax on every rank and are cast inside torchao's matmul. With this, FP8
-    at TP=2 reproduces FP8 at TP=1 up to fp32 summation order (tests/unit/test_fp8.py).
+    at TP=2 reproduces FP8 at TP=1 up to fp32 summation order (tests/unit/test_fp8.py). Under
+    context parallelism every input and output gradient is cast with its amax agreed over TP x CP
+    (megatron's TP x CP amax reduction group): the image stream's operands are CP chunks, the text
+    stream's output gradients CP partial sums.
 
 Recipes
     ``tensorwise`` (above) and ``rowwise``: torchao's own rowwise ``Float8LinearConfig`` (scales
@@ -58,6 +61,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core import parallel_state as ps
 
 from megatron_sd3.backends import Backend, register_backend
 from megatron_sd3.backends import fp8_settings
@@ -194,6 +198,16 @@ def _tp_group_to_reduce(group) -> Optional[dist.ProcessGroup]:
     return group if dist.get_world_size(group) > 1 else None
 
 
+def _cp_amax_group() -> Optional[dist.ProcessGroup]:
+    """Under context parallelism, megatron's TP x CP amax reduction group (Transformer Engine's
+    ``get_amax_reduction_group(with_context_parallel=True, tp_only_amax_red=True)``); else None."""
+    if not dist.is_available() or not dist.is_initialized() or not ps.model_parallel_is_initialized():
+        return None
+    if ps.get_context_parallel_world_size() <= 1:
+        return None
+    return ps.get_amax_reduction_group(with_context_parallel=True, tp_only_amax_red=True)
+
+
 def _reducible(amax: torch.Tensor) -> torch.Tensor:
     """An amax in a dtype every backend all-reduces: bf16 widened to fp32, fp32 and float64 as
     they are (no rounding: a float64 scale must not depend on the layout)."""
@@ -279,12 +293,15 @@ def float8_parallel_gemm(
         weight_t = hp_tensor_and_scale_to_float8(weight.t(), weight_scale, e4m3_dtype, mm_config,
                                                  GemmInputRole.WEIGHT)
     # Input: split over TP (row layer) -> pre-cast with an agreed amax; replicated (column
-    # layer) -> torchao casts it inside (same amax on all ranks anyway).
-    if input_is_split and group is not None:
-        input = _cast_agreed(input, e4m3_dtype, mm_config, GemmInputRole.INPUT, group)
+    # layer) -> torchao casts it inside (same amax on all ranks anyway). Under context
+    # parallelism every input and output gradient is agreed over TP x CP: the image stream's are
+    # split into CP chunks, and the text stream's gradients are CP partial sums.
+    cp_group = _cp_amax_group() if settings.agree_amax_across_tp else None
+    if cp_group is not None or (input_is_split and group is not None):
+        input = _cast_agreed(input, e4m3_dtype, mm_config, GemmInputRole.INPUT, cp_group or group)
     output = matmul_with_hp_or_float8_args.apply(input, weight_t, mm_config, config)
-    if grad_output_is_split and group is not None:
-        output = _GradToFloat8AgreedAmax.apply(output, mm_config, grad_dtype(settings), group)
+    if cp_group is not None or (grad_output_is_split and group is not None):
+        output = _GradToFloat8AgreedAmax.apply(output, mm_config, grad_dtype(settings), cp_group or group)
     return output
 
 

@@ -23,12 +23,18 @@ Bounds (and what a 2-core CPU measured):
   happens to an element with probability below 2 * BOUND64 / 2^-3 = 5.5e-11, and to any of the
   run's ~1e7 cast elements with probability below 6e-4. (In fp32 a flip is likely: one moved
   a tensor's update by 2.9e-3 under ATEN_CPU_CAPABILITY=default.)
-* FP8 CP=2 vs FP8 on one rank (float64 as above): each CP rank scales its image chunk's GEMM
-  inputs by their own amax (torchao does not reduce it over the CP group, as Transformer
-  Engine's amax reduction group does), and casts its partial text-stream gradients on its own,
-  so the runs round on different FP8 grids: no small bound follows from the arithmetic (the
-  worst case of FP8 rounding over the path's GEMMs exceeds 1). Held to the former bounds (losses
-  1.8e-3, each tensor's update 2^-2; measured: losses 8e-7, updates 3.4e-2 apart).
+* FP8 CP=2 vs FP8 on one rank (float64 as above). Under CP every GEMM input and output gradient
+  is cast with its amax agreed over TP x CP (megatron's TP x CP amax reduction group, as
+  Transformer Engine reduces it), so the forward casts every operand on one rank's grid: step 0's
+  losses are held to LOSS_BOUND64 (measured: equal). The backward differs by design: the text
+  stream is replicated over CP and each CP rank's gradient into it is a partial sum (its heads'
+  share), cast to e5m2 on its own, where one rank casts the whole sum. Each run rounds an element
+  to within half a spacing, 2^-3 of it in e5m2, so the two differ by at most 2^-3 (|g_1| + |g_2|
+  + |g|) = 2^-2 |g| per element when the partial sums have one sign; a tensor's gradient (and,
+  with Adam linear in it, its update) made of such products without cancellation differs by at
+  most 2^-2. That premise (no cancellation) is stated, not checked: a bias gradient sums over
+  tokens and can cancel. Gradient norms, later losses and updates are held to 2^-2 (measured:
+  norms 3e-9, later losses 1.5e-11, updates 2.8e-2 at most, in the text MLP's first bias).
 * FP8 PP=2 vs FP8 on one rank (e4m3, bf16 params, gamma > 0 with the target on the first stage,
   so the padded target travels in the pipeline message): losses and parameters identical up to
   fp summation order (<= 1e-6; measured: bit-identical).
@@ -47,7 +53,7 @@ import math
 import pytest
 import torch
 
-from _bounds import ADAM_EPS, BOUND, BOUND64, LOSS_BOUND64, LR, NORM_BOUND64
+from _bounds import ADAM_EPS, BOUND64, LOSS_BOUND64, LR, NORM_BOUND64
 from _ranks import run_training_worker
 
 WORKER = "tests/_fp8_train_worker.py"
@@ -153,9 +159,15 @@ def test_fp8_tp2_tracks_one_rank(root):
 
 @pytest.mark.timeout(240)
 def test_fp8_cp2_tracks_one_rank(root):
-    """CP=2 (torchao tensorwise FP8): other FP8 grids than one rank's (see the module's docstring)."""
-    _compare_parallel(root, FP8_CP2, FP8_1_CMP, loss_tol=BOUND, norm_tol=BOUND, global_tol=BOUND,
-                      tensor_tol=2.0 ** -2, updates=True)
+    """CP=2 (torchao tensorwise FP8): the forward on one rank's FP8 grids, the backward's text
+    stream on its own (see the module's docstring)."""
+    e5m2 = 2.0 ** -2
+    ranks, ref = _compare_parallel(root, FP8_CP2, FP8_1_CMP, loss_tol=e5m2, norm_tol=e5m2, global_tol=e5m2,
+                                   tensor_tol=e5m2, updates=True)
+    for r in ranks:  # step 0's forward: every operand cast on the same grid
+        for k in ("loss", "denoise_loss", "text_recon_loss"):
+            got, want = r["losses"][0][k], ref["losses"][0][k]
+            assert _rel(got, want) <= LOSS_BOUND64, f"step 0 {k}: relative {_rel(got, want):.2e} > {LOSS_BOUND64:.2e}"
 
 
 @pytest.mark.timeout(240)

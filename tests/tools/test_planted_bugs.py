@@ -1,6 +1,7 @@
 """tools/planted_bugs.py: every planted bug still applies to the source (a replacement that no
 longer matches would be a bug the tool cannot plant), and a run restores the file it edited
 whatever the test did."""
+import json
 import sys
 from pathlib import Path
 
@@ -34,6 +35,13 @@ def test_a_run_restores_the_source_and_reports_what_failed(tmp_path, monkeypatch
     assert target.read_text() == "x = 1\n"
     unchanged = planted_bugs.Bug("y", "family", "nothing", "code.py", "x = 1\n", "x = 1\n", "test_code.py::test_x")
     assert not planted_bugs.run(unchanged, timeout=60)["caught"]
+    # --only reruns a bug and keeps the other bugs' rows of the last run, in the list's order
+    out = tmp_path / "rows.jsonl"
+    out.write_text('{"name": "y", "caught": true}\n{"name": "x", "caught": false}\n')
+    monkeypatch.setattr(planted_bugs, "BUGS", [bug, unchanged])
+    assert planted_bugs.main(["--only", "x", "--out", str(out)]) == 0
+    assert [(r["name"], r["caught"]) for r in map(json.loads, out.read_text().splitlines())] == [
+        ("x", True), ("y", True)]
 
 
 def test_an_unknown_bug_is_one_line(capsys):
