@@ -86,8 +86,12 @@ class Job:
         return None
 
     def log(self, rank=0):
-        with open(self.log_paths[rank], errors="replace") as fh:
-            return fh.read()
+        """Rank ``rank``'s output so far ("" before a forked rank has opened its log)."""
+        try:
+            with open(self.log_paths[rank], errors="replace") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return ""
 
     def group_alive(self) -> bool:
         try:
