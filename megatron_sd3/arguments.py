@@ -112,6 +112,10 @@ SECTIONS: dict[str, Section] = {s.name: s for s in [
         F("mock_with_mask", bool, False, "synthetic samples carry a loss mask"),
         F("mock_classes", int, 0, "a conditional synthetic task: K classes, each a fixed text embedding "
           "and its own latent pattern plus noise (0 = plain random samples)", check=at_least(0)),
+        F("mock_task", str, "random", "the synthetic task: random samples (or --mock-classes K), or "
+          "compositional: two coloured shapes in quadrants, captioned in words through a tokenizer and a "
+          "frozen T5 encoder, some colour x shape pairs held out of training (docs/design.md)",
+          choices=("random", "compositional")),
         F("train_small_buckets", bool, False, "train aspect buckets smaller than one global batch: each gives one "
           "global batch per epoch, its samples repeated to fill it (default: they are skipped, with a warning)"),
     ]),
@@ -374,6 +378,11 @@ def validate(args) -> None:
             assert h > 0 and w > 0
         except Exception:
             bad(f"--mock-latent-size must look like 32x32, got {args.mock_latent_size!r}")
+    if args.mock_task == "compositional":
+        if args.mock_classes:
+            bad(f"--mock-task compositional and --mock-classes {args.mock_classes} are two tasks; give one")
+        if not args.mock_data:
+            bad("--mock-task compositional is a --mock-data source; add --mock-data")
     if args.valid_data_path and args.valid_samples:
         bad("give one validation set: --valid-data-path DIR or --valid-samples N")
     if args.eval_interval and not (args.valid_data_path or args.valid_samples):

@@ -10,11 +10,14 @@ file itself: JSON lines as ``pretrain_sd3.py --metrics-file`` writes them. Rows 
 or with ``"type": "train"`` are training rows (``iteration``, ``loss``, ``denoise_loss``,
 ``text_recon_loss``); ``"type": "eval"`` rows hold ``loss``, ``denoise_loss``, ``loss_at_t``
 (``{t: loss}``), ``clip_score`` and the same for the EMA weights under ``"ema"`` (drawn dashed).
-A folder written by ``tools/sweep.py`` (it holds ``sweep.json``) gives, per cell (its seeds pooled),
+A folder written by ``tools/sweep.py`` (it holds ``sweep.json``), or the ``cells.jsonl`` written from
+one, gives, per cell (its seeds pooled),
 the mean and the 95% Student-t interval over seeds of the final evaluation's loss terms and losses
 at each t and of the last sample grid's prompt-following share (with and without guidance), and the
 paired difference against gamma 0 on the same seeds: ``sweep.md``, ``sweep.csv``,
-``sweep_loss_at_t.png`` and ``sweep_accuracy.png`` in ``--output-dir`` (default ``SWEEP/compare``).
+``sweep_loss_at_t.png`` and ``sweep_accuracy.png`` in ``--output-dir`` (default ``SWEEP/compare``, or
+the folder of the ``cells.jsonl``), with ``cells.csv`` (a row per cell and seed: its final values)
+and ``cells.jsonl`` (every metrics row of every finished cell, each naming its ``cell``).
 
 The denoise loss is the figure comparable across gamma (the total loss includes gamma times the
 reconstruction loss); the validation denoise loss is also comparable across ``--weighting-scheme``s
@@ -181,12 +184,14 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 """Student's t, two-sided 95% (the 0.975 quantile), by degrees of freedom; between rows the lower
 row's (a slightly wider interval); 1.96 beyond 120."""
 
-SWEEP_METRICS = ("denoise_loss", "text_recon_loss", "prompt_following", "prompt_following_no_guidance",
-                 "text_recon_grad_ratio")
+SAMPLE_METRICS = ("prompt_following", "prompt_following_no_guidance", "prompt_following_seen",
+                  "prompt_following_held_out", "object_position", "object_colour", "object_shape")
+SWEEP_METRICS = ("denoise_loss", "text_recon_loss", *SAMPLE_METRICS, "text_recon_grad_ratio")
 """Per cell: the final evaluation's loss terms, the last sample grid's share of samples that
-follow their prompt (with the run's guidance, and without), the final evaluation's ratio of the
-text-recon to the denoise gradient norm on the text streams (``--log-text-grad-norms``), plus
-``loss_at_t/<t>``."""
+follow their prompt (with the run's guidance, and without; on the compositional task also on seen
+and held-out captions, and per object its position, colour and shape), the final evaluation's
+ratio of the text-recon to the denoise gradient norm on the text streams
+(``--log-text-grad-norms``), plus ``loss_at_t/<t>``."""
 
 
 def t975(df: int) -> float:
@@ -215,46 +220,96 @@ def _split_cell(name: str) -> tuple[dict, str]:
     return {k: v for k, v in parts.items() if k != "seed"}, parts.get("seed", "")
 
 
-def final_values(path: str) -> dict:
-    """The last evaluation's terms and ``loss_at_t/<t>``, and the last sample grid's shares."""
-    out: dict = {}
+def _rows(path: str) -> list[dict]:
+    rows = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
                 row = json.loads(line)
             except ValueError:
                 continue
-            if row.get("type") == "eval":
-                for k in ("denoise_loss", "text_recon_loss", "text_recon_grad_ratio"):
-                    if _num(row.get(k)) is not None:
-                        out[k] = row[k]
-                for t, v in (row.get("loss_at_t") or {}).items():
-                    if _num(v) is not None:
-                        out[f"loss_at_t/{t}"] = v
-            elif row.get("type") == "samples":
-                for k in ("prompt_following", "prompt_following_no_guidance"):
-                    if _num(row.get(k)) is not None:
-                        out[k] = row[k]
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def final_values(rows) -> dict:
+    """The last evaluation's terms and ``loss_at_t/<t>``, and the last sample grid's shares, of a
+    run's metrics rows (or its metrics file)."""
+    out: dict = {}
+    for row in _rows(rows) if isinstance(rows, str) else rows:
+        if row.get("type") == "eval":
+            for k in ("denoise_loss", "text_recon_loss", "text_recon_grad_ratio"):
+                if _num(row.get(k)) is not None:
+                    out[k] = row[k]
+            for t, v in (row.get("loss_at_t") or {}).items():
+                if _num(v) is not None:
+                    out[f"loss_at_t/{t}"] = v
+        elif row.get("type") == "samples":
+            for k in SAMPLE_METRICS:
+                if _num(row.get(k)) is not None:
+                    out[k] = row[k]
     return out
 
 
-def summarize_sweep(sweep: str, metrics_file: str = "metrics.jsonl") -> list[dict]:
+def sweep_cells(source: str, metrics_file: str = "metrics.jsonl") -> dict:
+    """Every finished cell's metrics rows, ``{cell name: [rows]}`` in the sweep's order: from a
+    folder written by tools/sweep.py (the cells with ``done``: a cell stopped midway has no final
+    rows yet) or from the ``cells.jsonl`` :func:`write_cells` made of one (each row with its
+    ``cell``)."""
+    if os.path.isfile(source):
+        cells: dict = {}
+        for row in _rows(source):
+            if "cell" not in row:
+                raise CompareError(f"{source}: a row without 'cell'; give a cells.jsonl written by compare_runs")
+            cells.setdefault(row.pop("cell"), []).append(row)
+        return cells
+    spec_path = os.path.join(source, "sweep.json")
+    if not os.path.isfile(spec_path):
+        raise CompareError(f"{source}: no sweep.json; give a folder written by tools/sweep.py or its cells.jsonl")
+    cells = {}
+    for name in json.load(open(spec_path))["cells"]:
+        path = os.path.join(source, name, metrics_file)
+        if os.path.isfile(path) and os.path.isfile(os.path.join(source, name, "done")):
+            cells[name] = _rows(path)
+    return cells
+
+
+def _metric_order(m: str):
+    return m.startswith("loss_at_t/"), SWEEP_METRICS.index(m) if m in SWEEP_METRICS else float(m.split("/")[1])
+
+
+def write_cells(cells: dict, out_dir: str) -> tuple[str, str]:
+    """``cells.csv``: a row per cell and seed (its flags, seed and final values); ``cells.jsonl``:
+    every metrics row of every cell, each with its ``cell`` (what :func:`sweep_cells` reads back)."""
+    import csv
+
+    os.makedirs(out_dir, exist_ok=True)
+    params = list(dict.fromkeys(k for n in cells for k in _split_cell(n)[0]))
+    table = [{**_split_cell(n)[0], "seed": _split_cell(n)[1], **final_values(rows)} for n, rows in cells.items()]
+    metrics = sorted({k for r in table for k in r} - {"seed", *params}, key=_metric_order)
+    csv_path, jsonl_path = os.path.join(out_dir, "cells.csv"), os.path.join(out_dir, "cells.jsonl")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[*params, "seed", *metrics])
+        w.writeheader()
+        w.writerows(table)
+    with open(jsonl_path, "w") as f:
+        for name, rows in cells.items():
+            for row in rows:
+                f.write(json.dumps({"cell": name, **row}) + "\n")
+    return csv_path, jsonl_path
+
+
+def summarize_sweep(sweep, metrics_file: str = "metrics.jsonl") -> list[dict]:
     """Rows ``{cell, metric, n, mean, ci95, diff, diff_ci95, n_paired}``: per cell (the seeds
     pooled), each metric's mean and 95% interval over seeds, and the paired difference against the
-    same cell at gamma 0 on the seeds both have (nan for gamma 0 itself). Only finished cells
-    (``done``, written by tools/sweep.py) count."""
-    spec_path = os.path.join(sweep, "sweep.json")
-    if not os.path.isfile(spec_path):
-        raise CompareError(f"{sweep}: no sweep.json; give a folder written by tools/sweep.py")
-    names = json.load(open(spec_path))["cells"]
+    same cell at gamma 0 on the seeds both have (nan for gamma 0 itself). ``sweep``: a sweep
+    folder or its cells.jsonl (:func:`sweep_cells`), or the cells already read."""
+    cells = sweep if isinstance(sweep, dict) else sweep_cells(sweep, metrics_file)
     groups: dict = {}
-    for name in names:
+    for name, rows in cells.items():
         params, seed = _split_cell(name)
-        path = os.path.join(sweep, name, metrics_file)
-        if not os.path.isfile(path) or not os.path.isfile(os.path.join(sweep, name, "done")):
-            continue  # not run yet, or stopped midway: its last rows are not the run's final ones
-        key = tuple(params.items())
-        groups.setdefault(key, {})[seed] = final_values(path)
+        groups.setdefault(tuple(params.items()), {})[seed] = final_values(rows)
     if not groups:
         raise CompareError(f"{sweep}: no cell has finished yet; run the sweep first")
 
@@ -271,9 +326,7 @@ def summarize_sweep(sweep: str, metrics_file: str = "metrics.jsonl") -> list[dic
     rows = []
     for key, by_seed in groups.items():
         base = groups.get(baseline(key)) if baseline(key) else None
-        metrics = sorted({m for v in by_seed.values() for m in v},
-                         key=lambda m: (m.startswith("loss_at_t/"), SWEEP_METRICS.index(m) if m in SWEEP_METRICS
-                                        else float(m.split("/")[1])))
+        metrics = sorted({m for v in by_seed.values() for m in v}, key=_metric_order)
         for m in metrics:
             vals = [v[m] for v in by_seed.values() if m in v]
             mean, ci = mean_ci(vals)
@@ -417,11 +470,13 @@ def main(argv=None) -> int:
     p.add_argument("--title", default=None)
     p.add_argument("--output-dir", default=None, help="a sweep folder's tables and figures (default: SWEEP/compare)")
     a = p.parse_args(argv)
-    if len(a.runs) == 1 and os.path.isfile(os.path.join(a.runs[0], "sweep.json")):
+    src = a.runs[0]
+    if len(a.runs) == 1 and (os.path.isfile(os.path.join(src, "sweep.json")) or src.endswith("cells.jsonl")):
         try:
-            rows = summarize_sweep(a.runs[0], a.metrics_file)
-            out_dir = a.output_dir or os.path.join(a.runs[0], "compare")
-            written = [*write_sweep_tables(rows, out_dir), *plot_sweep(rows, out_dir)]
+            cells = sweep_cells(src, a.metrics_file)
+            rows = summarize_sweep(cells)
+            out_dir = a.output_dir or (os.path.dirname(src) if os.path.isfile(src) else os.path.join(src, "compare"))
+            written = [*write_sweep_tables(rows, out_dir), *plot_sweep(rows, out_dir), *write_cells(cells, out_dir)]
         except CompareError as e:
             print(f"compare_runs: error: {e}", file=sys.stderr)
             return 2

@@ -16,6 +16,10 @@ bucket ``bucket_ids[i]`` (also a function of ``(seed, i)`` only) and has that bu
 ``buckets`` / ``bucket_ids`` attributes are what :mod:`megatron_sd3.data.sampler` uses to keep every
 global batch inside one bucket; :class:`megatron_sd3.data.dataset.ShardedDataset` exposes the same.
 
+``task="compositional"`` makes it the compositional task of :mod:`megatron_sd3.data.compositional`
+(two coloured shapes placed in quadrants, a caption in words through a tokenizer and a frozen T5
+encoder, held-out colour x shape pairs); ``scene(i)`` is sample ``i``'s scene.
+
 ``classes = K > 0`` makes it a *conditional* task (different prompts mean visibly different images):
 sample ``i`` belongs to class ``label(i)`` (a function of ``(seed, i)``); its text is the class's fixed
 embedding (``class_prompts()``) and its latents are the class's pattern (``class_patterns(h, w)``:
@@ -45,6 +49,7 @@ class MockDataset(torch.utils.data.Dataset):
         with_mask: bool = False,
         seed: int = 1234,
         classes: int = 0,
+        task: str = "random",
     ):
         if num_samples <= 0:
             raise ValueError(f"MockDataset: num_samples must be > 0, got {num_samples}")
@@ -66,6 +71,16 @@ class MockDataset(torch.utils.data.Dataset):
         if self.classes < 0:
             raise ValueError(f"MockDataset: classes must be >= 0, got {classes}")
         self._class_cache: dict = {}
+        if task not in ("random", "compositional"):
+            raise ValueError(f"MockDataset: task must be 'random' or 'compositional', got {task!r}")
+        if task == "compositional" and self.classes:
+            raise ValueError("MockDataset: the compositional task and classes are two tasks; give one")
+        self.compositional = None
+        if task == "compositional":
+            from megatron_sd3.data.compositional import CompositionalTask
+
+            self.compositional = CompositionalTask(self.in_channels, self.text_len, self.text_dim, self.pooled_dim)
+            self.compositional.text  # every caption encoded now, in the process that builds the data
         nb = len(buckets)
         self.bucket_ids = np.array(
             [derive_seed(self.seed, i, "bucket") % nb if nb > 1 else 0 for i in range(self.num_samples)],
@@ -81,7 +96,9 @@ class MockDataset(torch.utils.data.Dataset):
             raise IndexError(f"MockDataset index {i} out of range [0, {self.num_samples})")
         g = generator(self.seed, i)
         h, w = self.buckets[int(self.bucket_ids[i])]
-        if self.classes:
+        if self.compositional is not None:
+            out, _ = self.compositional.sample(g, h, w)
+        elif self.classes:
             c = self.label(i)
             if self._class_cache.get("hw") != (h, w):
                 self._class_cache = {"hw": (h, w), "prompts": self.class_prompts(),
@@ -101,6 +118,12 @@ class MockDataset(torch.utils.data.Dataset):
             m.view(-1)[0] = 1.0
             out["mask"] = m
         return out
+
+    def scene(self, i: int):
+        """The compositional task's scene of sample ``i`` (what its caption says)."""
+        if self.compositional is None:
+            raise ValueError("MockDataset built without task='compositional' has no scenes")
+        return self.compositional.draw(generator(self.seed, int(i)))
 
     # -- the conditional task (classes > 0) -------------------------------------------------------------
     def label(self, i: int) -> int:

@@ -381,13 +381,17 @@ class SampleGrid:
     def __init__(self, chunks, text: torch.Tensor, pooled: torch.Tensor, latent_hw, in_channels: int, *,
                  steps: int = 20, cfg_scale: float = 4.0, shift: float = 3.0, seed: int = 0,
                  sd3_root: Optional[str] = None, out_dir: Optional[str] = None, cols: Optional[int] = None,
-                 row_labels: Optional[list[str]] = None, judge=None, chance: Optional[float] = None):
+                 row_labels: Optional[list[str]] = None, judge=None, chance: Optional[float] = None,
+                 details=None, save_tensors: Optional[dict] = None):
         """``cols``/``row_labels``: the grid's layout (``grid_image``); ``judge``: latents ->
         ``[N]`` bool, whether each sample follows its prompt (a task that can tell, such as the
-        conditional mock task), reported by ``following_line`` against ``chance``."""
+        conditional mock task), reported by ``following_line`` against ``chance``; ``details``:
+        latents -> more numbers for the samples row; ``save_tensors``: the grid's latents are saved
+        with these beside the image (``iter_N.safetensors``)."""
         from megatron_sd3.sampling import seeded_noise
 
         self.cols, self.row_labels, self.judge, self.chance = cols, row_labels, judge, chance
+        self.details, self.save_tensors = details, save_tensors
         self.following: Optional[tuple[int, int]] = None
         self.chunks = list(chunks)
         self.text, self.pooled = text, pooled
@@ -433,6 +437,8 @@ class SampleGrid:
             ok = self.judge(lat)
             self.following = (int(ok.sum()), int(ok.numel()))
             row = {"type": "samples", "iteration": int(iteration), "prompt_following": float(ok.float().mean())}
+            if self.details is not None:
+                row.update(self.details(lat))
             if plain is not None:
                 row["prompt_following_no_guidance"] = float(self.judge(plain).float().mean())
             if metrics is not None:
@@ -440,6 +446,10 @@ class SampleGrid:
         os.makedirs(self.out_dir, exist_ok=True)
         path = os.path.join(self.out_dir, f"iter_{iteration:07d}.png")
         Image.fromarray(grid).save(path)
+        if self.save_tensors is not None:
+            from safetensors.torch import save_file
+
+            save_file({"latents": lat.contiguous(), **self.save_tensors}, path[:-len(".png")] + ".safetensors")
         if metrics is not None:
             metrics.image("samples", grid, iteration)
         return path
@@ -451,7 +461,7 @@ class SampleGrid:
         if self.following is None:
             return None
         hits, n = self.following
-        chance = "" if self.chance is None else f"; chance {self.chance:.2f}"
+        chance = "" if self.chance is None else f"; chance {self.chance:.2g}"
         return f"samples following their prompt: {hits / n:.2f} ({hits} of {n}{chance})"
 
 

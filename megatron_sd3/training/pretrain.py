@@ -65,7 +65,7 @@ def build_dataset(args, cfg, blend=None):
         return MockDataset(args.mock_num_samples, latent_size=hw, in_channels=cfg.in_channels,
                            text_len=cfg.text_seq_len, text_dim=cfg.joint_attention_dim,
                            pooled_dim=cfg.pooled_projection_dim, with_mask=args.mock_with_mask, seed=args.seed,
-                           classes=args.mock_classes)
+                           classes=args.mock_classes, task=args.mock_task)
     from megatron_sd3.data.blend import BlendedDataset
     from megatron_sd3.data.dataset import ShardedDataset
 
@@ -367,7 +367,15 @@ def build_side_tasks(args, cfg, ddp):
         hw = tuple(source.dataset.buckets[0])
         out_dir = os.path.join(args.save, "samples") if args.save else None
         layout = {}
-        if args.mock_data and args.mock_classes and _prompt_file(args) is None:
+        if args.mock_data and args.mock_task == "compositional" and _prompt_file(args) is None:
+            # --sample-num captions of seen pairs, as many with a held-out pair (--sample-seed),
+            # each judged by the quadrants' nearest objects; the latents saved for the judge tool
+            task = source.dataset.compositional
+            text, pooled, scenes = task.prompts(args.sample_num, args.sample_seed)
+            layout = dict(cols=min(2 * args.sample_num, 16), judge=lambda lat: task.judge(lat, scenes)["follows"],
+                          chance=task.chance(), details=lambda lat: _compositional_shares(task.judge(lat, scenes)),
+                          save_tensors={"scene_index": torch.tensor([s.index() for s in scenes])})
+        elif args.mock_data and args.mock_classes and _prompt_file(args) is None:
             # the conditional task: --sample-num samples of each class's prompt, a row per class,
             # each judged by the class pattern it is nearest
             ds = source.dataset
@@ -384,6 +392,12 @@ def build_side_tasks(args, cfg, ddp):
             clip = ClipEval(grid, _clip_prompts(args), args.clip_model)
             _print0(f" > CLIP score at each evaluation: {len(clip.prompts)} prompts, {args.clip_model}")
     return evaluator, sampler, clip
+
+
+def _compositional_shares(judged: dict) -> dict:
+    """The compositional judge's shares as the samples row names them."""
+    return {"prompt_following_seen": judged["following_seen"], "prompt_following_held_out": judged["following_held_out"],
+            "object_position": judged["position"], "object_colour": judged["colour"], "object_shape": judged["shape"]}
 
 
 def run_side_tasks(args, iteration, evaluator, sampler, ema, metrics, final=False, clip=None, ft=None):

@@ -312,3 +312,17 @@ def test_compare_runs_over_a_sweep_gives_seed_intervals_and_paired_differences(t
     assert Image.open(out / "sweep_accuracy.png").size[0] > 400 and (out / "sweep_loss_at_t.png").exists()
     assert get[("text_recon_gamma=1,text_recon_target_layer=0", "text_recon_grad_ratio")]["mean"] == pytest.approx(0.2)
     assert (out / "sweep_grad_ratio.png").exists() and ("text_recon_gamma=0", "text_recon_grad_ratio") not in get
+    # a row per cell and seed, every finished cell's rows in one JSONL, and the same tables from it
+    with open(out / "cells.csv") as f:
+        per_seed = list(csv.DictReader(f))
+    assert len(per_seed) == 6 and per_seed[0]["text_recon_gamma"] == "0" and per_seed[0]["seed"] == "1234"
+    assert float(per_seed[4]["denoise_loss"]) == 0.7 and per_seed[0]["text_recon_target_layer"] == ""
+    lines = (out / "cells.jsonl").read_text().splitlines()
+    assert len(lines) == 6 * 4 and json.loads(lines[0])["cell"] == "text_recon_gamma=0__seed=1234"
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "cells.jsonl").write_text((out / "cells.jsonl").read_text())
+    res = subprocess.run([sys.executable, COMPARE, str(again / "cells.jsonl")], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (again / "sweep.md").read_text() == table and (again / "cells.csv").read_text() == (out / "cells.csv").read_text()

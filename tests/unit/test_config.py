@@ -182,6 +182,8 @@ def test_command_line_data_source_replaces_the_tomls(tmp_path, capsys):
     (["--preset", "sd3_lite"], "did you mean 'sd3_light'"),
     (["--num-layers", "0"], "--num-layers must be > 0, got 0"),
     (["--ema-decay", "1.0"], "--ema-decay must be in [0, 1) (0 = off), got 1.0"),
+    (["--mock-task", "compositional", "--mock-classes", "4"], "--mock-task compositional and --mock-classes 4 "
+     "are two tasks; give one"),
 ])
 def test_bad_flags_are_one_line(argv, message, capsys):
     code, err = _parse(["--mock-data", *argv], capsys)
