@@ -2,9 +2,11 @@
 objects to place, and colour x shape pairs the training data never shows.
 
 A scene holds two objects in two of the four quadrants of the latent (the others empty). An
-object is a colour (a signature over the latent channels: a row of a Sylvester Hadamard matrix,
-so the four colours are orthogonal) times a shape (a spatial template of the quadrant: square,
-disk, cross, ring); a latent is the scene rendered plus Gaussian noise of std ``NOISE``. The
+object is a colour (a signature over the latent channels: ``PRESENCE`` times the all-ones row of a
+Sylvester Hadamard matrix, which every object shares as luminance, plus another row of it, so the
+four colours are orthogonal beyond what they share) times a shape (a spatial template of the
+quadrant: square, disk, cross, ring); a latent is the scene rendered plus Gaussian noise of std
+``NOISE``. The
 caption names both objects in reading order of their quadrants::
 
     a red disk at top left and a blue cross at bottom right
@@ -12,9 +14,10 @@ caption names both objects in reading order of their quadrants::
 It is tokenised by a word-level ``tokenizers.Tokenizer`` over the task's words, padded to the
 model's text length, and embedded by a frozen text encoder: ``transformers``' T5 encoder of
 width ``ENCODER_WIDTH``, initialised once from ``ENCODER_SEED`` and never trained, whose token
-outputs are projected to the model's text width (``prompt_embeds``) and whose mean over the
-caption's words is projected to the pooled width (``pooled_prompt_embeds``), both projections
-fixed Gaussian matrices. The encoder runs once per task, on every caption there is, in float64
+outputs are projected to the model's text width (``prompt_embeds``) and whose whole output
+sequence is projected to the pooled width (``pooled_prompt_embeds``: one vector that summarises
+the caption in order, as CLIP's pooled embedding does; a mean over the words would be a bag of
+them), both projections fixed Gaussian matrices. The encoder runs once per task, on every caption there is, in float64
 on one thread (the same numbers in every process), and is then dropped.
 
 ``HELD_OUT`` colour x shape pairs (one per colour and one per shape) never appear in a training
@@ -42,6 +45,7 @@ OBJECTS = tuple(itertools.product(range(len(COLOURS)), range(len(SHAPES))))
 SEEN = tuple(o for o in OBJECTS if o not in HELD_OUT)
 QUADRANT_PAIRS = tuple(itertools.combinations(range(len(QUADRANTS)), 2))
 NOISE = 0.1
+PRESENCE = 0.7
 ENCODER_SEED = 20_240_611
 ENCODER_WIDTH = 64
 CAPTION_WORDS = 13
@@ -75,14 +79,16 @@ def all_scenes() -> list[Scene]:
 
 
 def colour_signatures(channels: int) -> torch.Tensor:
-    """``[len(COLOURS), channels]``: rows 1.. of the Sylvester Hadamard matrix (orthogonal, +-1)."""
+    """``[len(COLOURS), channels]``: ``PRESENCE`` times row 0 of the Sylvester Hadamard matrix (all
+    ones: what every object shares, as luminance) plus row ``1 + colour`` (orthogonal to it and to
+    each other, +-1)."""
     if channels < len(COLOURS) + 1 or channels & (channels - 1):
         raise ValueError(f"the compositional task needs a power-of-two number of latent channels >= "
                          f"{len(COLOURS) + 1} (one orthogonal signature per colour), got {channels}")
     h = torch.ones(1, 1)
     while h.shape[0] < channels:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h[1:1 + len(COLOURS)]
+    return PRESENCE * h[0] + h[1:1 + len(COLOURS)]
 
 
 def shape_templates(n: int, m: int) -> torch.Tensor:
@@ -264,12 +270,11 @@ def encode_captions(captions: list[str], text_len: int, text_dim: int, pooled_di
         torch.manual_seed(ENCODER_SEED)
         model = T5EncoderModel(cfg).double().eval()
         proj_t = torch.randn(ENCODER_WIDTH, text_dim, dtype=torch.float64) / ENCODER_WIDTH ** 0.5
-        proj_p = torch.randn(ENCODER_WIDTH, pooled_dim, dtype=torch.float64) / ENCODER_WIDTH ** 0.5
+        proj_p = torch.randn(text_len * ENCODER_WIDTH, pooled_dim, dtype=torch.float64) / (text_len * ENCODER_WIDTH) ** 0.5
     try:
         torch.set_num_threads(1)
         with torch.no_grad():
             hidden = model(input_ids=ids).last_hidden_state
     finally:
         torch.set_num_threads(threads)
-    pooled = (hidden * words[..., None]).sum(1) / words.sum(1, keepdim=True)
-    return (hidden @ proj_t).float(), (pooled @ proj_p).float()
+    return (hidden @ proj_t).float(), (hidden.flatten(1) @ proj_p).float()
