@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_sd3.data import build_data_iterator
-from megatron_sd3.data.compositional import (COLOURS, HELD_OUT, QUADRANTS, SEEN, SHAPES, CompositionalTask, Scene,
+from megatron_sd3.data.compositional import (COLOURS, HELD_OUT, SEEN, SHAPES, CompositionalTask, Scene,
                                              colour_signatures, shape_templates, tokenizer)
 from megatron_sd3.data.mock import MockDataset
 
