@@ -18,7 +18,7 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# The default suite (20.2 min on 2 cores in the last run, docs/results/make_test_durations.txt: two pytest workers, a test file each, as the
+# The default suite (17.9 min on 2 cores in the last run, docs/results/make_test_durations.txt: two pytest workers, a test file each, as the
 # multi-process tests spend much of their time starting processes); test-all adds the slow cases.
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=30 tests
